@@ -1,0 +1,40 @@
+"""Stage `prepare`: build the dataset manifest (generating the synthetic set when selected)."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import typer
+
+from stages._common import MANIFEST, PARAMS_FILE, load_params, reports_errors, single_command
+from wsss_core.data.synthetic import SyntheticSpec, generate_synthetic
+from wsss_core.data.voc import read_voc
+
+
+@reports_errors
+def prepare(params_file: Path = typer.Option(PARAMS_FILE, "--params", help="params.yaml to read")) -> None:
+    """Validate the data source, generate the synthetic set if selected, and write data/prepared/."""
+    data = load_params(params_file).data
+    out_dir = MANIFEST.parent
+    staging = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    if data.name == "synthetic":
+        spec = SyntheticSpec(seed=data.seed, **data.synthetic.model_dump())
+        class_names = generate_synthetic(staging / "synthetic", spec)
+        dataset = read_voc(staging / "synthetic", val_list="ImageSets/Segmentation/val.txt",
+                           class_names=class_names)
+    else:
+        voc = data.voc
+        dataset = read_voc(voc.root, voc.train_list, voc.val_list, voc.val_fraction, data.seed, voc.use_aug)
+    dataset.save(staging / MANIFEST.name)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    staging.rename(out_dir)
+    counts = ", ".join(f"{split} {len(ids)}" for split, ids in dataset.splits.items())
+    typer.echo(f"prepared {data.name}: {counts} images, {dataset.num_classes} classes -> {out_dir}")
+
+
+app = single_command(prepare)
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,199 @@
+"""Typed, validated params: one model per params.yaml section.
+
+Nothing here reads files: stages load the YAML and pass the mapping to `parse_params`, which
+turns any problem into a one-line `ParamsError` naming the key and what is allowed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from wsss_core.errors import ParamsError
+
+METHODS = ("cam",)  # grows as methods are registered in wsss_core/methods
+
+
+PositiveInt = Annotated[int, Field(ge=1)]
+Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class SyntheticParams(Section):
+    """Generator knobs, mirrored by wsss_core.data.synthetic.SyntheticSpec."""
+
+    n_train: PositiveInt = 300
+    n_val: Annotated[int, Field(ge=0)] = 60
+    image_size: PositiveInt = 192
+    num_classes: Annotated[int, Field(ge=5, le=8)] = 6
+    max_objects: PositiveInt = 3
+    max_distractors: int = 2
+    part_fraction: Fraction = 0.10
+    void_width: int = 2
+    water_class: int = 2
+    water_bias: Fraction = 0.8
+
+
+class VocParams(Section):
+    root: str = "../shared/data/voc12-mini"
+    train_list: str = "ImageSets/Segmentation/train.txt"
+    # Empty: carve `val_fraction` of the train ids (seeded) as val.
+    val_list: str = ""
+    val_fraction: Fraction = 0.2
+    # Read train masks from SegmentationClassAug where present.
+    use_aug: bool = False
+
+
+class DataParams(Section):
+    name: Literal["synthetic", "voc"] = "synthetic"
+    seed: int = 0
+    synthetic: SyntheticParams = SyntheticParams()
+    voc: VocParams = VocParams()
+
+    @model_validator(mode="after")
+    def _voc_root_exists(self) -> "DataParams":
+        if self.name == "voc" and not Path(self.voc.root).is_dir():
+            raise ValueError(f"data.voc.root: directory not found: {self.voc.root}")
+        return self
+
+
+class ClsParams(Section):
+    backbone: Literal["resnet18", "resnet50", "tf_efficientnet_lite0"] = "resnet18"
+    # Local state-dict path, "efficientnet_lite0" (weights from the lite0 package) or "" (random init).
+    pretrained: str = ""
+    output_stride: Literal[8, 16, 32] = 16
+    epochs: PositiveInt = 5
+    batch_size: PositiveInt = 16
+    crop_size: PositiveInt = 160
+    resize_long: list[int] = [160, 256]
+    lr: float = 0.01
+    new_layer_lr_mult: float = 10.0
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    poly_power: float = 0.9
+    num_workers: int = 0
+
+
+class CamsParams(Section):
+    scales: list[float] = [1.0, 0.5, 1.5, 2.0]
+    flip: bool = True
+    batch_size: PositiveInt = 8
+    bg_threshold: Fraction = 0.15
+    sweep: list[float] = [0.05, 0.60, 0.05]  # start, stop (inclusive), step
+
+
+class RefineParams(Section):
+    pass
+
+
+class AffinityParams(Section):
+    label_mode: Literal["psa", "irn"] = "psa"
+    low_alpha: float = 4.0
+    high_alpha: float = 32.0
+    fg_threshold: Fraction = 0.30
+    bg_threshold: Fraction = 0.05
+    radius: PositiveInt = 5
+    backbone: str = "resnet18"
+    epochs: PositiveInt = 3
+    batch_size: PositiveInt = 8
+    crop_size: PositiveInt = 160
+    lr: float = 0.01
+    weight_decay: float = 5e-4
+
+
+class RwParams(Section):
+    beta: float = 8.0
+    logt: int = 8
+    radius: PositiveInt = 5
+    bg_mode: Literal["alpha", "threshold"] = "alpha"
+    bg_alpha: float = 16.0
+    bg_threshold: Fraction = 0.39
+
+
+class CrfParams(Section):
+    iterations: PositiveInt = 10
+    gaussian_sxy: float = 3.0
+    gaussian_compat: float = 3.0
+    bilateral_sxy: float = 80.0
+    bilateral_srgb: float = 13.0
+    bilateral_compat: float = 10.0
+    workers: int = 0  # 0: one per core
+
+
+class PseudoParams(Section):
+    source: Literal["cam", "rw", "crf"] = "crf"
+    uncertain_to_void: bool = False
+
+
+class SegParams(Section):
+    arch: Literal["deeplabv3_resnet50", "deeplabv3_resnet101", "deeplabv3plus"] = "deeplabv3plus"
+    backbone: str = "resnet18"
+    pretrained: str = ""
+    rws: bool = False
+    epochs: PositiveInt = 5
+    batch_size: PositiveInt = 8
+    crop_size: PositiveInt = 160
+    lr: float = 0.01
+    eval_scales: list[float] = [1.0]
+    eval_flip: bool = False
+    eval_crf: bool = False
+
+
+class Params(Section):
+    method: str = "cam"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+    data: DataParams = DataParams()
+    cls: ClsParams = ClsParams()
+    cams: CamsParams = CamsParams()
+    refine: RefineParams = RefineParams()
+    affinity: AffinityParams = AffinityParams()
+    rw: RwParams = RwParams()
+    crf: CrfParams = CrfParams()
+    pseudo: PseudoParams = PseudoParams()
+    seg: SegParams = SegParams()
+
+    @model_validator(mode="after")
+    def _known_method(self) -> "Params":
+        if self.method not in METHODS:
+            raise ValueError(f"method {self.method!r} is not one of: {', '.join(METHODS)}")
+        return self
+
+
+def _dotted(location: tuple) -> str:
+    return ".".join(str(part) for part in location if part != "after")
+
+
+def _allowed_keys(model: type[BaseModel], location: tuple) -> list[str]:
+    """Return the field names of the section at `location` (the parent of an unknown key)."""
+    for part in location[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def parse_params(mapping: Any, source: str = "params.yaml") -> Params:
+    """Validate a params mapping; raise ParamsError with one line naming the first bad key."""
+    if mapping is None:
+        mapping = {}
+    if not isinstance(mapping, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections, got {type(mapping).__name__}")
+    try:
+        return Params.model_validate(mapping)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = _dotted(first["loc"]) or "method"
+        kind = first["type"]
+        if kind == "extra_forbidden":
+            allowed = _allowed_keys(Params, first["loc"])
+            raise ParamsError(f"{source}: unknown key {key} (allowed: {', '.join(allowed)})") from None
+        if kind == "value_error":
+            raise ParamsError(f"{source}: {first['msg'].removeprefix('Value error, ')}") from None
+        expected = first["msg"]
+        raise ParamsError(f"{source}: {key}: {expected}, got {first.get('input')!r}") from None

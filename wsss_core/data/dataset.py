@@ -1,0 +1,119 @@
+"""The prepared dataset: a VOC-layout root, class names, splits and image-level labels.
+
+`prepare` writes it as a JSON manifest; every later stage reads images, masks and labels
+through it, whatever the source (synthetic or VOC).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from wsss_core.data.palette import read_label_png
+from wsss_core.errors import DataError
+
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
+    "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
+    "sheep", "sofa", "train", "tvmonitor",
+)
+
+
+@dataclass
+class Dataset:
+    """A VOC-layout dataset. `labels[id]` lists the foreground classes (1..K) in the image."""
+
+    root: Path
+    class_names: list[str]  # index 0 is "background"
+    splits: dict[str, list[str]]
+    labels: dict[str, list[int]]
+    mask_dirs: tuple[str, ...] = ("SegmentationClass",)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of foreground classes K."""
+        return len(self.class_names) - 1
+
+    def ids(self, split: str) -> list[str]:
+        """Return the image ids of a split ('train' or 'val')."""
+        if split not in self.splits:
+            raise DataError(f"dataset has no split {split!r} (has: {', '.join(self.splits)})")
+        return self.splits[split]
+
+    def image_path(self, image_id: str) -> Path:
+        return self.root / "JPEGImages" / f"{image_id}.jpg"
+
+    def mask_path(self, image_id: str) -> Path:
+        """Return the first existing mask among `mask_dirs` (the last one if none exists)."""
+        for folder in self.mask_dirs:
+            path = self.root / folder / f"{image_id}.png"
+            if path.exists():
+                return path
+        return path
+
+    def read_image(self, image_id: str) -> np.ndarray:
+        """Return the image as uint8 [H, W, 3] RGB."""
+        return read_rgb(self.image_path(image_id))
+
+    def read_mask(self, image_id: str) -> np.ndarray:
+        """Return the ground-truth label map as uint8 [H, W] (0..K, 255 void)."""
+        return read_label_png(self.mask_path(image_id))
+
+    def label_vector(self, image_id: str) -> np.ndarray:
+        """Return the image-level labels as a float32 multi-hot vector [K]."""
+        vector = np.zeros(self.num_classes, dtype=np.float32)
+        vector[np.asarray(self.labels[image_id], dtype=np.int64) - 1] = 1.0
+        return vector
+
+    def save(self, path: str | Path) -> None:
+        """Write the manifest JSON (root stored relative to the manifest's folder when inside it)."""
+        path = Path(path)
+        root = self.root.resolve()
+        try:
+            root_text = str(root.relative_to(path.parent.resolve()))
+        except ValueError:
+            root_text = str(root)
+        manifest = {
+            "root": root_text,
+            "class_names": self.class_names,
+            "mask_dirs": list(self.mask_dirs),
+            "splits": self.splits,
+            "labels": self.labels,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text(json.dumps(manifest, indent=1))
+        os.replace(temporary, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Dataset":
+        """Read a manifest written by `save`."""
+        path = Path(path)
+        if not path.exists():
+            raise DataError(f"{path}: dataset manifest not found (run the prepare stage first)")
+        try:
+            manifest = json.loads(path.read_text())
+            return cls(
+                root=(path.parent / manifest["root"]),
+                class_names=list(manifest["class_names"]),
+                splits={k: list(v) for k, v in manifest["splits"].items()},
+                labels={k: [int(c) for c in v] for k, v in manifest["labels"].items()},
+                mask_dirs=tuple(manifest["mask_dirs"]),
+            )
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise DataError(f"{path}: not a valid dataset manifest ({err})") from None
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """Return the image at path as uint8 [H, W, 3] RGB; a missing or corrupt file is a DataError."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: image not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise DataError(f"{path}: unreadable or corrupt image ({err})") from None

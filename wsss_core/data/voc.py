@@ -1,0 +1,120 @@
+"""Reader for a PASCAL VOC 2012 style root, with thorough validation of every listed id."""
+from __future__ import annotations
+
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from wsss_core.data.dataset import VOC_CLASSES, Dataset
+from wsss_core.data.palette import VOID
+from wsss_core.errors import DataError
+
+
+def read_id_list(path: Path) -> list[str]:
+    """Return the ids in a VOC list file (first token of each non-empty line)."""
+    if not path.is_file():
+        raise DataError(f"{path}: list file not found")
+    ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise DataError(f"{path}: list file is empty")
+    return ids
+
+
+def carve_val(ids: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Split ids into (train, val) with round(fraction * n) val ids drawn by a seeded shuffle.
+
+    Both lists keep the input order.
+    """
+    count = int(round(fraction * len(ids)))
+    chosen = set(np.random.default_rng(seed).permutation(len(ids))[:count].tolist())
+    train = [image_id for index, image_id in enumerate(ids) if index not in chosen]
+    val = [image_id for index, image_id in enumerate(ids) if index in chosen]
+    return train, val
+
+
+def _check_image(path: Path) -> tuple[int, int]:
+    """Decode the image (at reduced scale for JPEG) and return its (width, height)."""
+    if not path.is_file():
+        raise DataError(f"{path}: image not found")
+    try:
+        with Image.open(path) as image:
+            size = image.size
+            image.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
+            image.load()
+            return size
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise DataError(f"{path}: unreadable or corrupt image ({err})") from None
+
+
+def _mask_classes(path: Path, image_size: tuple[int, int], num_classes: int) -> list[int]:
+    """Validate a mask against its image and return its foreground classes (sorted, 1..K)."""
+    try:
+        with Image.open(path) as mask_image:
+            if mask_image.size != image_size:
+                raise DataError(
+                    f"{path}: mask size {mask_image.size[0]}x{mask_image.size[1]} differs from "
+                    f"its image {image_size[0]}x{image_size[1]}"
+                )
+            if mask_image.mode not in ("P", "L"):
+                raise DataError(f"{path}: mask must be a palette or greyscale PNG, got mode {mask_image.mode}")
+            values = np.unique(np.asarray(mask_image))
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise DataError(f"{path}: unreadable or corrupt mask ({err})") from None
+    bad = [int(v) for v in values if v > num_classes and v != VOID]
+    if bad:
+        raise DataError(f"{path}: mask values {bad} outside 0..{num_classes} and {VOID}")
+    return [int(v) for v in values if 0 < v <= num_classes]
+
+
+def _xml_classes(path: Path, class_names: tuple[str, ...] | list[str]) -> list[int]:
+    """Return the sorted class indices of the objects named in a VOC Annotations XML file."""
+    try:
+        names = {node.text.strip() for node in ElementTree.parse(path).getroot().iter("name")
+                 if node.text and node.text.strip() in class_names}
+    except ElementTree.ParseError as err:
+        raise DataError(f"{path}: unreadable annotation XML ({err})") from None
+    return sorted(class_names.index(name) for name in names)
+
+
+def read_voc(
+    root: str | Path,
+    train_list: str = "ImageSets/Segmentation/train.txt",
+    val_list: str = "",
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    use_aug: bool = False,
+    class_names: tuple[str, ...] | list[str] = VOC_CLASSES,
+    progress: bool = True,
+) -> Dataset:
+    """Validate a VOC root and return its Dataset with 'train' and 'val' splits.
+
+    Labels come from `Annotations/<id>.xml` when present, else from the mask. Without `val_list`,
+    `val_fraction` of the train ids become val (seeded). Every listed image is decoded once so a
+    corrupt file is reported here, naming it, rather than mid-training.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset root not found")
+    train_ids = read_id_list(root / train_list)
+    if val_list:
+        val_ids = read_id_list(root / val_list)
+    else:
+        train_ids, val_ids = carve_val(train_ids, val_fraction, seed)
+    mask_dirs = ("SegmentationClassAug", "SegmentationClass") if use_aug else ("SegmentationClass",)
+    dataset = Dataset(root=root, class_names=list(class_names),
+                      splits={"train": train_ids, "val": val_ids}, labels={}, mask_dirs=mask_dirs)
+    for image_id in tqdm(train_ids + val_ids, desc="checking dataset", unit="img", disable=not progress):
+        image_size = _check_image(dataset.image_path(image_id))
+        mask_path = dataset.mask_path(image_id)
+        xml_path = root / "Annotations" / f"{image_id}.xml"
+        if mask_path.is_file():
+            classes = _mask_classes(mask_path, image_size, len(class_names) - 1)
+        elif not xml_path.is_file():
+            raise DataError(f"{mask_path}: mask not found (and no {xml_path.name} for labels)")
+        if xml_path.is_file():
+            classes = _xml_classes(xml_path, class_names)
+        dataset.labels[image_id] = classes
+    return dataset

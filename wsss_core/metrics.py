@@ -1,0 +1,98 @@
+"""Segmentation and classification metrics: confusion matrix, IoU, mAP."""
+from __future__ import annotations
+
+import numpy as np
+
+IGNORE_INDEX = 255
+
+
+class ConfusionMatrix:
+    """Accumulates a [C, C] pixel confusion matrix (rows: ground truth, columns: prediction).
+
+    Pixels whose ground truth is 255 are ignored; predictions outside 0..C-1 raise.
+    """
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+        self.matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+
+    def update(self, prediction: np.ndarray, target: np.ndarray) -> None:
+        """Add one image (or a batch) of integer label maps of the same shape."""
+        prediction = np.asarray(prediction).astype(np.int64).ravel()
+        target = np.asarray(target).astype(np.int64).ravel()
+        if prediction.shape != target.shape:
+            raise ValueError(f"prediction has {prediction.size} pixels, target {target.size}")
+        valid = target != IGNORE_INDEX
+        prediction, target = prediction[valid], target[valid]
+        if prediction.size and (prediction.min() < 0 or prediction.max() >= self.num_classes):
+            raise ValueError(f"prediction labels must lie in 0..{self.num_classes - 1}")
+        if target.size and target.max() >= self.num_classes:
+            raise ValueError(f"target labels must lie in 0..{self.num_classes - 1} or be 255")
+        self.matrix += np.bincount(
+            target * self.num_classes + prediction, minlength=self.num_classes**2
+        ).reshape(self.num_classes, self.num_classes)
+
+    def iou(self) -> np.ndarray:
+        """Return per-class IoU as float64 [C]; NaN for a class absent from both GT and prediction."""
+        return iou_from_confusion(self.matrix)
+
+    def miou(self) -> float:
+        """Return the mean IoU over classes present in GT or prediction (nanmean)."""
+        return mean_iou(self.iou())
+
+
+def iou_from_confusion(matrix: np.ndarray) -> np.ndarray:
+    """Return per-class IoU TP / (TP + FP + FN) as float64 [C]; NaN where the union is empty."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    true_positive = np.diag(matrix)
+    union = matrix.sum(0) + matrix.sum(1) - true_positive
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(union > 0, true_positive / np.maximum(union, 1), np.nan)
+
+
+def mean_iou(per_class_iou: np.ndarray) -> float:
+    """Return the nanmean of per-class IoU (NaN when every class is NaN)."""
+    per_class_iou = np.asarray(per_class_iou, dtype=np.float64)
+    if np.all(np.isnan(per_class_iou)):
+        return float("nan")
+    return float(np.nanmean(per_class_iou))
+
+
+def average_precision(scores: np.ndarray, positives: np.ndarray) -> float:
+    """Return the non-interpolated average precision of one class (NaN without positives).
+
+    scores: float [N]; positives: bool [N]. Ties are ranked in input order after a stable sort.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    positives = np.asarray(positives, dtype=bool)
+    if not positives.any():
+        return float("nan")
+    order = np.argsort(-scores, kind="stable")
+    hits = positives[order]
+    precision_at_rank = np.cumsum(hits) / np.arange(1, hits.size + 1)
+    return float(precision_at_rank[hits].mean())
+
+
+def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> tuple[float, np.ndarray]:
+    """Return (mAP over classes with positives, per-class AP float64 [K]) for multi-label scores.
+
+    scores: float [N, K]; targets: {0,1} [N, K].
+    """
+    scores = np.asarray(scores)
+    targets = np.asarray(targets).astype(bool)
+    per_class = np.array(
+        [average_precision(scores[:, k], targets[:, k]) for k in range(scores.shape[1])]
+    )
+    return mean_iou(per_class), per_class
+
+
+def iou_report(matrix: np.ndarray, class_names: list[str]) -> dict:
+    """Return {'miou', 'per_class': {name: iou or None}} with IoU as fractions in [0, 1]."""
+    per_class = iou_from_confusion(matrix)
+    return {
+        "miou": mean_iou(per_class),
+        "per_class": {
+            name: (None if np.isnan(value) else float(value))
+            for name, value in zip(class_names, per_class)
+        },
+    }
