@@ -75,6 +75,8 @@ class ClsParams(Section):
     weight_decay: float = 1e-4
     momentum: float = 0.9
     poly_power: float = 0.9
+    # IRN keeps BatchNorm frozen (pretrained statistics); train it when starting from scratch.
+    freeze_bn: bool = False
     num_workers: int = 0
 
 

@@ -1,0 +1,185 @@
+import h5py
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.tiny import tiny_cam_net
+from wsss_core.cams.evaluate import cam_labels, cam_metrics, threshold_grid
+from wsss_core.cams.infer import iterate_cams, multiscale_maps, normalize_present
+from wsss_core.cams.store import CamStore, CamStoreWriter
+from wsss_core.data.dataset import Dataset
+from wsss_core.data.palette import write_label_png
+from wsss_core.errors import DataError
+from wsss_core.methods import get_method
+
+METHOD = get_method("cam")
+
+
+def test_cam_is_relu_of_classifier_on_features():
+    model = tiny_cam_net(3)
+    images = torch.randn(2, 3, 20, 24)
+    features = model.backbone(images)
+    expected = torch.einsum("kc,bchw->bkhw", model.classifier.weight[:, :, 0, 0], features).clamp(min=0)
+    torch.testing.assert_close(model.cams(images), expected)
+    # logits are the classifier applied to GAP features = spatial mean of the pre-ReLU CAM
+    torch.testing.assert_close(model(images), torch.einsum("kc,bchw->bkhw", model.classifier.weight[:, :, 0, 0], features).mean((2, 3)))
+
+
+def per_scale_reference(model, image, scales, flip):
+    """Straightforward loop: one image, one scale, one flip at a time."""
+    height, width = image.shape[-2:]
+    total = torch.zeros(model.classifier.out_channels, height, width)
+    for scale in scales:
+        size = (round(height * scale), round(width * scale))
+        scaled = F.interpolate(image[None], size, mode="bilinear", align_corners=False)
+        variants = [(scaled, False)] + ([(scaled.flip(-1), True)] if flip else [])
+        for variant, flipped in variants:
+            cam = F.interpolate(model.cams(variant), (height, width), mode="bilinear", align_corners=False)[0]
+            total += cam.flip(-1) if flipped else cam
+    return total
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_batched_multiscale_equals_per_scale_loop(flip):
+    model = tiny_cam_net(3)
+    images = torch.randn(3, 3, 21, 30)
+    scales = [1.0, 0.5, 1.5, 2.0]
+    batched = multiscale_maps(METHOD, model, images, scales, flip)["cam"]
+    assert batched.shape == (3, 3, 21, 30)
+    for index in range(3):
+        torch.testing.assert_close(batched[index], per_scale_reference(model, images[index], scales, flip),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_flip_aggregation_is_flip_equivariant():
+    model = tiny_cam_net(3)
+    images = torch.randn(2, 3, 16, 22)
+    maps = multiscale_maps(METHOD, model, images, [1.0, 0.5], flip=True)["cam"]
+    maps_of_flipped = multiscale_maps(METHOD, model, images.flip(-1), [1.0, 0.5], flip=True)["cam"]
+    torch.testing.assert_close(maps_of_flipped, maps.flip(-1), rtol=1e-5, atol=1e-5)
+    symmetric = torch.cat([images[..., :11], images[..., :11].flip(-1)], dim=-1)
+    out = multiscale_maps(METHOD, model, symmetric, [1.0, 1.5], flip=True)["cam"]
+    torch.testing.assert_close(out, out.flip(-1), rtol=1e-5, atol=1e-5)
+
+
+def test_normalize_present_keeps_only_present_classes_with_max_one():
+    maps = torch.rand(4, 5, 6) * 7
+    maps[2] = 0
+    out = normalize_present(maps, np.array([2, 4]))
+    assert out.shape == (2, 5, 6)
+    np.testing.assert_allclose(out.max((1, 2)), [1.0, 1.0], atol=1e-5)
+    np.testing.assert_allclose(out[1], (maps[3] / (maps[3].max() + 1e-5)).numpy(), rtol=1e-6)
+    assert out.min() >= 0
+
+
+def make_dataset(tmp_path, sizes=((20, 28), (20, 28), (17, 23))) -> Dataset:
+    """Random images of given (H, W) with labels {1}, {1, 3}, {2}."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "ds"
+    (root / "JPEGImages").mkdir(parents=True)
+    labels = {"a": [1], "b": [1, 3], "c": [2]}
+    from PIL import Image
+
+    for (image_id, classes), (h, w) in zip(labels.items(), sizes):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / "JPEGImages" / f"{image_id}.jpg")
+        mask = np.zeros((h, w), np.uint8)
+        for index, c in enumerate(classes):
+            mask[index * 4:index * 4 + 6, 3:12] = c
+        mask[-1] = 255
+        write_label_png(root / "SegmentationClass" / f"{image_id}.png", mask)
+    return Dataset(root, ["background", "x", "y", "z"], {"train": list(labels), "val": []}, labels)
+
+
+def test_iterate_cams_shapes_ranges_and_absent_classes(tmp_path):
+    dataset = make_dataset(tmp_path)
+    model = tiny_cam_net(3)
+    results = {i: (cam, keys) for i, cam, keys, _ in iterate_cams(METHOD, model, dataset, dataset.ids("train"),
+                                                                  [1.0, 0.5], True, 2, torch.device("cpu"))}
+    assert set(results) == {"a", "b", "c"}
+    for image_id, (cam, keys) in results.items():
+        image = dataset.read_image(image_id)
+        assert keys.tolist() == dataset.labels[image_id]
+        assert cam.shape == (len(keys),) + image.shape[:2]
+        assert cam.min() >= 0 and cam.max() <= 1
+        positive = cam.reshape(len(keys), -1).max(1) > 0
+        np.testing.assert_allclose(cam.reshape(len(keys), -1).max(1)[positive], 1.0, atol=1e-4)
+    # batched export equals one-image-at-a-time export
+    single = {i: cam for i, cam, _, _ in iterate_cams(METHOD, model, dataset, dataset.ids("train"),
+                                                      [1.0, 0.5], True, 1, torch.device("cpu"))}
+    for image_id in results:
+        np.testing.assert_allclose(results[image_id][0], single[image_id], atol=1e-5)
+
+
+def test_store_round_trip_with_plain_h5py(tmp_path):
+    path = tmp_path / "cams.h5"
+    cam = np.random.default_rng(0).random((2, 5, 7)).astype(np.float32)
+    attrs = {"method": "cam", "scales": [1.0, 0.5], "stride": 16, "class_names": ["background", "x", "y"],
+             "params": {"cams": {"flip": True}}}
+    with CamStoreWriter(path, attrs) as writer:
+        writer.write("img1", cam, np.array([1, 2]))
+        writer.write("img2", np.zeros((0, 3, 4)), np.array([], dtype=np.int64))
+    assert not path.with_name("cams.h5.tmp").exists()
+    with h5py.File(path, "r") as handle:  # the contract, read without our code
+        dataset = handle["img1"]["cam"]
+        assert dataset.dtype == np.float16 and dataset.shape == (2, 5, 7)
+        assert dataset.chunks == (2, 5, 7) and dataset.compression == "gzip"
+        assert dataset.attrs["keys"].tolist() == [1, 2]
+        assert handle.attrs["method"] == "cam"
+        np.testing.assert_allclose(dataset[()], cam, atol=1e-3)
+    with CamStore(path) as store:
+        read_cam, keys = store.read("img1")
+        assert read_cam.dtype == np.float32 and keys.tolist() == [1, 2]
+        assert store.attr("scales") == [1.0, 0.5] and store.class_names == ["background", "x", "y"]
+        assert store.read("img2")[0].shape == (0, 3, 4)
+        with pytest.raises(DataError, match="no image 'nope'"):
+            store.read("nope")
+
+
+def test_interrupted_writer_leaves_no_file(tmp_path):
+    path = tmp_path / "cams.h5"
+    with pytest.raises(RuntimeError):
+        with CamStoreWriter(path, {"method": "cam"}) as writer:
+            writer.write("img1", np.ones((1, 2, 2)), np.array([1]))
+            raise RuntimeError("killed")
+    assert not path.exists() and not path.with_name("cams.h5.tmp").exists()
+
+
+def test_cam_labels_hand_made():
+    cam = np.array([[[0.9, 0.1], [0.3, 0.2]], [[0.5, 0.6], [0.1, 0.2]]])
+    keys = np.array([4, 7])
+    np.testing.assert_array_equal(cam_labels(cam, keys, 0.25), [[4, 7], [4, 0]])
+    # a tie with the threshold goes to background
+    np.testing.assert_array_equal(cam_labels(cam, keys, 0.3), [[4, 7], [0, 0]])
+
+
+def test_threshold_grid_inclusive():
+    assert threshold_grid(0.05, 0.60, 0.05) == [round(0.05 * i, 4) for i in range(1, 13)]
+
+
+def test_cam_metrics_perfect_cam_and_sweep(tmp_path):
+    dataset = make_dataset(tmp_path)
+    path = tmp_path / "cams.h5"
+    with CamStoreWriter(path, {"method": "cam"}) as writer:
+        for image_id in dataset.ids("train"):
+            mask = dataset.read_mask(image_id)
+            keys = np.array(dataset.labels[image_id])
+            writer.write(image_id, np.stack([(mask == k) * 0.8 for k in keys]).astype(np.float32), keys)
+    with CamStore(path) as store:
+        report = cam_metrics(store, dataset, dataset.ids("train"), 0.85, [0.1, 0.9, 0.1])
+    assert report["bg_threshold"] == 0.85
+    # at 0.85 everything is background: IoU(bg) = background share, the 3 classes score 0
+    assert report["miou"] == pytest.approx(bg_iou_when_all_background(dataset) / 4)
+    assert report["sweep"]["best_miou"] == pytest.approx(1.0)
+    assert report["sweep"]["best_threshold"] < 0.8
+    assert report["per_class"]["background"] == pytest.approx(bg_iou_when_all_background(dataset))
+
+
+def bg_iou_when_all_background(dataset):
+    fg = total = 0
+    for image_id in dataset.ids("train"):
+        mask = dataset.read_mask(image_id)
+        valid = mask != 255
+        total += valid.sum()
+        fg += (mask[valid] > 0).sum()
+    return (total - fg) / total

@@ -1,0 +1,109 @@
+"""Training and validating the multi-label classifier of a method."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from wsss_core.config import ClsParams
+from wsss_core.data.dataset import Dataset
+from wsss_core.data.transforms import TrainAugment, normalize
+from wsss_core.methods.base import Method
+from wsss_core.metrics import mean_average_precision
+from wsss_core.training import set_poly_lr, sgd_two_groups
+
+
+class ClassificationSet(torch.utils.data.Dataset):
+    """(augmented image [3, S, S], multi-hot labels [K]) pairs; augmentation seeded per (epoch, index)."""
+
+    def __init__(self, dataset: Dataset, split: str, augment: TrainAugment, seed: int):
+        self.dataset, self.ids, self.augment, self.seed = dataset, dataset.ids(split), augment, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int):
+        image_id = self.ids[index]
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        return self.augment(self.dataset.read_image(image_id), rng), torch.from_numpy(self.dataset.label_vector(image_id))
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    loss: float
+    val_map: float
+
+
+@torch.no_grad()
+def predict_scores(model: nn.Module, dataset: Dataset, split: str, mean: tuple, std: tuple,
+                   device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Return (sigmoid scores [N, K], multi-hot targets [N, K]) for whole images of a split."""
+    model.eval()
+    scores, targets = [], []
+    for image_id in dataset.ids(split):
+        image = normalize(dataset.read_image(image_id), mean, std)[None].to(device)
+        scores.append(torch.sigmoid(model(image)).float().cpu().numpy()[0])
+        targets.append(dataset.label_vector(image_id))
+    return np.stack(scores), np.stack(targets)
+
+
+def train_classifier(
+    method: Method,
+    model: nn.Module,
+    dataset: Dataset,
+    params: ClsParams,
+    device: torch.device,
+    seed: int,
+    on_epoch_end: Callable[[EpochResult], None] = lambda result: None,
+) -> list[EpochResult]:
+    """Train `model` with SGD + poly lr on the train split; validate mAP on val after each epoch."""
+    mean, std = model.backbone.mean, model.backbone.std
+    train_set = ClassificationSet(dataset, "train", TrainAugment(tuple(params.resize_long), params.crop_size, mean, std), seed)
+    loader = DataLoader(train_set, batch_size=params.batch_size, shuffle=True, drop_last=len(train_set) > params.batch_size,
+                        num_workers=params.num_workers, generator=torch.Generator().manual_seed(seed))
+    optimizer = sgd_two_groups(*model.parameter_groups(), params.lr, params.new_layer_lr_mult,
+                               params.weight_decay, params.momentum)
+    use_amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler(enabled=use_amp)
+    total_steps, step, history = params.epochs * len(loader), 0, []
+    model.to(device)
+    for epoch in range(params.epochs):
+        train_set.epoch = epoch
+        model.train()
+        if params.freeze_bn:
+            freeze_batchnorm(model.backbone)
+        losses = []
+        bar = tqdm(loader, desc=f"train_cls epoch {epoch + 1}/{params.epochs}", unit="batch")
+        for images, labels in bar:
+            set_poly_lr(optimizer, step, total_steps, params.poly_power)
+            with torch.autocast(device.type, enabled=use_amp):
+                loss = method.classification_loss(model, images.to(device), labels.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            losses.append(loss.item())
+            step += 1
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        scores, targets = predict_scores(model, dataset, "val", mean, std, device) if dataset.ids("val") else (None, None)
+        val_map = mean_average_precision(scores, targets)[0] if scores is not None else float("nan")
+        result = EpochResult(epoch + 1, float(np.mean(losses)), val_map)
+        history.append(result)
+        on_epoch_end(result)
+    return history
+
+
+def freeze_batchnorm(module: nn.Module) -> None:
+    """Put every BatchNorm in eval mode and stop its affine parameters' gradients (IRN's FixedBatchNorm)."""
+    for layer in module.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            layer.eval()
+            for parameter in layer.parameters():
+                parameter.requires_grad_(False)

@@ -1,0 +1,31 @@
+"""The plain CAM classifier (IRN's resnet50_cam): backbone, GAP, bias-free 1x1 classifier."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wsss_core.models.backbones import Backbone
+
+
+class CamNet(nn.Module):
+    """Multi-label classifier whose 1x1 classifier weights give class activation maps."""
+
+    def __init__(self, backbone: Backbone, num_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.classifier = nn.Conv2d(backbone.channels, num_classes, kernel_size=1, bias=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Return class logits [B, K] from globally average-pooled features."""
+        features = self.backbone(images)  # [B, C, h, w]
+        pooled = features.mean(dim=(2, 3), keepdim=True)  # [B, C, 1, 1]
+        return self.classifier(pooled).flatten(1)
+
+    def cams(self, images: torch.Tensor) -> torch.Tensor:
+        """Return ReLU class activation maps [B, K, h, w] at the backbone's stride."""
+        return F.relu(self.classifier(self.backbone(images)))
+
+    def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """Return (backbone parameters, newly initialised parameters)."""
+        return list(self.backbone.parameters()), list(self.classifier.parameters())

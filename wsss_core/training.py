@@ -1,0 +1,50 @@
+"""Training helpers shared by the stages that train networks."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from wsss_core.errors import ParamsError
+
+
+def resolve_device(name: str) -> torch.device:
+    """Return the torch device for 'auto' (CUDA when present), 'cpu' or 'cuda'."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ParamsError("device=cuda but no CUDA device is available (use device: auto or cpu)")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch, and ask torch for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def poly_lr(base_lr: float, step: int, total_steps: int, power: float) -> float:
+    """Return the poly schedule's learning rate base_lr * (1 - step/total)^power."""
+    return base_lr * (1 - step / total_steps) ** power
+
+
+def sgd_two_groups(backbone_params, new_params, lr: float, new_layer_lr_mult: float,
+                   weight_decay: float, momentum: float) -> torch.optim.SGD:
+    """Return SGD with the backbone at lr and new layers at lr * new_layer_lr_mult.
+
+    Each group keeps its base lr under 'initial_lr' for the poly schedule.
+    """
+    groups = [
+        {"params": [p for p in backbone_params if p.requires_grad], "initial_lr": lr},
+        {"params": [p for p in new_params if p.requires_grad], "initial_lr": lr * new_layer_lr_mult},
+    ]
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def set_poly_lr(optimizer: torch.optim.Optimizer, step: int, total_steps: int, power: float) -> None:
+    """Set every group's lr from its 'initial_lr' by the poly schedule."""
+    for group in optimizer.param_groups:
+        group["lr"] = poly_lr(group["initial_lr"], step, total_steps, power)
