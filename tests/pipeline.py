@@ -1,0 +1,55 @@
+"""Run the DVC pipeline in a temporary copy of the repo."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import REPO
+
+TINY_PARAMS = {
+    "data": {"synthetic": {"n_train": 16, "n_val": 8, "image_size": 96}},
+    "cls": {"epochs": 1, "batch_size": 8, "crop_size": 80, "resize_long": [80, 112]},
+    "cams": {"scales": [1.0, 0.5], "batch_size": 8},
+}
+
+
+def copy_repo(destination: Path, params: dict) -> Path:
+    """Copy code, dvc.yaml and DVC config into a fresh git repo with the given params; return it."""
+    destination.mkdir(parents=True, exist_ok=True)
+    for name in ("stages", "wsss_core"):
+        shutil.copytree(REPO / name, destination / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(REPO / name, destination / name)
+    (destination / ".dvc").mkdir()
+    shutil.copy(REPO / ".dvc" / "config", destination / ".dvc" / "config")
+    defaults = yaml.safe_load((REPO / "params.yaml").read_text())
+    (destination / "params.yaml").write_text(yaml.safe_dump(deep_merge(defaults, params), sort_keys=False))
+    git(destination, "init", "-q")
+    git(destination, "add", "-A")
+    git(destination, "commit", "-qm", "init")
+    return destination
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """Return base with override's keys replaced recursively (DVC needs every param present)."""
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = deep_merge(base[key], value) if isinstance(value, dict) else value
+    return merged
+
+
+def git(cwd: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True)
+
+
+def dvc(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the venv's dvc with the venv's python first on PATH; return the completed process."""
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([os.path.join(bin_dir, "dvc"), *args], cwd=cwd, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"dvc {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
