@@ -7,9 +7,11 @@ import typer
 
 from stages._common import MANIFEST, PARAMS_FILE, load_params, reports_errors, single_command, write_json
 from stages.export_cams import CAM_STORE
+from wsss_core.cams.calibration import part_body_activation
 from wsss_core.cams.evaluate import cam_metrics
 from wsss_core.cams.store import CamStore
 from wsss_core.data.dataset import Dataset
+from wsss_core.data.synthetic import SyntheticSpec
 
 METRICS = Path("metrics/cam.json")
 SWEEP_PLOT = Path("plots/cam_sweep.json")
@@ -22,7 +24,13 @@ def eval_cams(params_file: Path = typer.Option(PARAMS_FILE, "--params", help="pa
     dataset = Dataset.load(MANIFEST)
     with CamStore(CAM_STORE) as store:
         report = cam_metrics(store, dataset, store.ids(), params.cams.bg_threshold, params.cams.sweep)
+        if params.data.name == "synthetic":  # how partial the CAMs are: the point of the synthetic set
+            spec = SyntheticSpec(seed=params.data.seed, **params.data.synthetic.model_dump())
+            report["synthetic_activation"] = part_body_activation(store, spec, store.ids())
     write_json(METRICS, report)
+    if "synthetic_activation" in report:
+        typer.echo("mean CAM on parts / bodies / background: {part_mean:.3f} / {body_mean:.3f} / "
+                   "{background_mean:.3f}".format(**report["synthetic_activation"]))
     sweep = report["sweep"]
     write_json(SWEEP_PLOT, {"sweep": [{"bg_threshold": t, "miou": m} for t, m in zip(sweep["thresholds"], sweep["miou"])]})
     typer.echo(f"CAM mIoU {report['miou']:.4f} at threshold {report['bg_threshold']}; "

@@ -183,3 +183,29 @@ def bg_iou_when_all_background(dataset):
         total += valid.sum()
         fg += (mask[valid] > 0).sum()
     return (total - fg) / total
+
+
+def test_training_is_seeded_and_deterministic_on_cpu(tmp_path):
+    from wsss_core.cams.classifier import train_classifier
+    from wsss_core.config import ClsParams
+    from wsss_core.training import seed_everything
+
+    dataset = make_dataset(tmp_path, sizes=((24, 24),) * 3)
+    dataset.splits["val"] = ["a"]
+    params = ClsParams(epochs=2, batch_size=2, crop_size=16, resize_long=[16, 24], lr=0.1)
+
+    def run(seed):
+        seed_everything(seed)
+        model = tiny_cam_net(3, seed=seed)
+        history = train_classifier(METHOD, model, dataset, params, torch.device("cpu"), seed)
+        return model.state_dict(), history
+
+    first, history = run(0)
+    second, _ = run(0)
+    third, _ = run(1)
+    assert len(history) == 2 and all(np.isfinite(h.loss) for h in history)
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], rtol=0, atol=0)
+    assert any(not torch.equal(first[key], third[key]) for key in first)
+    # training changed the weights
+    assert not torch.equal(first["classifier.weight"], tiny_cam_net(3, seed=0).state_dict()["classifier.weight"])

@@ -106,13 +106,10 @@ def generate_synthetic(root: Path, spec: SyntheticSpec, progress: bool = True) -
         (root / folder).mkdir(parents=True, exist_ok=True)
     counts = {"train": spec.n_train, "val": spec.n_val}
     with tqdm(total=sum(counts.values()), desc="synthetic", unit="img", disable=not progress) as bar:
-        for split_index, split in enumerate(SPLITS):
+        for split in SPLITS:
             ids = []
             for index in range(counts[split]):
-                rng = np.random.default_rng([spec.seed, split_index, index])
-                # The first K train images each carry one class in turn, so every class is trained.
-                forced = index % spec.num_classes + 1 if split == "train" and index < spec.num_classes else None
-                sample = render_image(rng, spec, forced_class=forced)
+                sample = render_sample(spec, split, index)
                 image_id = f"syn_{split}_{index:05d}"
                 Image.fromarray(sample.image).save(root / "JPEGImages" / f"{image_id}.jpg",
                                                    quality=JPEG_QUALITY, subsampling=0)
@@ -121,6 +118,14 @@ def generate_synthetic(root: Path, spec: SyntheticSpec, progress: bool = True) -
                 bar.update()
             (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
     return ["background", *CLASS_NAMES[:spec.num_classes]]
+
+
+def render_sample(spec: SyntheticSpec, split: str, index: int) -> SyntheticImage:
+    """Render image `index` of `split` exactly as generate_synthetic writes it (before JPEG)."""
+    rng = np.random.default_rng([spec.seed, SPLITS.index(split), index])
+    # The first K train images each carry one class in turn, so every class is trained.
+    forced = index % spec.num_classes + 1 if split == "train" and index < spec.num_classes else None
+    return render_image(rng, spec, forced_class=forced)
 
 
 def render_image(rng: np.random.Generator, spec: SyntheticSpec,
