@@ -92,38 +92,48 @@ class RefineParams(Section):
     pass
 
 
-class AffinityParams(Section):
-    label_mode: Literal["psa", "irn"] = "psa"
-    low_alpha: float = 4.0
-    high_alpha: float = 32.0
-    fg_threshold: Fraction = 0.30
-    bg_threshold: Fraction = 0.05
-    radius: PositiveInt = 5
-    backbone: str = "resnet18"
-    epochs: PositiveInt = 3
-    batch_size: PositiveInt = 8
-    crop_size: PositiveInt = 160
-    lr: float = 0.01
-    weight_decay: float = 5e-4
-
-
-class RwParams(Section):
-    beta: float = 8.0
-    logt: int = 8
-    radius: PositiveInt = 5
-    bg_mode: Literal["alpha", "threshold"] = "alpha"
-    bg_alpha: float = 16.0
-    bg_threshold: Fraction = 0.39
-
-
 class CrfParams(Section):
+    """Dense CRF (PSA's defaults)."""
+
     iterations: PositiveInt = 10
     gaussian_sxy: float = 3.0
     gaussian_compat: float = 3.0
     bilateral_sxy: float = 80.0
     bilateral_srgb: float = 13.0
     bilateral_compat: float = 10.0
-    workers: int = 0  # 0: one per core
+    workers: Annotated[int, Field(ge=0)] = 0  # 0: one process per core
+
+
+class AffinityParams(Section):
+    # psa: CRF-refined (1 - max CAM)^alpha at a low and a high alpha; irn: thresholds on CAMs.
+    label_mode: Literal["psa", "irn"] = "psa"
+    low_alpha: float = 4.0
+    high_alpha: float = 32.0
+    fg_threshold: Fraction = 0.30
+    bg_threshold: Fraction = 0.05
+    label_crf: CrfParams = CrfParams()
+    radius: PositiveInt = 5
+    backbone: Literal["resnet18", "resnet50", "tf_efficientnet_lite0"] = "resnet18"
+    pretrained: str = ""
+    epochs: PositiveInt = 4
+    batch_size: PositiveInt = 8
+    crop_size: PositiveInt = 160
+    resize_long: list[int] = [160, 256]
+    lr: float = 0.01
+    new_layer_lr_mult: float = 10.0
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+
+
+class RwParams(Section):
+    beta: float = 8.0
+    logt: Annotated[int, Field(ge=0)] = 8
+    radius: PositiveInt = 5
+    # alpha: background (1 - max CAM)^bg_alpha (PSA); threshold: constant bg_threshold (MCTformer).
+    bg_mode: Literal["alpha", "threshold"] = "alpha"
+    bg_alpha: float = 16.0
+    bg_threshold: Fraction = 0.39
+    batch_size: PositiveInt = 4
 
 
 class PseudoParams(Section):

@@ -1,6 +1,10 @@
 """The method interface: how a WSSS method builds its classifier and what its CAM pass returns."""
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,3 +28,17 @@ class Method:
     def cam_maps(self, model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Return maps for CAM export, each [B, K, h, w] and non-negative; 'cam' is required."""
         raise NotImplementedError
+
+    def refine_cams(self, source: Path, destination: Path) -> None:
+        """Write the refined CAM store; methods without attention refinement pass the store through.
+
+        The pass-through hard-links the file (no pixel data copied), falling back to a copy.
+        """
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        temporary = destination.with_name(destination.name + ".tmp")
+        temporary.unlink(missing_ok=True)
+        try:
+            os.link(source, temporary)
+        except OSError:
+            shutil.copyfile(source, temporary)
+        os.replace(temporary, destination)

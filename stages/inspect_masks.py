@@ -1,0 +1,51 @@
+"""`wsss masks show ID`: image | CAM argmax | after random walk | after CRF | pseudo mask | GT."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from PIL import Image
+
+from stages._common import MANIFEST, PARAMS_FILE, load_params, reports_errors
+from stages.dcrf import LABEL_DIR as CRF_DIR
+from stages.pseudo_masks import MASK_DIR
+from stages.random_walk import RW_STORE
+from stages.refine import REFINED_STORE
+from wsss_core.cams.evaluate import cam_labels
+from wsss_core.cams.store import CamStore
+from wsss_core.data.dataset import Dataset
+from wsss_core.data.label_dir import read_label_dir
+from wsss_core.refine.pseudo import rw_labels
+from wsss_core.viz import captioned, hstack, label_overlay, vstack
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Inspect label maps along the refinement stages.")
+
+
+@app.command("show")
+@reports_errors
+def show_masks(
+    image_ids: list[str] = typer.Argument(..., help="image ids to draw (one row each)"),
+    params_file: Path = typer.Option(PARAMS_FILE, "--params", help="params.yaml (for the CAM threshold)"),
+    out: Path = typer.Option(None, "--out", help="PNG to write (default: masks_<first id>.png)"),
+) -> None:
+    """Write a PNG: image | CAM argmax | after RW | after CRF | pseudo mask | GT, one row per id."""
+    threshold = load_params(params_file).cams.bg_threshold
+    dataset = Dataset.load(MANIFEST)
+    rows = []
+    with CamStore(REFINED_STORE) as cams, CamStore(RW_STORE) as walked:
+        for image_id in image_ids:
+            image = dataset.read_image(image_id)
+            stages = [
+                ("image", None),
+                (f"CAM (bg {threshold})", cam_labels(*cams.read(image_id), threshold)),
+                ("random walk", rw_labels(walked, image_id)),
+                ("dense CRF", read_label_dir(CRF_DIR, image_id)),
+                ("pseudo mask", read_label_dir(MASK_DIR, image_id)),
+                ("ground truth", dataset.read_mask(image_id)),
+            ]
+            rows.append(hstack([captioned(image if labels is None else label_overlay(image, labels), name)
+                                for name, labels in stages]))
+    out = out or Path(f"masks_{image_ids[0]}.png")
+    Image.fromarray(vstack(rows)).save(out)
+    typer.echo(f"wrote {out}")

@@ -1,0 +1,73 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from wsss_core.data.dataset import Dataset
+from wsss_core.data.label_dir import LabelDirWriter, read_label_dir
+from wsss_core.models.affinity_net import AffinityNet, affinity_loss, pair_affinities
+from wsss_core.refine.pairs import neighbour_offsets
+from wsss_core.refine.pseudo import argmax_labels, disagreement_to_void
+
+
+def test_pair_affinities_equal_brute_force():
+    features = torch.randn(2, 5, 6, 7)
+    offsets = neighbour_offsets(3)
+    out = pair_affinities(features, offsets)
+    assert out.shape == (2, len(offsets), 6, 7)
+    for b in range(2):
+        for o, (dy, dx) in enumerate(offsets):
+            for y in range(6):
+                for x in range(7):
+                    inside = 0 <= y + dy < 6 and 0 <= x + dx < 7
+                    expected = math.exp(-(features[b, :, y, x] - features[b, :, y + dy, x + dx]).abs().mean().item()) if inside else 0.0
+                    assert out[b, o, y, x].item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_affinity_loss_hand_computed():
+    affinity = torch.tensor([0.5, 0.25, 0.9, 0.1])
+    bg = torch.tensor([1.0, 0, 0, 0])
+    fg = torch.tensor([0, 1.0, 0, 0])
+    neg = torch.tensor([0, 0, 1.0, 1.0])
+    loss, parts = affinity_loss(affinity, bg, fg, neg)
+    expected = {"bg": -math.log(0.5), "fg": -math.log(0.25), "neg": -(math.log(0.1) + math.log(0.9)) / 2}
+    for key in expected:
+        assert parts[key] == pytest.approx(expected[key], abs=1e-3)
+    assert float(loss) == pytest.approx(expected["bg"] / 4 + expected["fg"] / 4 + expected["neg"] / 2, abs=1e-3)
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "tf_efficientnet_lite0"])
+def test_affinity_net_stride_8_features(backbone):
+    features = AffinityNet(backbone)(torch.zeros(1, 3, 64, 48))
+    assert features.shape == (1, 448, 8, 6)
+
+
+def test_argmax_labels_and_disagreement():
+    scores = np.array([[[0.9, 0.1]], [[0.05, 0.2]], [[0.05, 0.7]]])  # [3, 1, 2]: bg, class 4, class 9
+    np.testing.assert_array_equal(argmax_labels(scores, np.array([4, 9])), [[0, 9]])
+    np.testing.assert_array_equal(disagreement_to_void(np.array([[0, 9, 4]]), np.array([[0, 4, 4]])), [[0, 255, 4]])
+
+
+def test_label_dir_writer_scores_labelled_pixels_and_is_atomic(tmp_path):
+    from tests.test_cams import make_dataset
+
+    dataset = make_dataset(tmp_path)
+    folder = tmp_path / "labels"
+    with LabelDirWriter(folder, dataset) as writer:
+        for image_id in dataset.ids("train"):
+            mask = dataset.read_mask(image_id).copy()
+            mask[:, :2] = 255  # unsure columns are not scored
+            writer.write(image_id, mask)
+        assert not folder.exists()
+    report = writer.report()
+    assert report["miou"] == 1.0
+    valid = sum((dataset.read_mask(i) != 255).sum() for i in dataset.ids("train"))
+    unsure = sum((dataset.read_mask(i)[:, :2] != 255).sum() for i in dataset.ids("train"))
+    assert report["coverage"] == pytest.approx((valid - unsure) / valid)
+    assert read_label_dir(folder, "a").shape == dataset.read_mask("a").shape
+    with pytest.raises(RuntimeError):
+        with LabelDirWriter(tmp_path / "broken", dataset) as writer:
+            writer.write("a", dataset.read_mask("a"))
+            raise RuntimeError
+    assert not (tmp_path / "broken").exists() and not (tmp_path / "broken.tmp").exists()

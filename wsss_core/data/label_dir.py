@@ -1,0 +1,57 @@
+"""A folder of label PNGs written atomically, scored against ground truth as it is written."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from wsss_core.data.dataset import Dataset
+from wsss_core.data.palette import read_label_png, write_label_png
+from wsss_core.metrics import ConfusionMatrix, iou_report
+
+
+class LabelDirWriter:
+    """`with LabelDirWriter(folder, dataset) as out: out.write(id, labels)`; then `out.report()`.
+
+    PNGs go to `<folder>.tmp/` which replaces `folder` only when the block ends without error.
+    Each written map is scored against the dataset's ground truth (255 ignored).
+    """
+
+    def __init__(self, folder: str | Path, dataset: Dataset):
+        self.folder = Path(folder)
+        self.staging = self.folder.with_name(self.folder.name + ".tmp")
+        self.dataset = dataset
+        self.confusion = ConfusionMatrix(dataset.num_classes + 1)
+        self.labelled_pixels = self.valid_pixels = 0
+
+    def __enter__(self) -> "LabelDirWriter":
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging.mkdir(parents=True)
+        return self
+
+    def write(self, image_id: str, labels: np.ndarray) -> None:
+        """Save uint8 [H, W] labels (0..K, 255) as a VOC palette PNG and score the non-255 pixels."""
+        write_label_png(self.staging / f"{image_id}.png", labels)
+        target = self.dataset.read_mask(image_id)
+        labelled = labels != 255
+        self.confusion.update(np.where(labelled, labels, 0), np.where(labelled, target, 255))
+        self.labelled_pixels += int((labelled & (target != 255)).sum())
+        self.valid_pixels += int((target != 255).sum())
+
+    def report(self) -> dict:
+        """Return {'miou', 'per_class', 'coverage'}: IoU over labelled (non-255) pixels, coverage in [0, 1]."""
+        return {**iou_report(self.confusion.matrix, self.dataset.class_names),
+                "coverage": self.labelled_pixels / max(self.valid_pixels, 1)}
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.staging.rename(self.folder)
+        else:
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def read_label_dir(folder: str | Path, image_id: str) -> np.ndarray:
+    """Return the uint8 [H, W] label map of image_id from a folder written by LabelDirWriter."""
+    return read_label_png(Path(folder) / f"{image_id}.png")

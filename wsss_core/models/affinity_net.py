@@ -1,0 +1,94 @@
+"""AffinityNet (PSA, Ahn & Kwak 2018) on a timm backbone at output stride 8.
+
+Multi-level features (the last three stages) go through 1x1 convs (64, 128, 256 channels, ELU),
+are concatenated and fused by a 1x1 conv (448, ELU); the affinity of two feature pixels i, j is
+exp(-mean_c |f_i - f_j|).
+"""
+from __future__ import annotations
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wsss_core.errors import ParamsError
+from wsss_core.models.backbones import BACKBONES
+from wsss_core.models.pretrained import LITE0_PACKAGE_NAME, load_backbone_file, load_lite0_package_weights
+
+LEVEL_CHANNELS = (64, 128, 256)
+FEATURE_CHANNELS = 448
+
+
+class AffinityNet(nn.Module):
+    """forward(images [B,3,H,W]) -> affinity features [B, 448, ceil(H/8), ceil(W/8)]."""
+
+    stride = 8
+
+    def __init__(self, backbone: str, pretrained: str = "", param_key: str = "affinity.pretrained"):
+        super().__init__()
+        if backbone not in BACKBONES:
+            raise ParamsError(f"affinity.backbone {backbone!r} is not one of: {', '.join(BACKBONES)}")
+        full = timm.create_model(backbone, pretrained=False, output_stride=self.stride)
+        if pretrained == LITE0_PACKAGE_NAME:
+            if backbone != "tf_efficientnet_lite0":
+                raise ParamsError(f"{param_key}={LITE0_PACKAGE_NAME} needs backbone tf_efficientnet_lite0")
+            load_lite0_package_weights(full)
+        elif pretrained:
+            load_backbone_file(full, pretrained, param_key)
+        self.mean, self.std = tuple(full.pretrained_cfg["mean"]), tuple(full.pretrained_cfg["std"])
+        levels = len(full.feature_info)
+        self.encoder = timm.create_model(backbone, pretrained=False, output_stride=self.stride, features_only=True,
+                                         out_indices=tuple(range(levels - 3, levels)))
+        missing = self.encoder.load_state_dict(full.state_dict(), strict=False).missing_keys
+        assert not missing, f"encoder keys absent from the {backbone} model: {missing[:3]}"
+        self.reducers = nn.ModuleList(
+            nn.Conv2d(channels, out, 1, bias=False) for channels, out in zip(self.encoder.feature_info.channels(), LEVEL_CHANNELS)
+        )
+        self.fuse = nn.Conv2d(sum(LEVEL_CHANNELS), FEATURE_CHANNELS, 1, bias=False)
+        for layer in self.reducers:
+            nn.init.kaiming_normal_(layer.weight)
+        nn.init.xavier_uniform_(self.fuse.weight, gain=4)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        levels = self.encoder(images)
+        size = levels[-1].shape[-2:]
+        reduced = [F.elu(reducer(F.interpolate(level, size, mode="bilinear", align_corners=False)
+                                 if level.shape[-2:] != size else level))
+                   for reducer, level in zip(self.reducers, levels)]
+        return F.elu(self.fuse(torch.cat(reduced, dim=1)))
+
+    def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """Return (backbone parameters, newly initialised parameters)."""
+        return list(self.encoder.parameters()), list(self.reducers.parameters()) + list(self.fuse.parameters())
+
+
+def pair_affinities(features: torch.Tensor, offsets: list[tuple[int, int]]) -> torch.Tensor:
+    """Return exp(-mean_c |f(y,x) - f(y+dy,x+dx)|) as [B, O, h, w]; 0 where the neighbour is outside.
+
+    features: [B, C, h, w]; offsets: from wsss_core.refine.pairs.neighbour_offsets.
+    """
+    batch, _, height, width = features.shape
+    out = features.new_zeros(batch, len(offsets), height, width)
+    for index, (dy, dx) in enumerate(offsets):
+        rows = slice(0, height - dy)
+        cols = slice(max(0, -dx), width - max(0, dx))
+        source = features[:, :, rows, cols]
+        target = features[:, :, dy:height, max(0, dx):width - max(0, -dx)]
+        out[:, index, rows, cols] = torch.exp(-(source - target).abs().mean(1))
+    return out
+
+
+def affinity_loss(affinity: torch.Tensor, bg_pos: torch.Tensor, fg_pos: torch.Tensor, neg: torch.Tensor
+                  ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Return PSA's loss bg/4 + fg/4 + neg/2 and its parts; masks and affinity are [B, O, h, w].
+
+    Each part is a mean over its pairs: -log(a) for positives, -log(1 - a) for negatives.
+    """
+    eps = 1e-5
+    parts = {
+        "bg": -(torch.log(affinity + eps) * bg_pos).sum() / (bg_pos.sum() + eps),
+        "fg": -(torch.log(affinity + eps) * fg_pos).sum() / (fg_pos.sum() + eps),
+        "neg": -(torch.log(1 + eps - affinity) * neg).sum() / (neg.sum() + eps),
+    }
+    loss = parts["bg"] / 4 + parts["fg"] / 4 + parts["neg"] / 2
+    return loss, {name: float(value) for name, value in parts.items()}

@@ -1,0 +1,67 @@
+"""Applying the random walk to CAM stores: background channel, stride-8 pooling, upsampling."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from wsss_core.cams.infer import size_batches
+from wsss_core.cams.store import CamStore
+from wsss_core.data.dataset import Dataset
+from wsss_core.data.transforms import normalize
+from wsss_core.models.affinity_net import AffinityNet
+from wsss_core.refine.affinity_training import image_affinities
+from wsss_core.refine.pairs import neighbour_offsets
+from wsss_core.refine.random_walk import random_walk
+
+
+def with_background(cam: np.ndarray, mode: str, alpha: float, threshold: float) -> np.ndarray:
+    """Return float32 [k+1, H, W]: a background score stacked before the CAMs [k, H, W].
+
+    mode 'alpha': (1 - max_c cam)^alpha (PSA); 'threshold': the constant threshold (MCTformer).
+    """
+    peak = cam.max(0) if cam.shape[0] else np.zeros(cam.shape[1:], np.float32)
+    background = (1 - peak) ** alpha if mode == "alpha" else np.full_like(peak, threshold)
+    return np.concatenate([background[None], cam]).astype(np.float32)
+
+
+def propagate_batch(model: AffinityNet, images: torch.Tensor, scores: torch.Tensor, radius: int,
+                    beta: float, logt: int) -> torch.Tensor:
+    """Random-walk scores [B, C, H, W] with the affinities of images [B, 3, H, W]; returns [B, C, H, W].
+
+    As PSA: scores are zero-padded to a multiple of 8, average-pooled by 8, propagated, then
+    upsampled bilinearly by 8 and cropped back to H x W.
+    """
+    height, width = images.shape[-2:]
+    affinity = image_affinities(model, images, radius)  # [B, O, h, w]
+    padded = F.pad(scores, (0, (-width) % 8, 0, (-height) % 8))
+    pooled = F.avg_pool2d(padded, 8, 8)  # [B, C, h, w]
+    walked = random_walk(pooled, affinity, neighbour_offsets(radius), beta, logt)
+    return F.interpolate(walked, scale_factor=8, mode="bilinear", align_corners=False)[..., :height, :width]
+
+
+def iterate_random_walk(model: AffinityNet, store: CamStore, dataset: Dataset, ids: list[str], mode: str,
+                        alpha: float, threshold: float, radius: int, beta: float, logt: int, batch_size: int,
+                        device: torch.device) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """Yield (id, scores float32 [k+1, H, W] divided by their max, keys [k]); channel 0 is background.
+
+    Images of equal size and equal class count are batched together.
+    """
+    model.eval().to(device)
+    bar = tqdm(total=len(ids), desc="random_walk", unit="img")
+    for batch in size_batches(dataset, ids, batch_size):
+        by_count: dict[int, list[str]] = {}
+        for image_id in batch:
+            by_count.setdefault(len(dataset.labels[image_id]), []).append(image_id)
+        for same in by_count.values():
+            cams = [store.read(image_id) for image_id in same]
+            scores = torch.from_numpy(np.stack([with_background(cam, mode, alpha, threshold) for cam, _ in cams]))
+            images = torch.stack([normalize(dataset.read_image(i), model.mean, model.std) for i in same])
+            walked = propagate_batch(model, images.to(device), scores.to(device), radius, beta, logt).cpu().numpy()
+            for image_id, (_, keys), result in zip(same, cams, walked):
+                yield image_id, result / max(float(result.max()), 1e-8), keys
+            bar.update(len(same))
+    bar.close()
