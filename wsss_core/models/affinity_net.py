@@ -91,4 +91,4 @@ def affinity_loss(affinity: torch.Tensor, bg_pos: torch.Tensor, fg_pos: torch.Te
         "neg": -(torch.log(1 + eps - affinity) * neg).sum() / (neg.sum() + eps),
     }
     loss = parts["bg"] / 4 + parts["fg"] / 4 + parts["neg"] / 2
-    return loss, {name: float(value) for name, value in parts.items()}
+    return loss, {name: value.item() for name, value in parts.items()}
