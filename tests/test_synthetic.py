@@ -107,6 +107,20 @@ def test_body_look_is_class_independent_and_parts_are_not():
     assert np.linalg.norm(part_means - body_means.mean(0), axis=1).min() > 40.0
 
 
+def test_body_tint_moves_labelled_bodies_towards_their_part_colour_only():
+    from wsss_core.data.synthetic import PART_COLOURS
+
+    plain, tinted = renders(TINY, 6), renders(replace(TINY, body_tint=0.5), 6)
+    for before, after in zip(plain, tinted):
+        np.testing.assert_array_equal(before.labels, after.labels)  # same layout: tint draws no randomness
+        untouched = before.instances == 0
+        np.testing.assert_array_equal(before.image[untouched], after.image[untouched])
+        for number, label in enumerate(before.classes, start=1):
+            body = (before.instances == number) & ~before.part_mask
+            expected = 0.5 * before.image[body].mean(0) + 0.5 * PART_COLOURS[label - 1]
+            np.testing.assert_allclose(after.image[body].mean(0), expected, atol=3.0)
+
+
 def test_water_class_comes_with_the_water_band():
     spec = SyntheticSpec(image_size=64, n_train=8)
     samples = renders(spec, 300)

@@ -36,6 +36,8 @@ class SyntheticParams(Section):
     void_width: int = 2
     water_class: int = 2
     water_bias: Fraction = 0.8
+    # Labelled bodies move this fraction towards their part's colour: weak evidence beyond the part.
+    body_tint: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
 
 
 class VocParams(Section):

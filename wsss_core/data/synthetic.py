@@ -53,6 +53,7 @@ class SyntheticSpec:
     void_width: int = 2  # px of 255 drawn on the background around every labelled object
     water_class: int = 2  # this class (1-based) is biased to appear with the water band; 0: no class is
     water_bias: float = 0.8  # P(water band) for images with water_class; others: WATER_BASE_RATE
+    body_tint: float = 0.0  # labelled bodies move this fraction of the way to their part's colour (weak evidence)
 
     def __post_init__(self) -> None:
         checks = {
@@ -67,6 +68,7 @@ class SyntheticSpec:
             "void_width must be >= 0": self.void_width >= 0,
             "water_class must be in 0..num_classes": 0 <= self.water_class <= self.num_classes,
             "water_bias must be in [0, 1]": 0 <= self.water_bias <= 1,
+            "body_tint must be in [0, 1)": 0 <= self.body_tint < 1,
         }
         failed = [message for message, ok in checks.items() if not ok]
         if failed:
@@ -222,6 +224,7 @@ def _make_shape(rng: np.random.Generator, spec: SyntheticSpec, label: int) -> _S
     part = np.zeros_like(body)
     colours = _body_texture(rng, body.shape, scale)
     if label:
+        colours = (1 - spec.body_tint) * colours + spec.body_tint * PART_COLOURS[label - 1].astype(np.float32)
         part, part_y, part_x, part_angle = _size_part(rng, spec, body, boundary, angles, y, x)
         u = np.cos(part_angle) * (x - part_x) + np.sin(part_angle) * (y - part_y)
         v = -np.sin(part_angle) * (x - part_x) + np.cos(part_angle) * (y - part_y)
