@@ -71,3 +71,16 @@ def test_label_dir_writer_scores_labelled_pixels_and_is_atomic(tmp_path):
             writer.write("a", dataset.read_mask("a"))
             raise RuntimeError
     assert not (tmp_path / "broken").exists() and not (tmp_path / "broken.tmp").exists()
+
+
+def test_joint_crop_keeps_image_and_labels_aligned_and_pads_labels_void():
+    from wsss_core.refine.affinity_training import joint_crop
+
+    labels = np.arange(6 * 9, dtype=np.uint8).reshape(6, 9)
+    image = np.repeat(labels[..., None], 3, axis=2) + 1
+    image_crop, label_crop = joint_crop(image, labels, 8, np.random.default_rng(3))
+    assert image_crop.shape == (8, 8, 3) and label_crop.shape == (8, 8)
+    padded = label_crop == 255
+    assert padded.sum() == 2 * 8  # 2 rows missing: 6 < 8
+    np.testing.assert_array_equal(image_crop[..., 0][~padded], label_crop[~padded] + 1)
+    assert (image_crop[padded] == 0).all()

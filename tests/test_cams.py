@@ -209,3 +209,15 @@ def test_training_is_seeded_and_deterministic_on_cpu(tmp_path):
     assert any(not torch.equal(first[key], third[key]) for key in first)
     # training changed the weights
     assert not torch.equal(first["classifier.weight"], tiny_cam_net(3, seed=0).state_dict()["classifier.weight"])
+
+
+def test_random_crop_pads_short_sides_and_keeps_pixels():
+    from wsss_core.data.transforms import random_crop
+
+    tensor = torch.arange(2 * 3 * 5, dtype=torch.float32).view(2, 3, 5) + 1
+    crop = random_crop(tensor, 4, np.random.default_rng(0))
+    assert crop.shape == (2, 4, 4)
+    # height 3 < 4: one zero row; width 5 > 4: 4 consecutive columns of the source
+    assert (crop[0] == 0).all(1).sum() == 1
+    rows = crop[0][(crop[0] != 0).any(1)]
+    assert rows.shape == (3, 4) and torch.equal(rows[:, 1:] - rows[:, :-1], torch.ones(3, 3))

@@ -22,16 +22,24 @@ def normalize(image: np.ndarray, mean: tuple, std: tuple) -> torch.Tensor:
     return (tensor - mean_t) / std_t
 
 
+def crop_windows(height: int, width: int, size: int, rng: np.random.Generator) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
+    """Return (source, target) (rows, cols) slices of a random size x size crop of an H x W image.
+
+    Where a side is shorter than size, the whole side is placed at a random offset in the crop.
+    """
+    crop_h, crop_w = min(size, height), min(size, width)
+    top, left = int(rng.integers(0, height - crop_h + 1)), int(rng.integers(0, width - crop_w + 1))
+    out_top, out_left = int(rng.integers(0, size - crop_h + 1)), int(rng.integers(0, size - crop_w + 1))
+    return ((slice(top, top + crop_h), slice(left, left + crop_w)),
+            (slice(out_top, out_top + crop_h), slice(out_left, out_left + crop_w)))
+
+
 def random_crop(tensor: torch.Tensor, size: int, rng: np.random.Generator) -> torch.Tensor:
     """Return a [C, size, size] crop, zero-padding (the mean after normalising) a smaller side."""
     channels, height, width = tensor.shape
     out = tensor.new_zeros(channels, size, size)
-    crop_h, crop_w = min(size, height), min(size, width)
-    top = int(rng.integers(0, height - crop_h + 1))
-    left = int(rng.integers(0, width - crop_w + 1))
-    out_top = int(rng.integers(0, size - crop_h + 1))
-    out_left = int(rng.integers(0, size - crop_w + 1))
-    out[:, out_top:out_top + crop_h, out_left:out_left + crop_w] = tensor[:, top:top + crop_h, left:left + crop_w]
+    source, target = crop_windows(height, width, size, rng)
+    out[(slice(None), *target)] = tensor[(slice(None), *source)]
     return out
 
 

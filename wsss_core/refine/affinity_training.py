@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from wsss_core.data.dataset import Dataset
 from wsss_core.data.palette import VOID, read_label_png
-from wsss_core.data.transforms import normalize, resize_long_side
+from wsss_core.data.transforms import crop_windows, normalize, resize_long_side
 from wsss_core.models.affinity_net import AffinityNet, affinity_loss, pair_affinities
 from wsss_core.refine.affinity_labels import affinity_pair_labels, downsample_labels
 from wsss_core.refine.pairs import neighbour_offsets
@@ -22,14 +22,11 @@ from wsss_core.training import set_poly_lr, sgd_two_groups
 def joint_crop(image: np.ndarray, labels: np.ndarray, size: int, rng: np.random.Generator
                ) -> tuple[np.ndarray, np.ndarray]:
     """Return a size x size crop of image [H,W,3] and labels [H,W], padding image with 0 and labels with 255."""
-    height, width = labels.shape
-    crop_h, crop_w = min(size, height), min(size, width)
-    top, left = int(rng.integers(0, height - crop_h + 1)), int(rng.integers(0, width - crop_w + 1))
-    out_top, out_left = int(rng.integers(0, size - crop_h + 1)), int(rng.integers(0, size - crop_w + 1))
+    source, target = crop_windows(*labels.shape, size, rng)
     image_out = np.zeros((size, size, 3), image.dtype)
     labels_out = np.full((size, size), VOID, np.uint8)
-    image_out[out_top:out_top + crop_h, out_left:out_left + crop_w] = image[top:top + crop_h, left:left + crop_w]
-    labels_out[out_top:out_top + crop_h, out_left:out_left + crop_w] = labels[top:top + crop_h, left:left + crop_w]
+    image_out[target] = image[source]
+    labels_out[target] = labels[source]
     return image_out, labels_out
 
 
