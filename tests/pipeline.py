@@ -13,6 +13,7 @@ TINY_PARAMS = {
     "data": {"synthetic": {"n_train": 16, "n_val": 8, "image_size": 96}},
     "cls": {"epochs": 1, "batch_size": 8, "crop_size": 80, "resize_long": [80, 112]},
     "cams": {"scales": [1.0, 0.5], "batch_size": 8},
+    "affinity": {"epochs": 1, "crop_size": 96, "resize_long": [80, 112]},
 }
 
 

@@ -49,3 +49,24 @@ def test_repro_through_cam_evaluation(tiny_repo):
     assert live["step"] == 0 and 0 < live["val_map"] <= 1
     shown = dvc(tiny_repo, "metrics", "show", "--json").stdout
     assert "metrics/cam.json" in shown
+
+
+def test_repro_through_pseudo_masks(tiny_repo):
+    dvc(tiny_repo, "repro", "pseudo_masks")
+    dataset = Dataset.load(tiny_repo / "data/prepared/dataset.json")
+    ids = dataset.ids("train")
+    for name in ("affinity_labels", "rw", "crf", "pseudo"):
+        report = json.loads((tiny_repo / f"metrics/{name}.json").read_text())
+        assert 0 < report["miou"] <= 1, name
+        assert set(report["per_class"]) == set(dataset.class_names), name
+    with h5py.File(tiny_repo / "cams/cams_rw.h5", "r") as store:
+        assert sorted(store.keys()) == sorted(ids)
+        group = store[ids[0]]
+        assert group["background"].shape == group["cam"].shape[1:] == (96, 96)
+        assert 0 <= group["cam"][()].min() and max(group["cam"][()].max(), group["background"][()].max()) == 1
+    for folder in ("labels/affinity", "labels/crf", "labels/pseudo"):
+        files = sorted(p.stem for p in (tiny_repo / folder).glob("*.png"))
+        assert files == sorted(ids), folder
+    pseudo = read_label_png(tiny_repo / "labels/pseudo" / f"{ids[0]}.png")
+    assert pseudo.shape == (96, 96) and set(np.unique(pseudo)) <= {0, *dataset.labels[ids[0]]}
+    assert "up to date" in dvc(tiny_repo, "status", "pseudo_masks").stdout
