@@ -87,7 +87,7 @@ def train_affinity_net(model: AffinityNet, train_set: AffinitySet, epochs: int, 
             step += 1
             for key, value in {"loss": loss.item(), **parts}.items():
                 sums[key] = sums.get(key, 0.0) + value
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}")
         on_epoch_end(epoch + 1, {key: value / len(loader) for key, value in sums.items()})
 
 
