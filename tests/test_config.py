@@ -73,3 +73,17 @@ def test_stage_prints_one_line_error_and_exits_2(tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert lines == [f"error: {params}: method 'foo' is not one of: cam"]
+
+
+def test_param_sections_mirror_core_defaults():
+    """Core settings objects and their params sections must not drift apart."""
+    from dataclasses import asdict
+
+    from wsss_core.config import CrfParams, SyntheticParams
+    from wsss_core.data.synthetic import SyntheticSpec
+    from wsss_core.refine.crf import CrfSettings
+
+    assert asdict(CrfSettings()) == CrfParams().model_dump(exclude={"workers"})
+    spec = asdict(SyntheticSpec())
+    assert SyntheticParams().model_dump() == {key: spec[key] for key in SyntheticParams.model_fields}
+    assert set(spec) - set(SyntheticParams.model_fields) == {"seed"}  # seed comes from data.seed

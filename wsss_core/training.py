@@ -9,6 +9,20 @@ import torch
 from wsss_core.errors import ParamsError
 
 
+class EpochSeededSet(torch.utils.data.Dataset):
+    """Base for training sets whose augmentation is seeded per (seed, epoch, index); set `epoch` each epoch."""
+
+    def __init__(self, ids: list[str], seed: int):
+        self.ids, self.seed, self.epoch = ids, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def sample_rng(self, index: int) -> np.random.Generator:
+        """Return the generator for sample `index` in the current epoch."""
+        return np.random.default_rng([self.seed, self.epoch, index])
+
+
 def resolve_device(name: str) -> torch.device:
     """Return the torch device for 'auto' (CUDA when present), 'cpu' or 'cuda'."""
     if name == "auto":

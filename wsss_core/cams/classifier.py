@@ -15,23 +15,20 @@ from wsss_core.data.dataset import Dataset
 from wsss_core.data.transforms import TrainAugment, normalize
 from wsss_core.methods.base import Method
 from wsss_core.metrics import mean_average_precision
-from wsss_core.training import set_poly_lr, sgd_two_groups
+from wsss_core.training import EpochSeededSet, set_poly_lr, sgd_two_groups
 
 
-class ClassificationSet(torch.utils.data.Dataset):
+class ClassificationSet(EpochSeededSet):
     """(augmented image [3, S, S], multi-hot labels [K]) pairs; augmentation seeded per (epoch, index)."""
 
     def __init__(self, dataset: Dataset, split: str, augment: TrainAugment, seed: int):
-        self.dataset, self.ids, self.augment, self.seed = dataset, dataset.ids(split), augment, seed
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return len(self.ids)
+        super().__init__(dataset.ids(split), seed)
+        self.dataset, self.augment = dataset, augment
 
     def __getitem__(self, index: int):
         image_id = self.ids[index]
-        rng = np.random.default_rng([self.seed, self.epoch, index])
-        return self.augment(self.dataset.read_image(image_id), rng), torch.from_numpy(self.dataset.label_vector(image_id))
+        image = self.augment(self.dataset.read_image(image_id), self.sample_rng(index))
+        return image, torch.from_numpy(self.dataset.label_vector(image_id))
 
 
 @dataclass

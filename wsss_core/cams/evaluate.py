@@ -9,16 +9,24 @@ from wsss_core.data.dataset import Dataset
 from wsss_core.metrics import ConfusionMatrix, iou_report
 
 
+def cam_peaks(cam: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return (class index of the strongest CAM, its value), each [H, W]; (0, 0) where k = 0.
+
+    cam: [k, H, W] for classes keys [k].
+    """
+    if cam.shape[0] == 0:
+        return np.zeros(cam.shape[1:], np.uint8), np.zeros(cam.shape[1:], cam.dtype)
+    return np.asarray(keys, dtype=np.uint8)[cam.argmax(0)], cam.max(0)
+
+
 def cam_labels(cam: np.ndarray, keys: np.ndarray, bg_threshold: float) -> np.ndarray:
     """Return uint8 [H, W]: keys[argmax_c cam] where max_c cam > bg_threshold, else 0.
 
-    cam: [k, H, W] for classes keys [k]; the background score is the constant threshold, and
-    ties go to background (argmax over [threshold, cam...] picks the first maximum).
+    The background score is the constant threshold, and ties go to background (argmax over
+    [threshold, cam...] picks the first maximum).
     """
-    if cam.shape[0] == 0:
-        return np.zeros(cam.shape[1:], np.uint8)
-    best = cam.argmax(0)
-    return np.where(cam.max(0) > bg_threshold, np.asarray(keys)[best], 0).astype(np.uint8)
+    best_class, peak = cam_peaks(cam, keys)
+    return np.where(peak > bg_threshold, best_class, 0).astype(np.uint8)
 
 
 def threshold_grid(start: float, stop: float, step: float) -> list[float]:
@@ -31,14 +39,8 @@ def sweep_cams(store: CamStore, dataset: Dataset, ids: list[str], thresholds: li
     """Return one confusion matrix [K+1, K+1] per background threshold over the given ids."""
     matrices = [ConfusionMatrix(dataset.num_classes + 1) for _ in thresholds]
     for image_id in tqdm(ids, desc="evaluate CAMs", unit="img"):
-        cam, keys = store.read(image_id)
+        best_class, peak = cam_peaks(*store.read(image_id))  # once per image, for every threshold
         target = dataset.read_mask(image_id)
-        if cam.shape[0] == 0:
-            for matrix in matrices:
-                matrix.update(np.zeros_like(target), target)
-            continue
-        best_class = np.asarray(keys)[cam.argmax(0)]
-        peak = cam.max(0)
         for matrix, threshold in zip(matrices, thresholds):
             matrix.update(np.where(peak > threshold, best_class, 0), target)
     return [matrix.matrix for matrix in matrices]

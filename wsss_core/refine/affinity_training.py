@@ -16,7 +16,7 @@ from wsss_core.data.transforms import crop_windows, normalize, resize_long_side
 from wsss_core.models.affinity_net import AffinityNet, affinity_loss, pair_affinities
 from wsss_core.refine.affinity_labels import affinity_pair_labels, downsample_labels
 from wsss_core.refine.pairs import neighbour_offsets
-from wsss_core.training import set_poly_lr, sgd_two_groups
+from wsss_core.training import EpochSeededSet, set_poly_lr, sgd_two_groups
 
 
 def joint_crop(image: np.ndarray, labels: np.ndarray, size: int, rng: np.random.Generator
@@ -30,22 +30,18 @@ def joint_crop(image: np.ndarray, labels: np.ndarray, size: int, rng: np.random.
     return image_out, labels_out
 
 
-class AffinitySet(torch.utils.data.Dataset):
+class AffinitySet(EpochSeededSet):
     """(image [3,S,S], bg_pos, fg_pos, neg [O, S/8, S/8] float masks) with PSA-style augmentation."""
 
     def __init__(self, dataset: Dataset, label_dir: Path, radius: int, crop_size: int,
                  resize_long: tuple[int, int], mean: tuple, std: tuple, seed: int):
+        super().__init__(dataset.ids("train"), seed)
         self.dataset, self.label_dir, self.radius = dataset, Path(label_dir), radius
-        self.ids = dataset.ids("train")
-        self.crop_size, self.resize_long, self.mean, self.std, self.seed = crop_size, resize_long, mean, std, seed
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return len(self.ids)
+        self.crop_size, self.resize_long, self.mean, self.std = crop_size, resize_long, mean, std
 
     def __getitem__(self, index: int):
         image_id = self.ids[index]
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        rng = self.sample_rng(index)
         image = self.dataset.read_image(image_id)
         labels = read_label_png(self.label_dir / f"{image_id}.png")
         long_side = int(rng.integers(self.resize_long[0], self.resize_long[1] + 1))
