@@ -74,7 +74,7 @@ def test_label_dir_writer_scores_labelled_pixels_and_is_atomic(tmp_path):
 
 
 def test_joint_crop_keeps_image_and_labels_aligned_and_pads_labels_void():
-    from wsss_core.refine.affinity_training import joint_crop
+    from wsss_core.data.transforms import joint_crop
 
     labels = np.arange(6 * 9, dtype=np.uint8).reshape(6, 9)
     image = np.repeat(labels[..., None], 3, axis=2) + 1
@@ -84,3 +84,21 @@ def test_joint_crop_keeps_image_and_labels_aligned_and_pads_labels_void():
     assert padded.sum() == 2 * 8  # 2 rows missing: 6 < 8
     np.testing.assert_array_equal(image_crop[..., 0][~padded], label_crop[~padded] + 1)
     assert (image_crop[padded] == 0).all()
+
+
+def test_frozen_backbone_keeps_encoder_weights_and_statistics_and_trains_new_layers():
+    from wsss_core.training import sgd_two_groups
+
+    torch.manual_seed(0)
+    model = AffinityNet("resnet18")
+    model.freeze_backbone()
+    model.train()
+    assert not model.encoder.training and model.fuse.training
+    encoder_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    fuse_before = model.fuse.weight.detach().clone()
+    optimizer = sgd_two_groups(*model.parameter_groups(), 0.1, 10.0, 5e-4, 0.9)
+    model(torch.randn(2, 3, 64, 64)).mean().backward()
+    optimizer.step()
+    for key, value in model.encoder.state_dict().items():
+        assert torch.equal(value, encoder_before[key]), key  # weights and BN running stats
+    assert not torch.equal(model.fuse.weight, fuse_before)

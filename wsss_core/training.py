@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import random
+from typing import Callable
 
 import numpy as np
 import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from wsss_core.errors import ParamsError
 
@@ -62,3 +66,39 @@ def set_poly_lr(optimizer: torch.optim.Optimizer, step: int, total_steps: int, p
     """Set every group's lr from its 'initial_lr' by the poly schedule."""
     for group in optimizer.param_groups:
         group["lr"] = poly_lr(group["initial_lr"], step, total_steps, power)
+
+
+def fit(model: nn.Module, train_set: EpochSeededSet,
+        batch_loss: Callable[[list[torch.Tensor]], tuple[torch.Tensor, dict[str, float]]],
+        optimizer: torch.optim.Optimizer, epochs: int, batch_size: int, device: torch.device, seed: int,
+        desc: str, poly_power: float = 0.9,
+        on_epoch_end: Callable[[int, dict[str, float]], None] = lambda epoch, means: None) -> None:
+    """Train model on shuffled, seeded batches with the poly schedule (AMP + loss scaling on CUDA).
+
+    batch_loss gets the batch's tensors on `device` and returns (loss, {name: float} parts);
+    on_epoch_end gets the 1-based epoch and each part's mean over the epoch, 'loss' included.
+    """
+    loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=len(train_set) > batch_size,
+                        generator=torch.Generator().manual_seed(seed))
+    use_amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler(enabled=use_amp)
+    total, step = epochs * len(loader), 0
+    model.to(device)
+    for epoch in range(epochs):
+        train_set.epoch = epoch
+        model.train()
+        sums: dict[str, float] = {}
+        bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{epochs}", unit="batch")
+        for batch in bar:
+            set_poly_lr(optimizer, step, total, poly_power)
+            with torch.autocast(device.type, enabled=use_amp):
+                loss, parts = batch_loss([tensor.to(device, non_blocking=True) for tensor in batch])
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            for key, value in {"loss": loss.item(), **parts}.items():
+                sums[key] = sums.get(key, 0.0) + value
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        on_epoch_end(epoch + 1, {key: value / len(loader) for key, value in sums.items()})

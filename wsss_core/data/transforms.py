@@ -5,6 +5,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from wsss_core.data.palette import VOID
+
 
 def resize_long_side(image: np.ndarray, long_side: int, resample=Image.BILINEAR) -> np.ndarray:
     """Return image [H, W, ...] resized so that max(H, W) == long_side, keeping the aspect."""
@@ -41,6 +43,31 @@ def random_crop(tensor: torch.Tensor, size: int, rng: np.random.Generator) -> to
     source, target = crop_windows(height, width, size, rng)
     out[(slice(None), *target)] = tensor[(slice(None), *source)]
     return out
+
+
+def joint_crop(image: np.ndarray, labels: np.ndarray, size: int, rng: np.random.Generator
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Return a size x size crop of image [H,W,3] and labels [H,W], padding image with 0 and labels with 255."""
+    source, target = crop_windows(*labels.shape, size, rng)
+    image_out = np.zeros((size, size, 3), image.dtype)
+    labels_out = np.full((size, size), VOID, np.uint8)
+    image_out[target] = image[source]
+    labels_out[target] = labels[source]
+    return image_out, labels_out
+
+
+def augment_with_labels(image: np.ndarray, labels: np.ndarray, resize_long: tuple[int, int], crop_size: int,
+                        rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Return (image [S,S,3], labels [S,S]) after one random long-side rescale, flip and joint crop.
+
+    Labels are resized with nearest neighbour; padding is 0 in the image and 255 in the labels.
+    """
+    long_side = int(rng.integers(resize_long[0], resize_long[1] + 1))
+    image = resize_long_side(image, long_side)
+    labels = resize_long_side(labels, long_side, resample=Image.NEAREST)
+    if rng.random() < 0.5:
+        image, labels = image[:, ::-1], labels[:, ::-1]
+    return joint_crop(image, labels, crop_size, rng)
 
 
 class TrainAugment:

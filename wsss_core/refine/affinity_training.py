@@ -7,27 +7,14 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from wsss_core.data.dataset import Dataset
-from wsss_core.data.palette import VOID, read_label_png
-from wsss_core.data.transforms import crop_windows, normalize, resize_long_side
+from wsss_core.data.palette import read_label_png
+from wsss_core.data.transforms import augment_with_labels, normalize
 from wsss_core.models.affinity_net import AffinityNet, affinity_loss, pair_affinities
 from wsss_core.refine.affinity_labels import affinity_pair_labels, downsample_labels
 from wsss_core.refine.pairs import neighbour_offsets
-from wsss_core.training import EpochSeededSet, set_poly_lr, sgd_two_groups
-
-
-def joint_crop(image: np.ndarray, labels: np.ndarray, size: int, rng: np.random.Generator
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """Return a size x size crop of image [H,W,3] and labels [H,W], padding image with 0 and labels with 255."""
-    source, target = crop_windows(*labels.shape, size, rng)
-    image_out = np.zeros((size, size, 3), image.dtype)
-    labels_out = np.full((size, size), VOID, np.uint8)
-    image_out[target] = image[source]
-    labels_out[target] = labels[source]
-    return image_out, labels_out
+from wsss_core.training import EpochSeededSet, fit, sgd_two_groups
 
 
 class AffinitySet(EpochSeededSet):
@@ -44,12 +31,7 @@ class AffinitySet(EpochSeededSet):
         rng = self.sample_rng(index)
         image = self.dataset.read_image(image_id)
         labels = read_label_png(self.label_dir / f"{image_id}.png")
-        long_side = int(rng.integers(self.resize_long[0], self.resize_long[1] + 1))
-        image = resize_long_side(image, long_side)
-        labels = np.asarray(resize_long_side(labels, long_side, resample=0))  # nearest
-        if rng.random() < 0.5:
-            image, labels = image[:, ::-1], labels[:, ::-1]
-        image, labels = joint_crop(image, labels, self.crop_size, rng)
+        image, labels = augment_with_labels(image, labels, self.resize_long, self.crop_size, rng)
         pairs = affinity_pair_labels(downsample_labels(labels, AffinityNet.stride), self.radius)
         masks = [torch.from_numpy(pairs[key].astype(np.float32)) for key in ("bg_pos", "fg_pos", "neg")]
         return (normalize(image, self.mean, self.std), *masks)
@@ -59,32 +41,16 @@ def train_affinity_net(model: AffinityNet, train_set: AffinitySet, epochs: int, 
                        new_layer_lr_mult: float, weight_decay: float, momentum: float, device: torch.device,
                        seed: int, on_epoch_end: Callable[[int, dict], None] = lambda epoch, parts: None) -> None:
     """Train with SGD (momentum, weight decay) and a poly schedule on PSA's loss bg/4 + fg/4 + neg/2."""
-    loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=len(train_set) > batch_size,
-                        generator=torch.Generator().manual_seed(seed))
     optimizer = sgd_two_groups(*model.parameter_groups(), lr, new_layer_lr_mult, weight_decay, momentum)
     offsets = neighbour_offsets(train_set.radius)
-    total, step = epochs * len(loader), 0
-    use_amp = device.type == "cuda"
-    model.to(device)
-    for epoch in range(epochs):
-        train_set.epoch = epoch
-        model.train()
-        sums: dict[str, float] = {}
-        bar = tqdm(loader, desc=f"train_affinity epoch {epoch + 1}/{epochs}", unit="batch")
-        for images, bg_pos, fg_pos, neg in bar:
-            set_poly_lr(optimizer, step, total, 0.9)
-            with torch.autocast(device.type, enabled=use_amp):
-                features = model(images.to(device))
-            affinity = pair_affinities(features.float(), offsets)
-            loss, parts = affinity_loss(affinity, bg_pos.to(device), fg_pos.to(device), neg.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            for key, value in {"loss": loss.item(), **parts}.items():
-                sums[key] = sums.get(key, 0.0) + value
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        on_epoch_end(epoch + 1, {key: value / len(loader) for key, value in sums.items()})
+
+    def batch_loss(batch: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        images, bg_pos, fg_pos, neg = batch
+        affinity = pair_affinities(model(images).float(), offsets)
+        return affinity_loss(affinity, bg_pos, fg_pos, neg)
+
+    fit(model, train_set, batch_loss, optimizer, epochs, batch_size, device, seed, "train_affinity",
+        on_epoch_end=on_epoch_end)
 
 
 @torch.no_grad()
