@@ -1,11 +1,12 @@
 """What every stage entrypoint shares: params loading and one-line error reporting."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import typer
 import yaml
@@ -44,10 +45,20 @@ def reports_errors(function: Callable) -> Callable:
 
 def write_json(path: Path, payload: dict) -> None:
     """Write JSON to a temporary name, then rename it into place."""
+    with written_then_renamed(path) as temporary:
+        temporary.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def written_then_renamed(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path` (same suffix) and rename it to `path` if the block succeeds."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(temporary, path)
+    temporary = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def single_command(function: Callable) -> typer.Typer:
@@ -55,3 +66,11 @@ def single_command(function: Callable) -> typer.Typer:
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     app.command()(function)
     return app
+
+
+def log_epoch(live, epoch: int, values: dict[str, float]) -> None:
+    """Log one epoch's values to a dvclive Live, advance its step, and echo them on one line."""
+    for name, value in values.items():
+        live.log_metric(name, value)
+    live.next_step()
+    typer.echo(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))

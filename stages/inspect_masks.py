@@ -1,8 +1,9 @@
-"""`wsss masks show ID`: image | CAM argmax | after random walk | after CRF | pseudo mask | GT."""
+"""`wsss masks show ID`: image | CAM argmax | after random walk | after CRF | pseudo mask | DeepLab | GT."""
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import typer
 from PIL import Image
 
@@ -10,12 +11,16 @@ from stages._common import MANIFEST, PARAMS_FILE, load_params, reports_errors
 from stages.dcrf import LABEL_DIR as CRF_DIR
 from stages.pseudo_masks import MASK_DIR
 from stages.random_walk import RW_STORE
+from stages.train_seg import CHECKPOINT as SEG_CHECKPOINT
 from stages.refine import REFINED_STORE
 from wsss_core.cams.evaluate import cam_labels
 from wsss_core.cams.store import CamStore
 from wsss_core.data.dataset import Dataset
+from wsss_core.checkpoint import read_checkpoint
 from wsss_core.data.label_dir import read_label_dir
+from wsss_core.data.palette import colorize
 from wsss_core.refine.pseudo import rw_labels
+from wsss_core.seg.infer import segment, segmenter_from_checkpoint
 from wsss_core.viz import captioned, hstack, label_overlay, vstack
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
@@ -28,10 +33,15 @@ def show_masks(
     image_ids: list[str] = typer.Argument(..., help="image ids to draw (one row each)"),
     params_file: Path = typer.Option(PARAMS_FILE, "--params", help="params.yaml (for the CAM threshold)"),
     out: Path = typer.Option(None, "--out", help="PNG to write (default: masks_<first id>.png)"),
+    model: Path = typer.Option(SEG_CHECKPOINT, "--model", help="segmentation checkpoint; its column is skipped "
+                                                               "when the file does not exist"),
+    labels_only: bool = typer.Option(False, "--labels-only", help="plain label colours: no photo, no GT "
+                                                                  "(for pictures of data you may not publish)"),
 ) -> None:
-    """Write a PNG: image | CAM argmax | after RW | after CRF | pseudo mask | GT, one row per id."""
+    """Write a PNG: image | CAM argmax | after RW | after CRF | pseudo mask | DeepLab | GT, one row per id."""
     threshold = load_params(params_file).cams.bg_threshold
     dataset = Dataset.load(MANIFEST)
+    segmenter = segmenter_from_checkpoint(read_checkpoint(model), model)[0] if model.is_file() else None
     rows = []
     with CamStore(REFINED_STORE) as cams, CamStore(RW_STORE) as walked:
         for image_id in image_ids:
@@ -42,10 +52,16 @@ def show_masks(
                 ("random walk", rw_labels(walked, image_id)),
                 ("dense CRF", read_label_dir(CRF_DIR, image_id)),
                 ("pseudo mask", read_label_dir(MASK_DIR, image_id)),
-                ("ground truth", dataset.read_mask(image_id)),
             ]
-            rows.append(hstack([captioned(image if labels is None else label_overlay(image, labels), name)
-                                for name, labels in stages]))
+            if segmenter is not None:
+                stages.append(("DeepLab", segment(segmenter, image, torch.device("cpu"))))
+            stages.append(("ground truth", dataset.read_mask(image_id)))
+            if labels_only:
+                tiles = [captioned(colorize(labels), name) for name, labels in stages[1:-1]]
+            else:
+                tiles = [captioned(image if labels is None else label_overlay(image, labels), name)
+                         for name, labels in stages]
+            rows.append(hstack(tiles))
     out = out or Path(f"masks_{image_ids[0]}.png")
     Image.fromarray(vstack(rows)).save(out)
     typer.echo(f"wrote {out}")

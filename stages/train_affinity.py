@@ -6,7 +6,7 @@ from pathlib import Path
 import typer
 from dvclive import Live
 
-from stages._common import MANIFEST, PARAMS_FILE, load_params, reports_errors, single_command
+from stages._common import MANIFEST, PARAMS_FILE, load_params, log_epoch, reports_errors, single_command
 from stages.affinity_labels import LABEL_DIR
 from wsss_core.checkpoint import save_checkpoint
 from wsss_core.data.dataset import Dataset
@@ -29,19 +29,15 @@ def train_affinity(params_file: Path = typer.Option(PARAMS_FILE, "--params", hel
         raise DataError(f"{LABEL_DIR}: affinity labels not found (run the affinity_labels stage first)")
     seed_everything(params.seed)
     model = AffinityNet(settings.backbone, settings.pretrained)
+    if settings.freeze_backbone:
+        model.freeze_backbone()
     train_set = AffinitySet(dataset, LABEL_DIR, settings.radius, settings.crop_size, tuple(settings.resize_long),
                             model.mean, model.std, params.seed)
     with Live(LIVE_DIR, dvcyaml=None, save_dvc_exp=False) as live:
-
-        def log(epoch: int, parts: dict) -> None:
-            for name, value in parts.items():
-                live.log_metric(name, value)
-            live.next_step()
-            typer.echo(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in parts.items()))
-
         train_affinity_net(model, train_set, settings.epochs, settings.batch_size, settings.lr,
                            settings.new_layer_lr_mult, settings.weight_decay, settings.momentum,
-                           resolve_device(params.device), params.seed, log)
+                           resolve_device(params.device), params.seed,
+                           lambda epoch, parts: log_epoch(live, epoch, parts))
     save_checkpoint(CHECKPOINT, model.cpu(), "affinity", {"affinity": settings.model_dump()})
     typer.echo(f"saved {CHECKPOINT}")
 

@@ -14,6 +14,7 @@ TINY_PARAMS = {
     "cls": {"epochs": 1, "batch_size": 8, "crop_size": 80, "resize_long": [80, 112]},
     "cams": {"scales": [1.0, 0.5], "batch_size": 8},
     "affinity": {"epochs": 1, "crop_size": 96, "resize_long": [80, 112]},
+    "seg": {"epochs": 1, "crop_size": 80, "resize_long": [80, 112], "montage_images": 2},
 }
 
 

@@ -1,11 +1,16 @@
 """End-to-end: `dvc repro` on a tiny synthetic config in a temporary copy of the repo."""
 import json
+import re
+import subprocess
+import sys
 
 import h5py
 import numpy as np
 import pytest
+import yaml
+from PIL import Image
 
-from tests.pipeline import TINY_PARAMS, copy_repo, dvc
+from tests.pipeline import TINY_PARAMS, copy_repo, dvc, git
 from wsss_core.data.dataset import Dataset
 from wsss_core.data.palette import read_label_png
 
@@ -70,3 +75,45 @@ def test_repro_through_pseudo_masks(tiny_repo):
     pseudo = read_label_png(tiny_repo / "labels/pseudo" / f"{ids[0]}.png")
     assert pseudo.shape == (96, 96) and set(np.unique(pseudo)) <= {0, *dataset.labels[ids[0]]}
     assert "up to date" in dvc(tiny_repo, "status", "pseudo_masks").stdout
+
+
+def test_whole_dag_caches_reruns_only_what_changed_and_runs_experiments(tiny_repo):
+    dvc(tiny_repo, "repro")
+    dataset = Dataset.load(tiny_repo / "data/prepared/dataset.json")
+    report = json.loads((tiny_repo / "metrics/seg.json").read_text())
+    assert 0 < report["miou"] <= 1 and 0 < report["pixel_accuracy"] <= 1
+    assert set(report["per_class"]) == set(dataset.class_names) and report["protocol"]["images"] == 8
+    bars = json.loads((tiny_repo / "plots/seg_per_class.json").read_text())["per_class"]
+    assert {bar["class"] for bar in bars} <= set(dataset.class_names) and bars
+    for picture in ("plots/seg_confusion.png", "plots/seg_val.png"):
+        assert Image.open(tiny_repo / picture).size[0] > 100, picture
+    live = json.loads((tiny_repo / "dvclive/train_seg/metrics.json").read_text())
+    assert 0 < live["val_miou"] <= 1 and live["loss"] > 0
+    assert "Running stage" not in dvc(tiny_repo, "repro").stdout  # everything cached
+    first = dataset.ids("train")[0]
+    for flags, tiles in (([], 7), (["--labels-only"], 5)):  # image, CAM, RW, CRF, pseudo, DeepLab, GT
+        subprocess.run([sys.executable, "-m", "stages.cli", "masks", "show", first, "--out", "m.png", *flags],
+                       cwd=tiny_repo, check=True, capture_output=True)
+        assert Image.open(tiny_repo / "m.png").size == (tiles * 96 + (tiles - 1) * 4, 14 + 96)
+
+    params_file = tiny_repo / "params.yaml"
+    original = params_file.read_text()
+    params = yaml.safe_load(original)
+    params["crf"].update(iterations=2, bilateral_compat=30.0)
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    stale = json.loads(dvc(tiny_repo, "status", "--json").stdout)
+    assert "dcrf" in stale and set(stale) <= {"dcrf", "evaluate"}  # evaluate reads crf for eval_crf
+    ran = re.findall(r"Running stage '(\w+)'", dvc(tiny_repo, "repro").stdout)
+    assert ran[0] == "dcrf" and set(ran) <= {"dcrf", "pseudo_masks", "train_seg", "evaluate"}  # nothing upstream
+    params_file.write_text(original)
+
+    git(tiny_repo, "add", "-A")
+    git(tiny_repo, "commit", "-qm", "baseline run")
+    dvc(tiny_repo, "exp", "run", "-S", "method=cam", "-S", "rw.beta=10")
+    experiments = json.loads(dvc(tiny_repo, "exp", "show", "--json").stdout)
+    assert experiments, "dvc exp show listed nothing"
+    shown = json.dumps(experiments)
+    for metrics_file in ("metrics/cam.json", "metrics/rw.json", "metrics/crf.json", "metrics/pseudo.json",
+                         "metrics/seg.json"):
+        assert metrics_file in shown, metrics_file
+    assert '"beta": 10' in shown.replace("10.0", "10")

@@ -89,7 +89,7 @@ def test_each_object_has_a_part_of_about_part_fraction(fraction):
 
 
 def test_body_look_is_class_independent_and_parts_are_not():
-    spec = SyntheticSpec(image_size=128, num_classes=8)
+    spec = SyntheticSpec(image_size=128, num_classes=8, body_tint=0.0)  # the tint is the only class cue in bodies
     body_pixels = {label: [] for label in range(1, 9)}
     part_pixels = {label: [] for label in range(1, 9)}
     for sample in renders(spec, 120):
@@ -110,15 +110,29 @@ def test_body_look_is_class_independent_and_parts_are_not():
 def test_body_tint_moves_labelled_bodies_towards_their_part_colour_only():
     from wsss_core.data.synthetic import PART_COLOURS
 
-    plain, tinted = renders(TINY, 6), renders(replace(TINY, body_tint=0.5), 6)
+    plain, tinted = renders(replace(TINY, body_tint=0.0), 6), renders(replace(TINY, body_tint=0.5), 6)
     for before, after in zip(plain, tinted):
-        np.testing.assert_array_equal(before.labels, after.labels)  # same layout: tint draws no randomness
-        untouched = before.instances == 0
-        np.testing.assert_array_equal(before.image[untouched], after.image[untouched])
+        np.testing.assert_array_equal(before.labels, after.labels)  # same layout: tint steers the background only
         for number, label in enumerate(before.classes, start=1):
             body = (before.instances == number) & ~before.part_mask
             expected = 0.5 * before.image[body].mean(0) + 0.5 * PART_COLOURS[label - 1]
             np.testing.assert_allclose(after.image[body].mean(0), expected, atol=3.0)
+        parts = before.part_mask
+        np.testing.assert_array_equal(before.image[parts], after.image[parts])
+
+
+def test_clutter_colours_keep_away_from_parts_and_tinted_bodies():
+    from wsss_core.data.synthetic import (CLUTTER_BODY_DISTANCE, CLUTTER_MIN_DISTANCE, PART_COLOURS,
+                                          _clutter_colour, _tinted_body_colours)
+
+    tinted = _tinted_body_colours(TINY)
+    assert tinted.shape == (TINY.num_classes, 3)
+    rng = np.random.default_rng(0)
+    colours = np.array([_clutter_colour(rng, tinted) for _ in range(500)])  # [500, 3]
+    assert np.linalg.norm(colours[:, None] - PART_COLOURS[None], axis=-1).min() >= CLUTTER_MIN_DISTANCE
+    assert np.linalg.norm(colours[:, None] - tinted[None], axis=-1).min() >= CLUTTER_BODY_DISTANCE
+    assert len(np.unique(colours, axis=0)) > 450  # still varied
+    assert _tinted_body_colours(replace(TINY, body_tint=0.0)).shape == (0, 3)
 
 
 def test_water_class_comes_with_the_water_band():

@@ -24,6 +24,18 @@ def load_checkpoint(path: str | Path, method: str, params: dict, section: str) -
 
     A mismatch is a ParamsError naming the first differing key, e.g. 'cls.backbone'.
     """
+    checkpoint = read_checkpoint(path)
+    if checkpoint.get("method") != method:
+        raise ParamsError(f"{path} was trained with method={checkpoint.get('method')!r}, params say {method!r}")
+    saved = checkpoint.get("params", {}).get(section, {})
+    for key, value in params.items():
+        if saved.get(key) != value:
+            raise ParamsError(f"{path} was trained with {section}.{key}={saved.get(key)!r}, params say {value!r}")
+    return checkpoint
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """Return a checkpoint dict as saved by save_checkpoint; a missing or unreadable file is a DataError."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: checkpoint not found")
@@ -31,10 +43,6 @@ def load_checkpoint(path: str | Path, method: str, params: dict, section: str) -
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # torch raises many types for a bad file
         raise DataError(f"{path}: unreadable checkpoint ({err})") from None
-    if checkpoint.get("method") != method:
-        raise ParamsError(f"{path} was trained with method={checkpoint.get('method')!r}, params say {method!r}")
-    saved = checkpoint.get("params", {}).get(section, {})
-    for key, value in params.items():
-        if saved.get(key) != value:
-            raise ParamsError(f"{path} was trained with {section}.{key}={saved.get(key)!r}, params say {value!r}")
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+        raise DataError(f"{path}: not a wsss checkpoint (no 'model' entry)")
     return checkpoint

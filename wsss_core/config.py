@@ -37,7 +37,7 @@ class SyntheticParams(Section):
     water_class: int = 2
     water_bias: Fraction = 0.8
     # Labelled bodies move this fraction towards their part's colour: weak evidence beyond the part.
-    body_tint: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    body_tint: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.25
 
 
 class VocParams(Section):
@@ -83,7 +83,7 @@ class ClsParams(Section):
 
 
 class CamsParams(Section):
-    scales: list[float] = [1.0, 0.5, 1.5, 2.0]
+    scales: list[float] = [1.0, 0.5, 1.5]  # IRN adds 2.0; dropped for the CPU default
     flip: bool = True
     batch_size: PositiveInt = 8
     bg_threshold: Fraction = 0.15
@@ -117,7 +117,9 @@ class AffinityParams(Section):
     radius: PositiveInt = 5
     backbone: Literal["resnet18", "resnet50", "tf_efficientnet_lite0"] = "resnet18"
     pretrained: str = ""
-    epochs: PositiveInt = 4
+    # Train only the new 1x1 layers on fixed pretrained features (PSA fine-tunes all; for CPUs).
+    freeze_backbone: bool = False
+    epochs: PositiveInt = 3
     batch_size: PositiveInt = 8
     crop_size: PositiveInt = 160
     resize_long: list[int] = [160, 256]
@@ -144,17 +146,33 @@ class PseudoParams(Section):
 
 
 class SegParams(Section):
-    arch: Literal["deeplabv3_resnet50", "deeplabv3_resnet101", "deeplabv3plus"] = "deeplabv3plus"
-    backbone: str = "resnet18"
-    pretrained: str = ""
-    rws: bool = False
+    # deeplabv3plus: our DeepLabV3+ over the timm `backbone`; deeplabv3_resnet50/101: torchvision's (OS 8).
+    arch: Literal["deeplabv3plus", "deeplabv3_resnet50", "deeplabv3_resnet101"] = "deeplabv3plus"
+    backbone: Literal["resnet18", "resnet50", "tf_efficientnet_lite0"] = "resnet18"
+    output_stride: Literal[8, 16] = 16
+    # Local state dict, our classifier checkpoint (models/cls.pt: same backbone), "efficientnet_lite0" or "".
+    pretrained: str = "models/cls.pt"
+    rws: bool = False  # RWS loss: not implemented yet; true is refused
     epochs: PositiveInt = 5
     batch_size: PositiveInt = 8
-    crop_size: PositiveInt = 160
+    crop_size: PositiveInt = 144
+    resize_long: list[int] = [144, 240]
     lr: float = 0.01
+    new_layer_lr_mult: float = 10.0
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    poly_power: float = 0.9
+    # evaluate: multi-scale + flip averaging and a test-time dense CRF (settings from `crf`), as MCTformer.
     eval_scales: list[float] = [1.0]
     eval_flip: bool = False
     eval_crf: bool = False
+    montage_images: Annotated[int, Field(ge=0)] = 8
+
+    @model_validator(mode="after")
+    def _rws_not_available(self) -> "SegParams":
+        if self.rws:
+            raise ValueError("seg.rws: the RWS loss is not implemented yet (set seg.rws: false)")
+        return self
 
 
 class Params(Section):

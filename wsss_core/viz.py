@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 from matplotlib import colormaps
+from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
 from wsss_core.data.palette import colorize
@@ -52,3 +53,29 @@ def cam_panel(image: np.ndarray, cam: np.ndarray, keys: np.ndarray, class_names:
     if ground_truth is not None:
         tiles.append(captioned(label_overlay(image, ground_truth), "ground truth"))
     return hstack(tiles)
+
+
+def prediction_row(image: np.ndarray, prediction: np.ndarray, ground_truth: np.ndarray | None, title: str
+                   ) -> np.ndarray:
+    """Return captioned image | prediction overlay | GT overlay (when given): uint8 [H', W', 3]."""
+    tiles = [captioned(image, title), captioned(label_overlay(image, prediction), "prediction")]
+    if ground_truth is not None:
+        tiles.append(captioned(label_overlay(image, ground_truth), "ground truth"))
+    return hstack(tiles)
+
+
+def save_confusion_heatmap(matrix: np.ndarray, class_names: list[str], path) -> None:
+    """Write a PNG heatmap of the row-normalised confusion matrix [C, C] (rows: GT, columns: prediction)."""
+    rows = matrix.sum(1, keepdims=True)
+    normalised = np.divide(matrix, rows, out=np.zeros(matrix.shape, np.float64), where=rows > 0)
+    size = 2.5 + 0.35 * len(class_names)
+    figure = Figure(figsize=(size, size))
+    axes = figure.subplots()
+    shown = axes.imshow(normalised, cmap="viridis", vmin=0, vmax=1)
+    axes.set_xticks(range(len(class_names)), class_names, rotation=90)
+    axes.set_yticks(range(len(class_names)), class_names)
+    axes.set_xlabel("prediction")
+    axes.set_ylabel("ground truth")
+    figure.colorbar(shown, ax=axes, fraction=0.046, label="fraction of GT pixels")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)

@@ -1,11 +1,12 @@
 """Deterministic synthetic VOC-layout dataset whose classes differ only in a small part.
 
 Every labelled object is a large plain body, drawn from one texture distribution shared by
-all classes, carrying a small distinctive part (about `part_fraction` of the object) whose
-colour and pattern name the class. Unlabelled distractor bodies without a part, cluttered
-backgrounds and a "water" band that one class prefers make the body and the context useless
-or misleading evidence, so a classifier's CAM fires on the parts and CAM refinement has the
-rest of each object to recover. Every image comes from its own numpy Generator seeded with
+all classes and only weakly tinted towards its class colour (`body_tint`), carrying a small
+distinctive part (about `part_fraction` of the object) whose colour and pattern name the class.
+Unlabelled distractor bodies without a part, muted cluttered backgrounds kept away from part and
+tinted-body colours, and a "water" band that one class prefers make the body weak and the
+context misleading evidence, so a classifier's CAM peaks on the parts and fades into the bodies
+(as on real photos), and CAM refinement has the rest of each object to recover. Every image comes from its own numpy Generator seeded with
 (seed, split, index), so the same spec always writes the same bytes.
 """
 from __future__ import annotations
@@ -36,6 +37,8 @@ BODY_ANGLES = 360  # samples of a body's boundary radius over a turn
 MAX_OVERLAP = 0.08  # at most this fraction of an object may overlap already placed objects
 PLACEMENT_TRIES = 40
 CLUTTER_MIN_DISTANCE = 80.0  # RGB distance kept between clutter colours and part colours
+CLUTTER_BODY_DISTANCE = 60.0  # RGB distance kept between clutter colours and tinted labelled bodies
+CLUTTER_MAX_CHROMA = 55.0  # clutter is muted: at most this far per channel from its grey level
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,7 @@ class SyntheticSpec:
     void_width: int = 2  # px of 255 drawn on the background around every labelled object
     water_class: int = 2  # this class (1-based) is biased to appear with the water band; 0: no class is
     water_bias: float = 0.8  # P(water band) for images with water_class; others: WATER_BASE_RATE
-    body_tint: float = 0.0  # labelled bodies move this fraction of the way to their part's colour (weak evidence)
+    body_tint: float = 0.25  # labelled bodies move this fraction of the way to their part's colour (weak evidence)
 
     def __post_init__(self) -> None:
         checks = {
@@ -132,8 +135,13 @@ def render_sample(spec: SyntheticSpec, split: str, index: int) -> SyntheticImage
 
 def render_image(rng: np.random.Generator, spec: SyntheticSpec,
                  forced_class: int | None = None) -> SyntheticImage:
-    """Render one image with 1..max_objects labelled objects (the first of class forced_class if given)."""
+    """Render one image with 1..max_objects labelled objects (the first of class forced_class if given).
+
+    Background, layout and pixel noise draw from their own child streams of rng, so a knob that
+    changes one (e.g. body_tint, which steers clutter colours) leaves the others as they were.
+    """
     size = spec.image_size
+    background_rng, layout_rng, noise_rng = rng.spawn(3)
     classes = rng.integers(1, spec.num_classes + 1, size=rng.integers(1, spec.max_objects + 1))
     if forced_class is not None:
         classes[0] = forced_class
@@ -141,15 +149,15 @@ def render_image(rng: np.random.Generator, spec: SyntheticSpec,
     water_level = int(rng.uniform(0.6, 0.75) * size) if rng.random() < water_chance else None
     labels_to_place = [int(c) for c in classes] + [0] * int(rng.integers(0, spec.max_distractors + 1))
 
-    canvas = _background(rng, size, water_level)  # float32 [S, S, 3]
-    placed = _place_objects(rng, spec, labels_to_place, water_level)
+    canvas = _background(background_rng, size, water_level, _tinted_body_colours(spec))  # float32 [S, S, 3]
+    placed = _place_objects(layout_rng, spec, labels_to_place, water_level)
     labels = np.zeros((size, size), np.uint8)
     instances = np.zeros((size, size), np.int16)
     part_mask = np.zeros((size, size), bool)
     placed_classes = tuple(shape.label for shape, _ in placed if shape.label)
     is_labelled = np.array([shape.label > 0 for shape, _ in placed])
     instance_numbers = np.cumsum(is_labelled) * is_labelled  # 1.. for labelled objects, 0 for distractors
-    for order in rng.permutation(len(placed)):  # later objects are drawn on top
+    for order in layout_rng.permutation(len(placed)):  # later objects are drawn on top
         shape, (top, left) = placed[order]
         mask = shape.mask
         window = (slice(top, top + mask.shape[0]), slice(left, left + mask.shape[1]))
@@ -159,7 +167,7 @@ def render_image(rng: np.random.Generator, spec: SyntheticSpec,
         part_mask[window][mask] = shape.part[mask]
     foreground = labels > 0
     labels[_dilate(foreground, spec.void_width) & (labels == 0)] = VOID
-    canvas += rng.normal(0.0, 3.0, canvas.shape).astype(np.float32)
+    canvas += noise_rng.normal(0.0, 3.0, canvas.shape).astype(np.float32)
     image = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
     return SyntheticImage(image, labels, instances, part_mask, placed_classes, water_level is not None)
 
@@ -315,14 +323,26 @@ def _part_colours(label: int, u: np.ndarray, v: np.ndarray, scale: float) -> np.
     return np.where(lit[:, None], colour, 0.3 * colour)
 
 
-def _background(rng: np.random.Generator, size: int, water_level: int | None) -> np.ndarray:
-    """Clutter: a two-colour gradient, smooth colour noise, optional water, blobs and lines: float32 [S, S, 3]."""
+def _tinted_body_colours(spec: SyntheticSpec) -> np.ndarray:
+    """Return the mean colour of each class's tinted body, float32 [K, 3]; [0, 3] without a tint."""
+    if spec.body_tint == 0:
+        return np.zeros((0, 3), np.float32)
+    parts = PART_COLOURS[:spec.num_classes]
+    return ((1 - spec.body_tint) * BODY_COLOUR + spec.body_tint * parts).astype(np.float32)
+
+
+def _background(rng: np.random.Generator, size: int, water_level: int | None, tinted_bodies: np.ndarray
+                ) -> np.ndarray:
+    """Clutter: a two-colour gradient, smooth colour noise, optional water, blobs and lines: float32 [S, S, 3].
+
+    Clutter colours keep away from part colours and from the tinted body colours [n, 3].
+    """
     scale = size / REFERENCE_SIZE
     y, x = np.mgrid[:size, :size].astype(np.float32)
     heading = rng.uniform(0, 2 * np.pi)
     ramp = np.clip(((x - size / 2) * np.cos(heading) + (y - size / 2) * np.sin(heading)) / size + 0.5, 0, 1)
-    canvas = _clutter_colour(rng) * (1 - ramp[..., None]) + _clutter_colour(rng) * ramp[..., None]
-    canvas += 25 * _smooth_noise(rng, size, size, int(rng.integers(3, 9)), 3)
+    canvas = _clutter_colour(rng, tinted_bodies) * (1 - ramp[..., None]) + _clutter_colour(rng, tinted_bodies) * ramp[..., None]
+    canvas += 18 * _smooth_noise(rng, size, size, int(rng.integers(3, 9)), 3)
     if water_level is not None:
         wavelength, amplitude = rng.uniform(0.3, 0.8) * size, rng.uniform(0.02, 0.05) * size
         water = y >= water_level + amplitude * np.sin(2 * np.pi * x / wavelength + rng.uniform(0, 2 * np.pi))
@@ -341,7 +361,7 @@ def _background(rng: np.random.Generator, size: int, water_level: int | None) ->
         v = -np.sin(turn) * (x[box] - centre_x) + np.cos(turn) * (y[box] - centre_y)
         blob = (u / axes[0]) ** 2 + (v / axes[1]) ** 2 <= 1
         fill = np.where((np.mod(u, rng.uniform(4, 12) * scale) < 2 * scale)[..., None],
-                        _clutter_colour(rng), _clutter_colour(rng))
+                        _clutter_colour(rng, tinted_bodies), _clutter_colour(rng, tinted_bodies))
         canvas[box][blob] = fill[blob]
     for _ in range(rng.integers(3, 9)):  # straight strokes
         (start_x, start_y), (end_x, end_y) = rng.uniform(0, size, (2, 2))
@@ -352,7 +372,7 @@ def _background(rng: np.random.Generator, size: int, water_level: int | None) ->
         t = np.clip(((x[box] - start_x) * along_x + (y[box] - start_y) * along_y)
                     / max(along_x ** 2 + along_y ** 2, 1e-6), 0, 1)
         distance = np.hypot(x[box] - start_x - t * along_x, y[box] - start_y - t * along_y)
-        canvas[box][distance <= half_width] = _clutter_colour(rng)
+        canvas[box][distance <= half_width] = _clutter_colour(rng, tinted_bodies)
     return canvas
 
 
@@ -363,14 +383,15 @@ def _box(left: float, top: float, right: float, bottom: float, size: int) -> tup
     return rows, cols
 
 
-def _clutter_colour(rng: np.random.Generator) -> np.ndarray:
-    """A random RGB colour at least CLUTTER_MIN_DISTANCE from every part colour: float32 [3]."""
+def _clutter_colour(rng: np.random.Generator, tinted_bodies: np.ndarray) -> np.ndarray:
+    """A random muted RGB colour far from every part colour and every tinted body colour [n, 3]: float32 [3]."""
     for _ in range(30):
         grey = rng.uniform(40, 200)
-        colour = np.clip(grey + rng.uniform(-1, 1, 3) * rng.uniform(20, 90), 0, 255).astype(np.float32)
-        if np.linalg.norm(PART_COLOURS - colour, axis=1).min() >= CLUTTER_MIN_DISTANCE:
+        colour = np.clip(grey + rng.uniform(-1, 1, 3) * rng.uniform(10, CLUTTER_MAX_CHROMA), 0, 255).astype(np.float32)
+        if (np.linalg.norm(PART_COLOURS - colour, axis=1).min() >= CLUTTER_MIN_DISTANCE
+                and np.linalg.norm(tinted_bodies - colour, axis=1).min(initial=np.inf) >= CLUTTER_BODY_DISTANCE):
             return colour
-    return np.full(3, 110.0, np.float32)
+    return np.full(3, 50.0, np.float32)  # dark grey: far from parts and tinted bodies
 
 
 def _smooth_noise(rng: np.random.Generator, height: int, width: int, cells: int, channels: int) -> np.ndarray:

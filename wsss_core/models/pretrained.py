@@ -61,6 +61,9 @@ def load_lite0_package_weights(model: nn.Module) -> None:
 def load_backbone_file(model: nn.Module, path: str | Path, key: str = "cls.pretrained") -> None:
     """Load a timm/torchvision state dict (optionally under 'state_dict' or 'model') into model.
 
+    Our own checkpoints work too: their backbone keys ('backbone.body.*', e.g. in models/cls.pt)
+    are read as the backbone's.
+
     Keys of a classification head (fc., classifier., head.) are dropped; any other missing or
     unexpected key is a ParamsError naming the param, the file and a few of the keys.
     """
@@ -74,7 +77,8 @@ def load_backbone_file(model: nn.Module, path: str | Path, key: str = "cls.pretr
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
-    state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}
+    state = {_strip_wrappers(k): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}
     own = {k for k in model.state_dict() if not k.startswith(HEAD_PREFIXES)}
     missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
     if missing or unexpected:
@@ -86,3 +90,8 @@ def load_backbone_file(model: nn.Module, path: str | Path, key: str = "cls.pretr
     if mismatched:
         raise ParamsError(f"{key}: {path} has tensors of the wrong shape, e.g. {mismatched[:3]}")
     model.load_state_dict(state, strict=False)
+
+
+def _strip_wrappers(key: str) -> str:
+    """Return a state-dict key without DDP's 'module.' and our networks' 'backbone.body.' prefixes."""
+    return key.removeprefix("module.").removeprefix("backbone.body.")

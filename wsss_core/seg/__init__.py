@@ -1,0 +1,1 @@
+"""Segmentation training on pseudo masks, and (multi-scale, flip, CRF) inference."""
