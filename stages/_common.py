@@ -11,8 +11,9 @@ from typing import Callable, Iterator
 import typer
 import yaml
 
-from wsss_core.config import Params, parse_params
+from wsss_core.config import CrfParams, Params, parse_params
 from wsss_core.errors import ParamsError, WsssError
+from wsss_core.refine.crf import CrfSettings
 
 PARAMS_FILE = Path("params.yaml")
 MANIFEST = Path("data/prepared/dataset.json")
@@ -74,3 +75,8 @@ def log_epoch(live, epoch: int, values: dict[str, float]) -> None:
         live.log_metric(name, value)
     live.next_step()
     typer.echo(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
+
+
+def crf_settings(section: CrfParams) -> CrfSettings:
+    """Return CrfSettings from a params CRF section (its `workers` is not a CRF setting)."""
+    return CrfSettings(**section.model_dump(exclude={"workers"}))

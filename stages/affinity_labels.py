@@ -6,21 +6,16 @@ from pathlib import Path
 
 import typer
 
-from stages._common import MANIFEST, PARAMS_FILE, load_params, reports_errors, single_command, write_json
+from stages._common import (MANIFEST, PARAMS_FILE, crf_settings, load_params, reports_errors, single_command,
+                            write_json)
 from stages.refine import REFINED_STORE
 from wsss_core.cams.store import CamStore
 from wsss_core.data.dataset import Dataset
 from wsss_core.data.label_dir import LabelDirWriter
-from wsss_core.refine.crf import CrfSettings
 from wsss_core.refine.label_jobs import affinity_label_job, map_jobs
 
 LABEL_DIR = Path("labels/affinity")
 METRICS = Path("metrics/affinity_labels.json")
-
-
-def crf_settings(section) -> CrfSettings:
-    """Return CrfSettings from a params CRF section (its `workers` is not a CRF setting)."""
-    return CrfSettings(**section.model_dump(exclude={"workers"}))
 
 
 @reports_errors

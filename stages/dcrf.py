@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from stages._common import MANIFEST, PARAMS_FILE, load_params, reports_errors, single_command, write_json
-from stages.affinity_labels import crf_settings
+from stages._common import (MANIFEST, PARAMS_FILE, crf_settings, load_params, reports_errors, single_command,
+                            write_json)
 from stages.random_walk import RW_STORE
 from wsss_core.cams.store import CamStore
 from wsss_core.data.dataset import Dataset

@@ -7,14 +7,13 @@ import numpy as np
 import typer
 from PIL import Image
 
-from stages._common import (MANIFEST, PARAMS_FILE, load_params, reports_errors, single_command, write_json,
-                            written_then_renamed)
+from stages._common import (MANIFEST, PARAMS_FILE, crf_settings, load_params, reports_errors, single_command,
+                            write_json, written_then_renamed)
 from stages.train_seg import CHECKPOINT
 from wsss_core.checkpoint import load_checkpoint
 from wsss_core.data.dataset import Dataset
 from wsss_core.errors import DataError
 from wsss_core.metrics import ConfusionMatrix, iou_report
-from wsss_core.refine.crf import CrfSettings
 from wsss_core.seg.infer import SEG_CHECKPOINT_KEYS, iterate_segmentations, segmenter_from_checkpoint
 from wsss_core.training import resolve_device
 from wsss_core.viz import prediction_row, save_confusion_heatmap, vstack
@@ -38,7 +37,7 @@ def evaluate(params_file: Path = typer.Option(PARAMS_FILE, "--params", help="par
                                  "seg")
     model, _ = segmenter_from_checkpoint(checkpoint, CHECKPOINT)
     device = resolve_device(params.device)
-    crf = CrfSettings(**params.crf.model_dump()) if settings.eval_crf else None
+    crf = crf_settings(params.crf) if settings.eval_crf else None
     matrix, rows = ConfusionMatrix(len(dataset.class_names)), []
     for image_id, image, labels in iterate_segmentations(model.to(device), dataset, ids, device,
                                                          settings.eval_scales, settings.eval_flip, crf, "evaluate"):

@@ -117,3 +117,10 @@ def test_whole_dag_caches_reruns_only_what_changed_and_runs_experiments(tiny_rep
                          "metrics/seg.json"):
         assert metrics_file in shown, metrics_file
     assert '"beta": 10' in shown.replace("10.0", "10")
+
+    params = yaml.safe_load(params_file.read_text())
+    params["seg"].update(eval_scales=[1.0, 0.75], eval_flip=True, eval_crf=True)  # the MCTformer protocol
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run([sys.executable, "-m", "stages.evaluate"], cwd=tiny_repo, check=True, capture_output=True)
+    protocol = json.loads((tiny_repo / "metrics/seg.json").read_text())["protocol"]
+    assert protocol == {"split": "val", "images": 8, "scales": [1.0, 0.75], "flip": True, "crf": True}
