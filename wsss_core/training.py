@@ -72,14 +72,16 @@ def fit(model: nn.Module, train_set: EpochSeededSet,
         batch_loss: Callable[[list[torch.Tensor]], tuple[torch.Tensor, dict[str, float]]],
         optimizer: torch.optim.Optimizer, epochs: int, batch_size: int, device: torch.device, seed: int,
         desc: str, poly_power: float = 0.9,
-        on_epoch_end: Callable[[int, dict[str, float]], None] = lambda epoch, means: None) -> None:
+        on_epoch_end: Callable[[int, dict[str, float]], None] = lambda epoch, means: None,
+        num_workers: int = 0, on_epoch_start: Callable[[], None] = lambda: None) -> None:
     """Train model on shuffled, seeded batches with the poly schedule (AMP + loss scaling on CUDA).
 
     batch_loss gets the batch's tensors on `device` and returns (loss, {name: float} parts);
+    on_epoch_start runs after model.train() (e.g. to put frozen BatchNorm back in eval mode);
     on_epoch_end gets the 1-based epoch and each part's mean over the epoch, 'loss' included.
     """
     loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=len(train_set) > batch_size,
-                        generator=torch.Generator().manual_seed(seed))
+                        num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler(enabled=use_amp)
     total, step = epochs * len(loader), 0
@@ -87,6 +89,7 @@ def fit(model: nn.Module, train_set: EpochSeededSet,
     for epoch in range(epochs):
         train_set.epoch = epoch
         model.train()
+        on_epoch_start()
         sums: dict[str, float] = {}
         bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{epochs}", unit="batch")
         for batch in bar:

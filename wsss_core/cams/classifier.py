@@ -7,15 +7,13 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from wsss_core.config import ClsParams
 from wsss_core.data.dataset import Dataset
 from wsss_core.data.transforms import TrainAugment, normalize
 from wsss_core.methods.base import Method
 from wsss_core.metrics import mean_average_precision
-from wsss_core.training import EpochSeededSet, set_poly_lr, sgd_two_groups
+from wsss_core.training import EpochSeededSet, fit, sgd_two_groups
 
 
 class ClassificationSet(EpochSeededSet):
@@ -63,37 +61,23 @@ def train_classifier(
     """Train `model` with SGD + poly lr on the train split; validate mAP on val after each epoch."""
     mean, std = model.backbone.mean, model.backbone.std
     train_set = ClassificationSet(dataset, "train", TrainAugment(tuple(params.resize_long), params.crop_size, mean, std), seed)
-    loader = DataLoader(train_set, batch_size=params.batch_size, shuffle=True, drop_last=len(train_set) > params.batch_size,
-                        num_workers=params.num_workers, generator=torch.Generator().manual_seed(seed))
     optimizer = sgd_two_groups(*model.parameter_groups(), params.lr, params.new_layer_lr_mult,
                                params.weight_decay, params.momentum)
-    use_amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler(enabled=use_amp)
-    total_steps, step, history = params.epochs * len(loader), 0, []
-    model.to(device)
-    for epoch in range(params.epochs):
-        train_set.epoch = epoch
-        model.train()
-        if params.freeze_bn:
-            freeze_batchnorm(model.backbone)
-        losses = []
-        bar = tqdm(loader, desc=f"train_cls epoch {epoch + 1}/{params.epochs}", unit="batch")
-        for images, labels in bar:
-            set_poly_lr(optimizer, step, total_steps, params.poly_power)
-            with torch.autocast(device.type, enabled=use_amp):
-                loss = method.classification_loss(model, images.to(device), labels.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            losses.append(loss.item())
-            step += 1
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+    history: list[EpochResult] = []
+
+    def batch_loss(batch: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        images, labels = batch
+        return method.classification_loss(model, images, labels), {}
+
+    def validate(epoch: int, means: dict) -> None:
         scores, targets = predict_scores(model, dataset, "val", mean, std, device) if dataset.ids("val") else (None, None)
         val_map = mean_average_precision(scores, targets)[0] if scores is not None else float("nan")
-        result = EpochResult(epoch + 1, float(np.mean(losses)), val_map)
-        history.append(result)
-        on_epoch_end(result)
+        history.append(EpochResult(epoch, means["loss"], val_map))
+        on_epoch_end(history[-1])
+
+    fit(model, train_set, batch_loss, optimizer, params.epochs, params.batch_size, device, seed, "train_cls",
+        params.poly_power, validate, num_workers=params.num_workers,
+        on_epoch_start=(lambda: freeze_batchnorm(model.backbone)) if params.freeze_bn else lambda: None)
     return history
 
 
