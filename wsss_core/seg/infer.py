@@ -1,6 +1,7 @@
 """Segmentation inference: multi-scale + flip averaging, optional dense CRF, scoring, checkpoints."""
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -104,8 +105,7 @@ def list_images(paths: Sequence[str | Path]) -> list[Path]:
             images.append(path)
         else:
             raise DataError(f"{path}: no such image file or folder")
-    stems = [p.stem for p in images]
-    repeated = sorted({stem for stem in stems if stems.count(stem) > 1})
+    repeated = sorted(stem for stem, count in Counter(p.stem for p in images).items() if count > 1)
     if repeated:
         raise DataError(f"several input images share the name {repeated[0]!r}; their outputs would collide")
     return images
