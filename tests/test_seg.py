@@ -16,7 +16,7 @@ from wsss_core.errors import DataError
 from wsss_core.models.backbones import Backbone
 from wsss_core.models.cam_net import CamNet
 from wsss_core.models.deeplab import build_segmenter
-from wsss_core.refine.crf import CrfSettings
+from wsss_core.refine.crf import CrfSettings, dense_crf
 from wsss_core.seg.infer import list_images, predict_probabilities, score_split, segment
 from wsss_core.seg.training import segmentation_loss
 
@@ -135,7 +135,9 @@ def test_segment_returns_labels_of_image_size_with_and_without_crf():
     plain = segment(model, image, torch.device("cpu"))
     refined = segment(model, image, torch.device("cpu"), crf=CrfSettings(iterations=3))
     assert plain.shape == refined.shape == (17, 23) and plain.dtype == np.uint8
-    assert plain.max() <= 2 and refined.max() <= 2
+    probabilities = predict_probabilities(model, normalize(image, model.mean, model.std)).numpy()  # [3, H, W]
+    np.testing.assert_array_equal(plain, probabilities.argmax(0))
+    np.testing.assert_array_equal(refined, dense_crf(image, probabilities, CrfSettings(iterations=3)).argmax(0))
 
 
 def test_predict_writes_a_palette_png_and_overlay_per_image(tmp_path):
