@@ -3,20 +3,31 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
-import os
+import re
 from pathlib import Path
 from typing import Callable, Iterator
 
 import typer
 import yaml
+from dvclive import Live
 
 from wsss_core.config import CrfParams, Params, parse_params
 from wsss_core.errors import ParamsError, WsssError
+from wsss_core.io import atomic_path
 from wsss_core.refine.crf import CrfSettings
 
 PARAMS_FILE = Path("params.yaml")
 MANIFEST = Path("data/prepared/dataset.json")
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader that also reads exponent floats without a dot (1e-3) as numbers, as YAML 1.2
+    and DVC do (YAML 1.1, PyYAML's default, reads them as text)."""
+
+
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"))
 
 
 def load_params(path: Path = PARAMS_FILE) -> Params:
@@ -24,7 +35,7 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found")
     try:
-        mapping = yaml.safe_load(path.read_text())
+        mapping = yaml.load(path.read_text(), Loader=_Yaml12Loader)
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     return parse_params(mapping, source=str(path))
@@ -44,29 +55,21 @@ def reports_errors(function: Callable) -> Callable:
     return wrapper
 
 
-def write_json(path: Path, payload: dict) -> None:
-    """Write JSON to a temporary name, then rename it into place."""
-    with written_then_renamed(path) as temporary:
-        temporary.write_text(json.dumps(payload, indent=2) + "\n")
-
-
-@contextlib.contextmanager
-def written_then_renamed(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path` (same suffix) and rename it to `path` if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    try:
-        yield temporary
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def single_command(function: Callable) -> typer.Typer:
     """Return a Typer app whose only command is `function` (for `python -m stages.<name>`)."""
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     app.command()(function)
     return app
+
+
+@contextlib.contextmanager
+def training_curves(folder: str | Path) -> Iterator[Live]:
+    """Yield a dvclive Live writing into `<folder>.tmp`, which replaces `folder` when training succeeds.
+
+    A run that fails or is killed leaves the previous curves in place.
+    """
+    with atomic_path(folder, folder=True) as staging, Live(str(staging), dvcyaml=None, save_dvc_exp=False) as live:
+        yield live
 
 
 def log_epoch(live, epoch: int, values: dict[str, float]) -> None:

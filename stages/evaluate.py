@@ -5,10 +5,8 @@ from pathlib import Path
 
 import numpy as np
 import typer
-from PIL import Image
 
-from stages._common import (MANIFEST, PARAMS_FILE, crf_settings, load_params, reports_errors, single_command,
-                            write_json, written_then_renamed)
+from stages._common import MANIFEST, PARAMS_FILE, crf_settings, load_params, reports_errors, single_command
 from stages.train_seg import CHECKPOINT
 from wsss_core.checkpoint import load_checkpoint
 from wsss_core.data.dataset import Dataset
@@ -17,6 +15,7 @@ from wsss_core.metrics import ConfusionMatrix, iou_report
 from wsss_core.seg.infer import SEG_CHECKPOINT_KEYS, iterate_segmentations, segmenter_from_checkpoint
 from wsss_core.training import resolve_device
 from wsss_core.viz import prediction_row, save_confusion_heatmap, vstack
+from wsss_core.io import atomic_path, save_image, write_json
 
 METRICS = Path("metrics/seg.json")
 PER_CLASS_PLOT = Path("plots/seg_per_class.json")
@@ -52,11 +51,10 @@ def evaluate(params_file: Path = typer.Option(PARAMS_FILE, "--params", help="par
     write_json(METRICS, report)
     write_json(PER_CLASS_PLOT, {"per_class": [{"class": name, "iou": iou}
                                               for name, iou in report["per_class"].items() if iou is not None]})
-    with written_then_renamed(CONFUSION_PLOT) as temporary:
+    with atomic_path(CONFUSION_PLOT) as temporary:
         save_confusion_heatmap(matrix.matrix, dataset.class_names, temporary)
     if rows:
-        with written_then_renamed(MONTAGE) as temporary:
-            Image.fromarray(vstack(rows)).save(temporary)
+        save_image(MONTAGE, vstack(rows))
     typer.echo(f"val mIoU {report['miou']:.4f} over {len(ids)} images (scales {settings.eval_scales}, "
                f"flip {settings.eval_flip}, crf {settings.eval_crf})")
 

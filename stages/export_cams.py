@@ -5,13 +5,14 @@ from pathlib import Path
 
 import typer
 
-from stages._common import MANIFEST, PARAMS_FILE, load_params, reports_errors, single_command, write_json
+from stages._common import MANIFEST, PARAMS_FILE, load_params, reports_errors, single_command
 from stages.train_cls import CHECKPOINT
 from wsss_core.cams.infer import export_cams as export
 from wsss_core.checkpoint import load_checkpoint
 from wsss_core.data.dataset import Dataset
 from wsss_core.methods import get_method
 from wsss_core.training import resolve_device
+from wsss_core.io import write_json
 
 CAM_STORE = Path("cams/cams.h5")
 SPEED_FILE = Path("metrics/export_speed.json")

@@ -4,13 +4,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from PIL import Image
 
 from stages._common import MANIFEST, reports_errors
 from stages.export_cams import CAM_STORE
 from wsss_core.cams.store import CamStore
 from wsss_core.data.dataset import Dataset
 from wsss_core.errors import DataError
+from wsss_core.io import save_image
 from wsss_core.viz import cam_panel, vstack
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
@@ -26,8 +26,8 @@ def list_cams(store_path: Path = typer.Option(CAM_STORE, "--store", help="CAM st
         typer.echo(f"{store_path}: method={store.attr('method')} scales={store.attr('scales')} "
                    f"stride={store.attr('stride')} images={len(store.ids())}")
         for image_id in store.ids():
-            cam = store.file[image_id]["cam"]
-            classes = ",".join(names[k] for k in cam.attrs["keys"])
+            cam, keys = store.read(image_id)
+            classes = ",".join(names[k] for k in keys)
             typer.echo(f"{image_id}\t{cam.shape[1]}x{cam.shape[2]}\t{classes}")
 
 
@@ -50,5 +50,5 @@ def show_cams(
             rows.append(cam_panel(dataset.read_image(image_id), cam, keys, store.class_names,
                                   dataset.read_mask(image_id)))
     out = out or Path(f"cams_{image_ids[0]}.png")
-    Image.fromarray(vstack(rows)).save(out)
+    save_image(out, vstack(rows))
     typer.echo(f"wrote {out}")

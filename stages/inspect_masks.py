@@ -5,7 +5,6 @@ from pathlib import Path
 
 import torch
 import typer
-from PIL import Image
 
 from stages._common import MANIFEST, PARAMS_FILE, load_params, reports_errors
 from stages.dcrf import LABEL_DIR as CRF_DIR
@@ -19,6 +18,7 @@ from wsss_core.data.dataset import Dataset
 from wsss_core.checkpoint import read_checkpoint
 from wsss_core.data.label_dir import read_label_dir
 from wsss_core.data.palette import colorize
+from wsss_core.io import save_image
 from wsss_core.refine.pseudo import rw_labels
 from wsss_core.seg.infer import segment, segmenter_from_checkpoint
 from wsss_core.viz import captioned, hstack, label_overlay, vstack
@@ -63,5 +63,5 @@ def show_masks(
                          for name, labels in stages]
             rows.append(hstack(tiles))
     out = out or Path(f"masks_{image_ids[0]}.png")
-    Image.fromarray(vstack(rows)).save(out)
+    save_image(out, vstack(rows))
     typer.echo(f"wrote {out}")

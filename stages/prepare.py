@@ -1,7 +1,6 @@
 """Stage `prepare`: build the dataset manifest (generating the synthetic set when selected)."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import typer
@@ -9,6 +8,7 @@ import typer
 from stages._common import MANIFEST, PARAMS_FILE, load_params, reports_errors, single_command
 from wsss_core.data.synthetic import SyntheticSpec, generate_synthetic
 from wsss_core.data.voc import read_voc
+from wsss_core.io import atomic_path
 
 
 @reports_errors
@@ -16,20 +16,17 @@ def prepare(params_file: Path = typer.Option(PARAMS_FILE, "--params", help="para
     """Validate the data source, generate the synthetic set if selected, and write data/prepared/."""
     data = load_params(params_file).data
     out_dir = MANIFEST.parent
-    staging = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    if data.name == "synthetic":
-        spec = SyntheticSpec(seed=data.seed, **data.synthetic.model_dump())
-        class_names = generate_synthetic(staging / "synthetic", spec)
-        dataset = read_voc(staging / "synthetic", val_list="ImageSets/Segmentation/val.txt",
-                           class_names=class_names)
-    else:
-        voc = data.voc
-        dataset = read_voc(voc.root, voc.train_list, voc.val_list, voc.val_fraction, data.seed, voc.use_aug)
-    dataset.save(staging / MANIFEST.name)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    staging.rename(out_dir)
+    with atomic_path(out_dir, folder=True) as staging:
+        if data.name == "synthetic":
+            spec = SyntheticSpec(seed=data.seed, **data.synthetic.model_dump())
+            class_names = generate_synthetic(staging / "synthetic", spec)
+            dataset = read_voc(staging / "synthetic", val_list="ImageSets/Segmentation/val.txt",
+                               class_names=class_names, max_pixels=data.max_pixels)
+        else:
+            voc = data.voc
+            dataset = read_voc(voc.root, voc.train_list, voc.val_list, voc.val_fraction, data.seed, voc.use_aug,
+                               max_pixels=data.max_pixels)
+        dataset.save(staging / MANIFEST.name)
     counts = ", ".join(f"{split} {len(ids)}" for split, ids in dataset.splits.items())
     typer.echo(f"prepared {data.name}: {counts} images, {dataset.num_classes} classes -> {out_dir}")
 

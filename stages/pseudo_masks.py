@@ -5,15 +5,16 @@ from pathlib import Path
 
 import typer
 
-from stages._common import MANIFEST, PARAMS_FILE, load_params, reports_errors, single_command, write_json
+from stages._common import MANIFEST, PARAMS_FILE, load_params, reports_errors, single_command
 from stages.dcrf import LABEL_DIR as CRF_DIR
 from stages.random_walk import RW_STORE
 from stages.refine import REFINED_STORE
 from wsss_core.cams.evaluate import cam_labels
 from wsss_core.cams.store import CamStore
 from wsss_core.data.dataset import Dataset
-from wsss_core.data.label_dir import LabelDirWriter, read_label_dir
+from wsss_core.data.label_dir import LabelDirWriter, check_label_dir, read_label_dir
 from wsss_core.refine.pseudo import disagreement_to_void, rw_labels
+from wsss_core.io import write_json
 
 MASK_DIR = Path("labels/pseudo")
 METRICS = Path("metrics/pseudo.json")
@@ -25,8 +26,12 @@ def pseudo_masks(params_file: Path = typer.Option(PARAMS_FILE, "--params", help=
     params = load_params(params_file)
     settings = params.pseudo
     dataset = Dataset.load(MANIFEST)
+    ids = dataset.ids("train")
     with CamStore(REFINED_STORE) as cams, CamStore(RW_STORE) as walked, LabelDirWriter(MASK_DIR, dataset) as writer:
-        for image_id in cams.ids():
+        cams.check_covers(ids)
+        walked.check_covers(ids)
+        check_label_dir(CRF_DIR, ids, "dcrf")
+        for image_id in ids:
             by_source = {
                 "cam": lambda: cam_labels(*cams.read(image_id), params.cams.bg_threshold),
                 "rw": lambda: rw_labels(walked, image_id),

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import typer
 
-from stages._common import MANIFEST, PARAMS_FILE, load_params, reports_errors, single_command, write_json
+from stages._common import MANIFEST, PARAMS_FILE, load_params, reports_errors, single_command
 from stages.refine import REFINED_STORE
 from stages.train_affinity import CHECKPOINT
 from wsss_core.cams.store import CamStore, CamStoreWriter
@@ -16,6 +16,7 @@ from wsss_core.models.affinity_net import AffinityNet
 from wsss_core.refine.propagate import iterate_random_walk
 from wsss_core.refine.pseudo import argmax_labels
 from wsss_core.training import resolve_device
+from wsss_core.io import write_json
 
 RW_STORE = Path("cams/cams_rw.h5")
 METRICS = Path("metrics/rw.json")
@@ -31,12 +32,14 @@ def random_walk(params_file: Path = typer.Option(PARAMS_FILE, "--params", help="
     model = AffinityNet(affinity.backbone)
     model.load_state_dict(checkpoint["model"])
     confusion = ConfusionMatrix(dataset.num_classes + 1)
+    ids = dataset.ids("train")
     with CamStore(REFINED_STORE) as store:
+        store.check_covers(ids)
         attrs = {"method": str(store.attr("method")), "stride": AffinityNet.stride, "class_names": dataset.class_names,
                  "params": {"rw": rw.model_dump(), "affinity": affinity.model_dump()}}
         with CamStoreWriter(RW_STORE, attrs) as writer:
             for image_id, scores, keys in iterate_random_walk(
-                    model, store, dataset, store.ids(), rw.bg_mode, rw.bg_alpha, rw.bg_threshold, rw.radius,
+                    model, store, dataset, ids, rw.bg_mode, rw.bg_alpha, rw.bg_threshold, rw.radius,
                     rw.beta, rw.logt, rw.batch_size, resolve_device(params.device)):
                 writer.write(image_id, scores[1:], keys, {"background": scores[0]})
                 confusion.update(argmax_labels(scores, keys), dataset.read_mask(image_id))

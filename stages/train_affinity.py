@@ -4,13 +4,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from dvclive import Live
 
-from stages._common import MANIFEST, PARAMS_FILE, load_params, log_epoch, reports_errors, single_command
+from stages._common import MANIFEST, PARAMS_FILE, load_params, log_epoch, reports_errors, single_command, training_curves
 from stages.affinity_labels import LABEL_DIR
 from wsss_core.checkpoint import save_checkpoint
 from wsss_core.data.dataset import Dataset
-from wsss_core.errors import DataError
+from wsss_core.data.label_dir import check_label_dir
 from wsss_core.models.affinity_net import AffinityNet
 from wsss_core.refine.affinity_training import AffinitySet, train_affinity_net
 from wsss_core.training import resolve_device, seed_everything
@@ -25,15 +24,14 @@ def train_affinity(params_file: Path = typer.Option(PARAMS_FILE, "--params", hel
     params = load_params(params_file)
     settings = params.affinity
     dataset = Dataset.load(MANIFEST)
-    if not LABEL_DIR.is_dir():
-        raise DataError(f"{LABEL_DIR}: affinity labels not found (run the affinity_labels stage first)")
+    check_label_dir(LABEL_DIR, dataset.ids("train"), "affinity_labels")
     seed_everything(params.seed)
     model = AffinityNet(settings.backbone, settings.pretrained)
     if settings.freeze_backbone:
         model.freeze_backbone()
     train_set = AffinitySet(dataset, LABEL_DIR, settings.radius, settings.crop_size, tuple(settings.resize_long),
                             model.mean, model.std, params.seed)
-    with Live(LIVE_DIR, dvcyaml=None, save_dvc_exp=False) as live:
+    with training_curves(LIVE_DIR) as live:
         train_affinity_net(model, train_set, settings.epochs, settings.batch_size, settings.lr,
                            settings.new_layer_lr_mult, settings.weight_decay, settings.momentum,
                            resolve_device(params.device), params.seed,

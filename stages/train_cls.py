@@ -4,9 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from dvclive import Live
 
-from stages._common import MANIFEST, PARAMS_FILE, load_params, reports_errors, single_command
+from stages._common import MANIFEST, PARAMS_FILE, load_params, reports_errors, single_command, training_curves
 from wsss_core.cams.classifier import EpochResult, train_classifier
 from wsss_core.checkpoint import save_checkpoint
 from wsss_core.data.dataset import Dataset
@@ -26,7 +25,7 @@ def train_cls(params_file: Path = typer.Option(PARAMS_FILE, "--params", help="pa
     seed_everything(params.seed)
     model = method.build_classifier(params.cls, dataset.num_classes)
     device = resolve_device(params.device)
-    with Live(LIVE_DIR, dvcyaml=None, save_dvc_exp=False) as live:
+    with training_curves(LIVE_DIR) as live:
 
         def log(result: EpochResult) -> None:
             live.log_metric("loss", result.loss)

@@ -4,13 +4,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from dvclive import Live
 
-from stages._common import MANIFEST, PARAMS_FILE, load_params, log_epoch, reports_errors, single_command
+from stages._common import MANIFEST, PARAMS_FILE, load_params, log_epoch, reports_errors, single_command, training_curves
 from stages.pseudo_masks import MASK_DIR
 from wsss_core.checkpoint import save_checkpoint
 from wsss_core.data.dataset import Dataset
-from wsss_core.errors import DataError
+from wsss_core.data.label_dir import check_label_dir
 from wsss_core.models.deeplab import build_segmenter
 from wsss_core.seg.training import SegmentationSet, train_segmenter
 from wsss_core.seg.infer import score_split
@@ -26,15 +25,14 @@ def train_seg(params_file: Path = typer.Option(PARAMS_FILE, "--params", help="pa
     params = load_params(params_file)
     settings = params.seg
     dataset = Dataset.load(MANIFEST)
-    if not MASK_DIR.is_dir():
-        raise DataError(f"{MASK_DIR}: pseudo masks not found (run the pseudo_masks stage first)")
+    check_label_dir(MASK_DIR, dataset.ids("train"), "pseudo_masks")
     seed_everything(params.seed)
     device = resolve_device(params.device)
     model = build_segmenter(settings.arch, settings.backbone, len(dataset.class_names), settings.pretrained,
                             settings.output_stride)
     train_set = SegmentationSet(dataset, MASK_DIR, tuple(settings.resize_long), settings.crop_size,
                                 model.mean, model.std, params.seed)
-    with Live(LIVE_DIR, dvcyaml=None, save_dvc_exp=False) as live:
+    with training_curves(LIVE_DIR) as live:
 
         def log(epoch: int, means: dict) -> None:
             if dataset.ids("val"):

@@ -40,7 +40,7 @@ def test_local_weights_file_loads_torchvision_style_keys(tmp_path):
 
 
 def test_missing_weights_file_is_clear_error(tmp_path):
-    with pytest.raises(ParamsError, match=r"cls.pretrained: weights file not found: .*nope.pth"):
+    with pytest.raises(ParamsError, match=r"nope.pth: weights file \(cls.pretrained\) not found"):
         Backbone("resnet18", 16, str(tmp_path / "nope.pth"))
 
 

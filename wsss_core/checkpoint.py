@@ -1,22 +1,43 @@
-"""Checkpoints: torch.save dicts with the model state, the method name and the params used."""
+"""Checkpoints: torch.save dicts with the model state, the method name and the params used.
+
+Every file is read with `torch.load(weights_only=True)`: tensors and plain Python values only,
+so loading a checkpoint can never run code. Params are stored as plain types (model_dump).
+"""
 from __future__ import annotations
 
-import os
+import pickle
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from wsss_core.errors import DataError, ParamsError
+from wsss_core.errors import DataError, ParamsError, WsssError
+from wsss_core.io import atomic_path
+
+
+def load_torch_file(path: str | Path, what: str = "checkpoint", error: type[WsssError] = DataError):
+    """Return the object in a torch file, loaded with weights_only=True (no code runs).
+
+    A missing or unreadable file, or one that needs code execution to load (arbitrary pickled
+    objects), raises `error` with one line naming the file and `what` it was meant to be.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: {what} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise error(f"{path}: refused: this {what} holds pickled objects beyond tensors and plain values, "
+                    "and loading it would run code (only weights files and wsss checkpoints load)") from None
+    except Exception as err:  # torch raises many types for a bad file
+        raise error(f"{path}: unreadable {what} ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+                    ) from None
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, method: str, params: dict, **extra) -> None:
-    """Write {'model', 'method', 'params', **extra} to a temporary name, then rename into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save({"model": model.state_dict(), "method": method, "params": params, **extra}, temporary)
-    os.replace(temporary, path)
+    """Write {'model', 'method', 'params', **extra} atomically; params and extra must be plain types."""
+    with atomic_path(path) as temporary:
+        torch.save({"model": model.state_dict(), "method": method, "params": params, **extra}, temporary)
 
 
 def load_checkpoint(path: str | Path, method: str, params: dict, section: str) -> dict:
@@ -35,14 +56,8 @@ def load_checkpoint(path: str | Path, method: str, params: dict, section: str) -
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    """Return a checkpoint dict as saved by save_checkpoint; a missing or unreadable file is a DataError."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: checkpoint not found")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # torch raises many types for a bad file
-        raise DataError(f"{path}: unreadable checkpoint ({err})") from None
+    """Return a checkpoint dict as saved by save_checkpoint; a missing, unsafe or foreign file is a DataError."""
+    checkpoint = load_torch_file(path)
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
         raise DataError(f"{path}: not a wsss checkpoint (no 'model' entry)")
     return checkpoint

@@ -8,15 +8,39 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from wsss_core.data.images import DEFAULT_MAX_PIXELS
 from wsss_core.errors import ParamsError
 
 METHODS = ("cam",)  # grows as methods are registered in wsss_core/methods
 
 
 PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0.0)]
+NonNegativeFloat = Annotated[float, Field(ge=0.0)]
 Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
+Scales = Annotated[list[PositiveFloat], Field(min_length=1)]
+
+
+def _ordered_pair(pair: list[int]) -> list[int]:
+    if pair[0] > pair[1]:
+        raise ValueError(f"give [shortest, longest] with shortest <= longest, got {pair}")
+    return pair
+
+
+def _threshold_range(sweep: list[float]) -> list[float]:
+    if len(sweep) != 3:
+        raise ValueError(f"give [start, stop, step], got {len(sweep)} numbers")
+    start, stop, step = sweep
+    if not (0 < start <= stop < 1 and step > 0):
+        raise ValueError(f"need 0 < start <= stop < 1 and step > 0, got {sweep}")
+    return sweep
+
+
+ResizeRange = Annotated[list[PositiveInt], Field(min_length=2, max_length=2), AfterValidator(_ordered_pair)]
+ThresholdRange = Annotated[list[float], AfterValidator(_threshold_range)]
 
 
 class Section(BaseModel):
@@ -27,14 +51,14 @@ class SyntheticParams(Section):
     """Generator knobs, mirrored by wsss_core.data.synthetic.SyntheticSpec."""
 
     n_train: PositiveInt = 300
-    n_val: Annotated[int, Field(ge=0)] = 60
+    n_val: PositiveInt = 60
     image_size: PositiveInt = 192
     num_classes: Annotated[int, Field(ge=5, le=8)] = 6
     max_objects: PositiveInt = 3
-    max_distractors: int = 2
+    max_distractors: NonNegativeInt = 2
     part_fraction: Fraction = 0.10
-    void_width: int = 2
-    water_class: int = 2
+    void_width: NonNegativeInt = 2
+    water_class: NonNegativeInt = 2
     water_bias: Fraction = 0.8
     # Labelled bodies move this fraction towards their part's colour: weak evidence beyond the part.
     body_tint: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.25
@@ -52,7 +76,9 @@ class VocParams(Section):
 
 class DataParams(Section):
     name: Literal["synthetic", "voc"] = "synthetic"
-    seed: int = 0
+    seed: NonNegativeInt = 0
+    # Images with more pixels (width x height) are refused with one line (wsss_core.data.images).
+    max_pixels: PositiveInt = DEFAULT_MAX_PIXELS
     synthetic: SyntheticParams = SyntheticParams()
     voc: VocParams = VocParams()
 
@@ -71,23 +97,23 @@ class ClsParams(Section):
     epochs: PositiveInt = 5
     batch_size: PositiveInt = 16
     crop_size: PositiveInt = 160
-    resize_long: list[int] = [160, 256]
-    lr: float = 0.01
-    new_layer_lr_mult: float = 10.0
-    weight_decay: float = 1e-4
-    momentum: float = 0.9
-    poly_power: float = 0.9
+    resize_long: ResizeRange = [160, 256]
+    lr: PositiveFloat = 0.01
+    new_layer_lr_mult: PositiveFloat = 10.0
+    weight_decay: NonNegativeFloat = 1e-4
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    poly_power: NonNegativeFloat = 0.9
     # IRN keeps BatchNorm frozen (pretrained statistics); train it when starting from scratch.
     freeze_bn: bool = False
-    num_workers: int = 0
+    num_workers: NonNegativeInt = 0
 
 
 class CamsParams(Section):
-    scales: list[float] = [1.0, 0.5, 1.5]  # IRN adds 2.0; dropped for the CPU default
+    scales: Scales = [1.0, 0.5, 1.5]  # IRN adds 2.0; dropped for the CPU default
     flip: bool = True
     batch_size: PositiveInt = 8
     bg_threshold: Fraction = 0.15
-    sweep: list[float] = [0.05, 0.60, 0.05]  # start, stop (inclusive), step
+    sweep: ThresholdRange = [0.05, 0.60, 0.05]  # start, stop (inclusive), step
 
 
 class RefineParams(Section):
@@ -98,19 +124,19 @@ class CrfParams(Section):
     """Dense CRF (PSA's defaults)."""
 
     iterations: PositiveInt = 10
-    gaussian_sxy: float = 3.0
-    gaussian_compat: float = 3.0
-    bilateral_sxy: float = 80.0
-    bilateral_srgb: float = 13.0
-    bilateral_compat: float = 10.0
-    workers: Annotated[int, Field(ge=0)] = 0  # 0: one process per core
+    gaussian_sxy: PositiveFloat = 3.0
+    gaussian_compat: NonNegativeFloat = 3.0
+    bilateral_sxy: PositiveFloat = 80.0
+    bilateral_srgb: PositiveFloat = 13.0
+    bilateral_compat: NonNegativeFloat = 10.0
+    workers: NonNegativeInt = 0  # 0: one process per core
 
 
 class AffinityParams(Section):
     # psa: CRF-refined (1 - max CAM)^alpha at a low and a high alpha; irn: thresholds on CAMs.
     label_mode: Literal["psa", "irn"] = "psa"
-    low_alpha: float = 4.0
-    high_alpha: float = 32.0
+    low_alpha: PositiveFloat = 4.0
+    high_alpha: PositiveFloat = 32.0
     fg_threshold: Fraction = 0.30
     bg_threshold: Fraction = 0.05
     label_crf: CrfParams = CrfParams()
@@ -122,20 +148,20 @@ class AffinityParams(Section):
     epochs: PositiveInt = 3
     batch_size: PositiveInt = 8
     crop_size: PositiveInt = 160
-    resize_long: list[int] = [160, 256]
-    lr: float = 0.01
-    new_layer_lr_mult: float = 10.0
-    weight_decay: float = 5e-4
-    momentum: float = 0.9
+    resize_long: ResizeRange = [160, 256]
+    lr: PositiveFloat = 0.01
+    new_layer_lr_mult: PositiveFloat = 10.0
+    weight_decay: NonNegativeFloat = 5e-4
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
 
 
 class RwParams(Section):
-    beta: float = 8.0
+    beta: NonNegativeFloat = 8.0
     logt: Annotated[int, Field(ge=0)] = 8
     radius: PositiveInt = 5
     # alpha: background (1 - max CAM)^bg_alpha (PSA); threshold: constant bg_threshold (MCTformer).
     bg_mode: Literal["alpha", "threshold"] = "alpha"
-    bg_alpha: float = 16.0
+    bg_alpha: PositiveFloat = 16.0
     bg_threshold: Fraction = 0.39
     batch_size: PositiveInt = 4
 
@@ -156,14 +182,14 @@ class SegParams(Section):
     epochs: PositiveInt = 5
     batch_size: PositiveInt = 8
     crop_size: PositiveInt = 144
-    resize_long: list[int] = [144, 240]
-    lr: float = 0.01
-    new_layer_lr_mult: float = 10.0
-    weight_decay: float = 1e-4
-    momentum: float = 0.9
-    poly_power: float = 0.9
+    resize_long: ResizeRange = [144, 240]
+    lr: PositiveFloat = 0.01
+    new_layer_lr_mult: PositiveFloat = 10.0
+    weight_decay: NonNegativeFloat = 1e-4
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    poly_power: NonNegativeFloat = 0.9
     # evaluate: multi-scale + flip averaging and a test-time dense CRF (settings from `crf`), as MCTformer.
-    eval_scales: list[float] = [1.0]
+    eval_scales: Scales = [1.0]
     eval_flip: bool = False
     eval_crf: bool = False
     montage_images: Annotated[int, Field(ge=0)] = 8
@@ -178,7 +204,7 @@ class SegParams(Section):
 class Params(Section):
     method: str = "cam"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = 0
+    seed: NonNegativeInt = 0
     data: DataParams = DataParams()
     cls: ClsParams = ClsParams()
     cams: CamsParams = CamsParams()
@@ -226,6 +252,16 @@ def parse_params(mapping: Any, source: str = "params.yaml") -> Params:
             allowed = _allowed_keys(Params, first["loc"])
             raise ParamsError(f"{source}: unknown key {key} (allowed: {', '.join(allowed)})") from None
         if kind == "value_error":
-            raise ParamsError(f"{source}: {first['msg'].removeprefix('Value error, ')}") from None
-        expected = first["msg"]
-        raise ParamsError(f"{source}: {key}: {expected}, got {first.get('input')!r}") from None
+            message = first["msg"].removeprefix("Value error, ")
+            raise ParamsError(f"{source}: {message if message.startswith(key) else f'{key}: {message}'}") from None
+        given = first.get("input")
+        hint = " (YAML read it as text: write a plain number, e.g. 0.001 or 1.0e-3)" if _numeric_text(given) else ""
+        raise ParamsError(f"{source}: {key}: {first['msg']}, got {given!r}{hint}") from None
+
+
+def _numeric_text(value: Any) -> bool:
+    """Return True for a string that reads as a number (a quoted or YAML-1.1 '1e-3' value)."""
+    try:
+        return isinstance(value, str) and bool(float(value) == float(value))
+    except ValueError:
+        return False

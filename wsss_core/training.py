@@ -27,8 +27,13 @@ class EpochSeededSet(torch.utils.data.Dataset):
         return np.random.default_rng([self.seed, self.epoch, index])
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
 def resolve_device(name: str) -> torch.device:
-    """Return the torch device for 'auto' (CUDA when present), 'cpu' or 'cuda'."""
+    """Return the torch device for 'auto' (CUDA when present), 'cpu' or 'cuda'; anything else is a ParamsError."""
+    if name not in DEVICES:
+        raise ParamsError(f"device {name!r} is not one of: {', '.join(DEVICES)}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():

@@ -78,4 +78,4 @@ def save_confusion_heatmap(matrix: np.ndarray, class_names: list[str], path) -> 
     axes.set_ylabel("ground truth")
     figure.colorbar(shown, ax=axes, fraction=0.046, label="fraction of GT pixels")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    figure.savefig(path, dpi=100, format="png")

@@ -8,12 +8,12 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
 from wsss_core.cams.store import CamStoreWriter
 from wsss_core.data.dataset import Dataset
+from wsss_core.data.images import image_size
 from wsss_core.data.transforms import normalize
 from wsss_core.methods.base import Method
 
@@ -55,8 +55,7 @@ def size_batches(dataset: Dataset, ids: list[str], batch_size: int) -> list[list
     """Group ids into batches of equal image size (at most batch_size each), keeping id order within a size."""
     by_size: dict[tuple[int, int], list[str]] = defaultdict(list)
     for image_id in ids:
-        with Image.open(dataset.image_path(image_id)) as image:
-            by_size[image.size].append(image_id)
+        by_size[image_size(dataset.image_path(image_id), dataset.max_pixels)].append(image_id)
     return [group[start:start + batch_size] for group in by_size.values() for start in range(0, len(group), batch_size)]
 
 

@@ -8,13 +8,14 @@ The file is written under a temporary name and renamed when the writer closes wi
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from wsss_core.data.dataset import check_image_id
 from wsss_core.errors import DataError
+from wsss_core.io import atomic_path
 
 
 class CamStoreWriter:
@@ -22,20 +23,20 @@ class CamStoreWriter:
 
     def __init__(self, path: str | Path, attrs: dict, compression_level: int = 4):
         self.path = Path(path)
-        self.temporary = self.path.with_name(self.path.name + ".tmp")
         self.attrs = attrs
         self.compression_level = compression_level
         self.file: h5py.File | None = None
 
     def __enter__(self) -> "CamStoreWriter":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = h5py.File(self.temporary, "w")
+        self._atomic = atomic_path(self.path)  # also removes a temporary left by a killed run
+        self.file = h5py.File(self._atomic.__enter__(), "w")
         for key, value in self.attrs.items():
             self.file.attrs[key] = json.dumps(value) if isinstance(value, (dict, list, tuple)) else value
         return self
 
     def write(self, image_id: str, cam: np.ndarray, keys: np.ndarray, extra: dict[str, np.ndarray] | None = None) -> None:
         """Store one image's CAMs cam [k, H, W] (values in [0, 1]) for classes keys [k] (1..K)."""
+        check_image_id(image_id, str(self.path))
         cam = np.asarray(cam)
         keys = np.asarray(keys, dtype=np.int64)
         if cam.ndim != 3 or cam.shape[0] != keys.size:
@@ -55,10 +56,7 @@ class CamStoreWriter:
 
     def __exit__(self, exc_type, exc, traceback) -> None:
         self.file.close()
-        if exc_type is None:
-            os.replace(self.temporary, self.path)
-        else:
-            self.temporary.unlink(missing_ok=True)
+        self._atomic.__exit__(exc_type, exc, traceback)
 
 
 class CamStore:
@@ -80,6 +78,13 @@ class CamStore:
     def __contains__(self, image_id: str) -> bool:
         return image_id in self.file
 
+    def check_covers(self, ids: list[str], split: str = "train") -> None:
+        """Raise a DataError unless every id has a group: a store made for other data must not be half-used."""
+        missing = [image_id for image_id in ids if image_id not in self.file]
+        if missing:
+            raise DataError(f"{self.path}: {len(missing)} of the {len(ids)} {split} images are missing "
+                            f"(e.g. {missing[0]!r}); the store was made for other data: re-run the stage that writes it")
+
     def attr(self, name: str):
         """Return a file attribute, JSON-decoded where it was stored as JSON."""
         value = self.file.attrs[name]
@@ -96,6 +101,9 @@ class CamStore:
         if image_id not in self.file:
             raise DataError(f"{self.path}: no image {image_id!r} in the store")
         group = self.file[image_id]
+        if not isinstance(group, h5py.Group) or name not in group or "cam" not in group \
+                or "keys" not in group["cam"].attrs:
+            raise DataError(f"{self.path}: {image_id!r} is not a CAM group with a {name!r} map and class keys")
         return group[name][()].astype(np.float32), group["cam"].attrs["keys"].astype(np.int64)
 
     def close(self) -> None:

@@ -6,21 +6,33 @@ through it, whatever the source (synthetic or VOC).
 from __future__ import annotations
 
 import json
-import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
+from wsss_core.data.images import DEFAULT_MAX_PIXELS, read_rgb
 from wsss_core.data.palette import read_label_png
 from wsss_core.errors import DataError
+from wsss_core.io import atomic_path
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
     "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
     "sheep", "sofa", "train", "tvmonitor",
 )
+
+PLAIN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+"""An image id is a plain file name: it cannot name a folder, leave the dataset root or nest HDF5 groups."""
+
+
+def check_image_id(image_id: str, where: str) -> str:
+    """Return image_id if it is a plain name (letters, digits, '_', '.', '-'), else raise a DataError naming `where`."""
+    if not isinstance(image_id, str) or not PLAIN_ID.fullmatch(image_id) or ".." in image_id:
+        raise DataError(f"{where}: image id {image_id!r} is not a plain name (letters, digits, '_', '.', '-'; "
+                        "no folders, no '..')")
+    return image_id
 
 
 @dataclass
@@ -32,6 +44,7 @@ class Dataset:
     splits: dict[str, list[str]]
     labels: dict[str, list[int]]
     mask_dirs: tuple[str, ...] = ("SegmentationClass",)
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused (see wsss_core.data.images)
 
     @property
     def num_classes(self) -> int:
@@ -57,7 +70,7 @@ class Dataset:
 
     def read_image(self, image_id: str) -> np.ndarray:
         """Return the image as uint8 [H, W, 3] RGB."""
-        return read_rgb(self.image_path(image_id))
+        return read_rgb(self.image_path(image_id), self.max_pixels)
 
     def read_mask(self, image_id: str) -> np.ndarray:
         """Return the ground-truth label map as uint8 [H, W] (0..K, 255 void)."""
@@ -83,37 +96,30 @@ class Dataset:
             "mask_dirs": list(self.mask_dirs),
             "splits": self.splits,
             "labels": self.labels,
+            "max_pixels": self.max_pixels,
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text(json.dumps(manifest, indent=1))
-        os.replace(temporary, path)
+        with atomic_path(path) as temporary:
+            temporary.write_text(json.dumps(manifest, indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> "Dataset":
-        """Read a manifest written by `save`."""
+        """Read a manifest written by `save`; every id in it must be a plain name."""
         path = Path(path)
         if not path.exists():
             raise DataError(f"{path}: dataset manifest not found (run the prepare stage first)")
         try:
             manifest = json.loads(path.read_text())
-            return cls(
+            dataset = cls(
                 root=(path.parent / manifest["root"]),
                 class_names=list(manifest["class_names"]),
                 splits={k: list(v) for k, v in manifest["splits"].items()},
                 labels={k: [int(c) for c in v] for k, v in manifest["labels"].items()},
                 mask_dirs=tuple(manifest["mask_dirs"]),
+                max_pixels=int(manifest.get("max_pixels", DEFAULT_MAX_PIXELS)),
             )
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as err:
             raise DataError(f"{path}: not a valid dataset manifest ({err})") from None
+        for image_id in [*dataset.labels, *(i for ids in dataset.splits.values() for i in ids)]:
+            check_image_id(image_id, str(path))
+        return dataset
 
-
-def read_rgb(path: str | Path) -> np.ndarray:
-    """Return the image at path as uint8 [H, W, 3] RGB; a missing or corrupt file is a DataError."""
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: image not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise DataError(f"{path}: unreadable or corrupt image ({err})") from None

@@ -1,13 +1,14 @@
 """A folder of label PNGs written atomically, scored against ground truth as it is written."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from wsss_core.data.dataset import Dataset
 from wsss_core.data.palette import read_label_png, write_label_png
+from wsss_core.errors import DataError
+from wsss_core.io import atomic_path
 from wsss_core.metrics import ConfusionMatrix, iou_report
 
 
@@ -20,14 +21,13 @@ class LabelDirWriter:
 
     def __init__(self, folder: str | Path, dataset: Dataset):
         self.folder = Path(folder)
-        self.staging = self.folder.with_name(self.folder.name + ".tmp")
         self.dataset = dataset
         self.confusion = ConfusionMatrix(dataset.num_classes + 1)
         self.labelled_pixels = self.valid_pixels = 0
 
     def __enter__(self) -> "LabelDirWriter":
-        shutil.rmtree(self.staging, ignore_errors=True)
-        self.staging.mkdir(parents=True)
+        self._atomic = atomic_path(self.folder, folder=True)  # also removes a staging folder left by a killed run
+        self.staging = self._atomic.__enter__()
         return self
 
     def write(self, image_id: str, labels: np.ndarray) -> None:
@@ -45,13 +45,20 @@ class LabelDirWriter:
                 "coverage": self.labelled_pixels / max(self.valid_pixels, 1)}
 
     def __exit__(self, exc_type, exc, traceback) -> None:
-        if exc_type is None:
-            shutil.rmtree(self.folder, ignore_errors=True)
-            self.staging.rename(self.folder)
-        else:
-            shutil.rmtree(self.staging, ignore_errors=True)
+        self._atomic.__exit__(exc_type, exc, traceback)
 
 
 def read_label_dir(folder: str | Path, image_id: str) -> np.ndarray:
     """Return the uint8 [H, W] label map of image_id from a folder written by LabelDirWriter."""
     return read_label_png(Path(folder) / f"{image_id}.png")
+
+
+def check_label_dir(folder: str | Path, ids: list[str], stage: str) -> None:
+    """Raise a DataError unless `folder` holds a label PNG for every id (written by `stage`)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: label folder not found (run the {stage} stage first)")
+    missing = [image_id for image_id in ids if not (folder / f"{image_id}.png").is_file()]
+    if missing:
+        raise DataError(f"{folder}: {len(missing)} of the {len(ids)} train images have no label map "
+                        f"(e.g. {missing[0]!r}); re-run the {stage} stage")

@@ -37,7 +37,7 @@ def write_label_png(path: str | Path, labels: np.ndarray) -> None:
     image.putpalette(VOC_PALETTE.flatten().tolist())
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
+    image.save(path, format="PNG")
 
 
 def read_label_png(path: str | Path) -> np.ndarray:

@@ -8,16 +8,30 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from wsss_core.data.dataset import VOC_CLASSES, Dataset
+from wsss_core.data.dataset import VOC_CLASSES, Dataset, check_image_id
+from wsss_core.data.images import DEFAULT_MAX_PIXELS, image_size, read_rgb
 from wsss_core.data.palette import VOID
 from wsss_core.errors import DataError
 
 
 def read_id_list(path: Path) -> list[str]:
-    """Return the ids in a VOC list file (first token of each non-empty line)."""
+    """Return the ids in a VOC list file (first token of each non-empty line).
+
+    Every id must be a plain name (no folders, no '..': nothing outside the dataset root is read)
+    and listed once; a problem is a DataError naming the file and line.
+    """
     if not path.is_file():
         raise DataError(f"{path}: list file not found")
-    ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    ids: list[str] = []
+    first_line: dict[str, int] = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        image_id = check_image_id(line.split()[0], f"{path}:{number}")
+        if image_id in first_line:
+            raise DataError(f"{path}:{number}: id {image_id!r} is listed twice (first on line {first_line[image_id]})")
+        first_line[image_id] = number
+        ids.append(image_id)
     if not ids:
         raise DataError(f"{path}: list file is empty")
     return ids
@@ -35,18 +49,10 @@ def carve_val(ids: list[str], fraction: float, seed: int) -> tuple[list[str], li
     return train, val
 
 
-def _check_image(path: Path) -> tuple[int, int]:
-    """Decode the image (at reduced scale for JPEG) and return its (width, height)."""
-    if not path.is_file():
-        raise DataError(f"{path}: image not found")
-    try:
-        with Image.open(path) as image:
-            size = image.size
-            image.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
-            image.load()
-            return size
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise DataError(f"{path}: unreadable or corrupt image ({err})") from None
+def _check_image(path: Path, max_pixels: int) -> tuple[int, int]:
+    """Decode the image (at reduced scale for JPEG) and return its upright (width, height)."""
+    read_rgb(path, max_pixels, draft=True)
+    return image_size(path, max_pixels)
 
 
 def _mask_classes(path: Path, image_size: tuple[int, int], num_classes: int) -> list[int]:
@@ -88,12 +94,14 @@ def read_voc(
     use_aug: bool = False,
     class_names: tuple[str, ...] | list[str] = VOC_CLASSES,
     progress: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Dataset:
     """Validate a VOC root and return its Dataset with 'train' and 'val' splits.
 
     Labels come from `Annotations/<id>.xml` when present, else from the mask. Without `val_list`,
     `val_fraction` of the train ids become val (seeded). Every listed image is decoded once so a
-    corrupt file is reported here, naming it, rather than mid-training.
+    corrupt or too large file is reported here, naming it, rather than mid-training. An empty
+    train or val split, or an id in both, is a DataError.
     """
     root = Path(root)
     if not root.is_dir():
@@ -102,16 +110,26 @@ def read_voc(
     if val_list:
         val_ids = read_id_list(root / val_list)
     else:
+        listed = len(train_ids)
         train_ids, val_ids = carve_val(train_ids, val_fraction, seed)
+        for split, ids in (("train", train_ids), ("val", val_ids)):
+            if not ids:
+                raise DataError(f"{root / train_list}: carving val_fraction {val_fraction} of its {listed} ids leaves "
+                                f"the {split} split empty (list more ids, change data.voc.val_fraction or give "
+                                "data.voc.val_list)")
+    both = sorted(set(train_ids) & set(val_ids))
+    if both:
+        raise DataError(f"{root / val_list}: {len(both)} val ids are also train ids (e.g. {both[0]!r})")
     mask_dirs = ("SegmentationClassAug", "SegmentationClass") if use_aug else ("SegmentationClass",)
     dataset = Dataset(root=root, class_names=list(class_names),
-                      splits={"train": train_ids, "val": val_ids}, labels={}, mask_dirs=mask_dirs)
+                      splits={"train": train_ids, "val": val_ids}, labels={}, mask_dirs=mask_dirs,
+                      max_pixels=max_pixels)
     for image_id in tqdm(train_ids + val_ids, desc="checking dataset", unit="img", disable=not progress):
-        image_size = _check_image(dataset.image_path(image_id))
+        size = _check_image(dataset.image_path(image_id), max_pixels)
         mask_path = dataset.mask_path(image_id)
         xml_path = root / "Annotations" / f"{image_id}.xml"
         if mask_path.is_file():
-            classes = _mask_classes(mask_path, image_size, len(class_names) - 1)
+            classes = _mask_classes(mask_path, size, len(class_names) - 1)
         elif not xml_path.is_file():
             raise DataError(f"{mask_path}: mask not found (and no {xml_path.name} for labels)")
         if xml_path.is_file():

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsss_core.config import ClsParams
+from wsss_core.io import atomic_path
 
 
 class Method:
@@ -34,11 +35,8 @@ class Method:
 
         The pass-through hard-links the file (no pixel data copied), falling back to a copy.
         """
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        temporary = destination.with_name(destination.name + ".tmp")
-        temporary.unlink(missing_ok=True)
-        try:
-            os.link(source, temporary)
-        except OSError:
-            shutil.copyfile(source, temporary)
-        os.replace(temporary, destination)
+        with atomic_path(destination) as temporary:
+            try:
+                os.link(source, temporary)
+            except OSError:
+                shutil.copyfile(source, temporary)

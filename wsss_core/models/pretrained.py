@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from wsss_core.checkpoint import load_torch_file
 from wsss_core.errors import ParamsError
 
 LITE0_PACKAGE_NAME = "efficientnet_lite0"
@@ -67,13 +68,7 @@ def load_backbone_file(model: nn.Module, path: str | Path, key: str = "cls.pretr
     Keys of a classification head (fc., classifier., head.) are dropped; any other missing or
     unexpected key is a ParamsError naming the param, the file and a few of the keys.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ParamsError(f"{key}: weights file not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for a bad file
-        raise ParamsError(f"{key}: cannot read weights file {path} ({err})") from None
+    state = load_torch_file(path, f"weights file ({key})", ParamsError)
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
