@@ -2,7 +2,7 @@
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 RUN := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" HF_HUB_OFFLINE=1
-PYTEST_ARGS ?= -m "not slow"
+PYTEST_ARGS ?= -m "not slow" --dist loadfile
 
 .PHONY: install repro test test-all
 
@@ -20,5 +20,5 @@ repro: install
 test: install
 	$(RUN) $(PYTHON) -m pytest -n 2 $(PYTEST_ARGS); status=$$?; [ $$status -eq 5 ] && status=0; exit $$status
 
-test-all: PYTEST_ARGS =
+test-all: PYTEST_ARGS = --dist loadfile
 test-all: test

@@ -1,8 +1,9 @@
-"""What every stage entrypoint shares: params loading and one-line error reporting."""
+"""What every stage entrypoint shares: params loading, one-line errors, curves, placeholders."""
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import re
 from pathlib import Path
 from typing import Callable, Iterator
@@ -11,13 +12,14 @@ import typer
 import yaml
 from dvclive import Live
 
-from wsss_core.config import CrfParams, Params, parse_params
+from stages.artifacts import OUTPUTS, PARAMS_FILE
+from wsss_core.cams.store import write_placeholder_store
+from wsss_core.checkpoint import save_placeholder_checkpoint
+from wsss_core.config import Params, parse_params
 from wsss_core.errors import ParamsError, WsssError
-from wsss_core.io import atomic_path
-from wsss_core.refine.crf import CrfSettings
-
-PARAMS_FILE = Path("params.yaml")
-MANIFEST = Path("data/prepared/dataset.json")
+from wsss_core.io import atomic_path, write_json
+from wsss_core.methods import method_params
+from wsss_core.pipeline import skip_reason
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -31,14 +33,14 @@ _Yaml12Loader.add_implicit_resolver(
 
 
 def load_params(path: Path = PARAMS_FILE) -> Params:
-    """Read and validate params.yaml; a missing or malformed file is a ParamsError."""
+    """Read and validate params.yaml (method sections by the registered methods); problems are a ParamsError."""
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found")
     try:
         mapping = yaml.load(path.read_text(), Loader=_Yaml12Loader)
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    return parse_params(mapping, source=str(path))
+    return parse_params(mapping, method_params(), source=str(path))
 
 
 def reports_errors(function: Callable) -> Callable:
@@ -72,7 +74,7 @@ def training_curves(folder: str | Path) -> Iterator[Live]:
         yield live
 
 
-def log_epoch(live, epoch: int, values: dict[str, float]) -> None:
+def log_epoch(live: Live, epoch: int, values: dict[str, float]) -> None:
     """Log one epoch's values to a dvclive Live, advance its step, and echo them on one line."""
     for name, value in values.items():
         live.log_metric(name, value)
@@ -80,6 +82,35 @@ def log_epoch(live, epoch: int, values: dict[str, float]) -> None:
     typer.echo(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
 
 
-def crf_settings(section: CrfParams) -> CrfSettings:
-    """Return CrfSettings from a params CRF section (its `workers` is not a CRF setting)."""
-    return CrfSettings(**section.model_dump(exclude={"workers"}))
+def skipped(stage: str, params: Params) -> bool:
+    """If `stage` does no work with these params (wsss_core.pipeline), write its outputs as placeholders.
+
+    Returns True when it did: a store with no image, a label folder holding only SKIPPED.txt, a
+    checkpoint {'skipped': why}, metrics {'miou': null, 'per_class': {}, 'skipped': why}, curves with
+    no step; each says why.
+    """
+    reason = skip_reason(stage, params.pseudo)
+    if reason is None:
+        return False
+    for path, kind in OUTPUTS[stage].items():
+        write_placeholder(path, kind, reason)
+    typer.echo(f"{stage}: skipped ({reason}); wrote placeholders")
+    return True
+
+
+def write_placeholder(path: Path, kind: str, reason: str) -> None:
+    """Write the placeholder of one output of a given kind (see stages.artifacts.OUTPUTS)."""
+    if kind == "store":
+        write_placeholder_store(path, reason)
+    elif kind == "checkpoint":
+        save_placeholder_checkpoint(path, reason)
+    elif kind == "metrics":
+        write_json(path, {"miou": None, "per_class": {}, "skipped": reason})
+    elif kind in ("folder", "curves"):
+        with atomic_path(path, folder=True) as staging:
+            (staging / "SKIPPED.txt").write_text(reason + "\n")
+            if kind == "curves":
+                (staging / "metrics.json").write_text(json.dumps({"skipped": reason}) + "\n")
+                (staging / "plots" / "metrics").mkdir(parents=True)
+    else:
+        raise ValueError(f"{path}: no placeholder for outputs of kind {kind!r}")

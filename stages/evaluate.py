@@ -1,45 +1,35 @@
-"""Stage `evaluate`: val mIoU of the segmentation network (optionally multi-scale + flip + dense CRF)."""
+"""Stage `evaluate`: val mIoU of the segmentation network (optionally multi-scale + flip + dense CRF), and of
+the method's own segmentation branch where it has one (one-step)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import torch
 import typer
+from torch import nn
 
-from stages._common import MANIFEST, PARAMS_FILE, crf_settings, load_params, reports_errors, single_command
-from stages.train_seg import CHECKPOINT
+from stages._common import load_params, reports_errors, single_command
+from stages.artifacts import (CLS_CHECKPOINT, MANIFEST, PARAMS_FILE, SEG_CHECKPOINT, SEG_CONFUSION_PLOT, SEG_METRICS,
+                              SEG_MONTAGE, SEG_ONESTEP_METRICS, SEG_PER_CLASS_PLOT)
 from wsss_core.checkpoint import load_checkpoint
+from wsss_core.config import CrfParams, SegParams
 from wsss_core.data.dataset import Dataset
 from wsss_core.errors import DataError
+from wsss_core.io import atomic_path, save_image, write_json
+from wsss_core.methods import get_method
 from wsss_core.metrics import ConfusionMatrix, iou_report
 from wsss_core.seg.infer import SEG_CHECKPOINT_KEYS, iterate_segmentations, segmenter_from_checkpoint
 from wsss_core.training import resolve_device
 from wsss_core.viz import prediction_row, save_confusion_heatmap, vstack
-from wsss_core.io import atomic_path, save_image, write_json
-
-METRICS = Path("metrics/seg.json")
-PER_CLASS_PLOT = Path("plots/seg_per_class.json")
-CONFUSION_PLOT = Path("plots/seg_confusion.png")
-MONTAGE = Path("plots/seg_val.png")
 
 
-@reports_errors
-def evaluate(params_file: Path = typer.Option(PARAMS_FILE, "--params", help="params.yaml to read")) -> None:
-    """Score models/seg.pt on the val split; writes metrics/seg.json, per-class and confusion plots, a montage."""
-    params = load_params(params_file)
-    settings = params.seg
-    dataset = Dataset.load(MANIFEST)
-    ids = dataset.ids("val")
-    if not ids:
-        raise DataError(f"{MANIFEST}: the val split is empty, nothing to evaluate")
-    checkpoint = load_checkpoint(CHECKPOINT, params.method, {key: getattr(settings, key) for key in SEG_CHECKPOINT_KEYS},
-                                 "seg")
-    model, _ = segmenter_from_checkpoint(checkpoint, CHECKPOINT)
-    device = resolve_device(params.device)
-    crf = crf_settings(params.crf) if settings.eval_crf else None
+def score_val(model: nn.Module, dataset: Dataset, ids: list[str], settings: SegParams, crf: CrfParams | None,
+              device: torch.device, desc: str) -> tuple[dict, np.ndarray, list[np.ndarray]]:
+    """Return (report with miou, per_class, pixel_accuracy and protocol; confusion matrix; montage rows)."""
     matrix, rows = ConfusionMatrix(len(dataset.class_names)), []
     for image_id, image, labels in iterate_segmentations(model.to(device), dataset, ids, device,
-                                                         settings.eval_scales, settings.eval_flip, crf, "evaluate"):
+                                                         settings.eval_scales, settings.eval_flip, crf, desc):
         truth = dataset.read_mask(image_id)
         matrix.update(labels, truth)
         if len(rows) < settings.montage_images:
@@ -48,15 +38,43 @@ def evaluate(params_file: Path = typer.Option(PARAMS_FILE, "--params", help="par
     report["pixel_accuracy"] = float(np.trace(matrix.matrix) / max(matrix.matrix.sum(), 1))
     report["protocol"] = {"split": "val", "images": len(ids), "scales": settings.eval_scales,
                           "flip": settings.eval_flip, "crf": settings.eval_crf}
-    write_json(METRICS, report)
-    write_json(PER_CLASS_PLOT, {"per_class": [{"class": name, "iou": iou}
-                                              for name, iou in report["per_class"].items() if iou is not None]})
-    with atomic_path(CONFUSION_PLOT) as temporary:
-        save_confusion_heatmap(matrix.matrix, dataset.class_names, temporary)
+    return report, matrix.matrix, rows
+
+
+@reports_errors
+def evaluate(params_file: Path = typer.Option(PARAMS_FILE, "--params", help="params.yaml to read")) -> None:
+    """Score models/seg.pt on the val split; writes metrics/seg.json, per-class and confusion plots, a montage,
+    and metrics/seg_onestep.json (the method's own segmentation branch, or null without one)."""
+    params = load_params(params_file)
+    settings = params.seg
+    method = get_method(params)
+    dataset = Dataset.load(MANIFEST)
+    ids = dataset.ids("val")
+    if not ids:
+        raise DataError(f"{MANIFEST}: the val split is empty, nothing to evaluate")
+    checkpoint = load_checkpoint(SEG_CHECKPOINT, params.method,
+                                 {"seg": {key: getattr(settings, key) for key in SEG_CHECKPOINT_KEYS}})
+    model, _ = segmenter_from_checkpoint(checkpoint, SEG_CHECKPOINT)
+    device = resolve_device(params.device)
+    crf = params.crf if settings.eval_crf else None
+    report, matrix, rows = score_val(model, dataset, ids, settings, crf, device, "evaluate")
+    write_json(SEG_METRICS, report)
+    write_json(SEG_PER_CLASS_PLOT, {"per_class": [{"class": name, "iou": iou}
+                                                  for name, iou in report["per_class"].items() if iou is not None]})
+    with atomic_path(SEG_CONFUSION_PLOT) as temporary:
+        save_confusion_heatmap(matrix, dataset.class_names, temporary)
     if rows:
-        save_image(MONTAGE, vstack(rows))
+        save_image(SEG_MONTAGE, vstack(rows))
     typer.echo(f"val mIoU {report['miou']:.4f} over {len(ids)} images (scales {settings.eval_scales}, "
                f"flip {settings.eval_flip}, crf {settings.eval_crf})")
+
+    if method.has_segmenter:
+        branch = method.segmenter(method.load_classifier(CLS_CHECKPOINT, params.cls, dataset.num_classes))
+        onestep, _, _ = score_val(branch, dataset, ids, settings, crf, device, "evaluate one-step")
+        typer.echo(f"one-step (the method's segmentation branch): val mIoU {onestep['miou']:.4f}")
+    else:
+        onestep = {"miou": None, "per_class": {}, "skipped": f"method {params.method!r} has no segmentation branch"}
+    write_json(SEG_ONESTEP_METRICS, onestep)
 
 
 app = single_command(evaluate)

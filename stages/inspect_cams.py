@@ -5,8 +5,8 @@ from pathlib import Path
 
 import typer
 
-from stages._common import MANIFEST, reports_errors
-from stages.export_cams import CAM_STORE
+from stages._common import reports_errors
+from stages.artifacts import CAM_STORE, MANIFEST
 from wsss_core.cams.store import CamStore
 from wsss_core.data.dataset import Dataset
 from wsss_core.errors import DataError
@@ -23,8 +23,9 @@ def list_cams(store_path: Path = typer.Option(CAM_STORE, "--store", help="CAM st
     """List the stored image ids with their classes and CAM size."""
     with CamStore(store_path) as store:
         names = store.class_names
+        raw = ", ".join(store.raw_names) or "none"
         typer.echo(f"{store_path}: method={store.attr('method')} scales={store.attr('scales')} "
-                   f"stride={store.attr('stride')} images={len(store.ids())}")
+                   f"stride={store.attr('stride')} images={len(store.ids())} raw maps: {raw}")
         for image_id in store.ids():
             cam, keys = store.read(image_id)
             classes = ",".join(names[k] for k in keys)

@@ -1,23 +1,21 @@
 """`wsss masks show ID`: image | CAM argmax | after random walk | after CRF | pseudo mask | DeepLab | GT."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
 import typer
 
-from stages._common import MANIFEST, PARAMS_FILE, load_params, reports_errors
-from stages.dcrf import LABEL_DIR as CRF_DIR
-from stages.pseudo_masks import MASK_DIR
-from stages.random_walk import RW_STORE
-from stages.train_seg import CHECKPOINT as SEG_CHECKPOINT
-from stages.refine import REFINED_STORE
+from stages._common import load_params, reports_errors
+from stages.artifacts import CRF_LABELS, MANIFEST, PARAMS_FILE, PSEUDO_MASKS, REFINED_STORE, RW_STORE, SEG_CHECKPOINT
 from wsss_core.cams.evaluate import cam_labels
 from wsss_core.cams.store import CamStore
-from wsss_core.data.dataset import Dataset
 from wsss_core.checkpoint import read_checkpoint
+from wsss_core.data.dataset import Dataset
 from wsss_core.data.label_dir import read_label_dir
 from wsss_core.data.palette import colorize
+from wsss_core.errors import DataError
 from wsss_core.io import save_image
 from wsss_core.refine.pseudo import rw_labels
 from wsss_core.seg.infer import segment, segmenter_from_checkpoint
@@ -38,21 +36,26 @@ def show_masks(
     labels_only: bool = typer.Option(False, "--labels-only", help="plain label colours: no photo, no GT "
                                                                   "(for pictures of data you may not publish)"),
 ) -> None:
-    """Write a PNG: image | CAM argmax | after RW | after CRF | pseudo mask | DeepLab | GT, one row per id."""
-    threshold = load_params(params_file).cams.bg_threshold
+    """Write a PNG: image | CAM argmax | after RW | after CRF | pseudo mask | DeepLab | GT, one row per id.
+
+    Stages that did no work with the current params (placeholders) have no column.
+    """
+    threshold = load_params(params_file).cams.seed_bg_threshold
     dataset = Dataset.load(MANIFEST)
     segmenter = segmenter_from_checkpoint(read_checkpoint(model), model)[0] if model.is_file() else None
+    with_crf = not (CRF_LABELS / "SKIPPED.txt").exists()
     rows = []
-    with CamStore(REFINED_STORE) as cams, CamStore(RW_STORE) as walked:
+    with contextlib.ExitStack() as stack:
+        cams = stack.enter_context(CamStore(REFINED_STORE))
+        walked = stack.enter_context(CamStore(RW_STORE)) if _is_store(RW_STORE) else None
         for image_id in image_ids:
             image = dataset.read_image(image_id)
-            stages = [
-                ("image", None),
-                (f"CAM (bg {threshold})", cam_labels(*cams.read(image_id), threshold)),
-                ("random walk", rw_labels(walked, image_id)),
-                ("dense CRF", read_label_dir(CRF_DIR, image_id)),
-                ("pseudo mask", read_label_dir(MASK_DIR, image_id)),
-            ]
+            stages = [("image", None), (f"CAM (bg {threshold})", cam_labels(*cams.read(image_id), threshold))]
+            if walked is not None:
+                stages.append(("random walk", rw_labels(walked, image_id)))
+            if with_crf:
+                stages.append(("dense CRF", read_label_dir(CRF_LABELS, image_id)))
+            stages.append(("pseudo mask", read_label_dir(PSEUDO_MASKS, image_id)))
             if segmenter is not None:
                 stages.append(("DeepLab", segment(segmenter, image, torch.device("cpu"))))
             stages.append(("ground truth", dataset.read_mask(image_id)))
@@ -65,3 +68,12 @@ def show_masks(
     out = out or Path(f"masks_{image_ids[0]}.png")
     save_image(out, vstack(rows))
     typer.echo(f"wrote {out}")
+
+
+def _is_store(path: Path) -> bool:
+    """Return True when path is a CAM store with images (not a placeholder of a stage that did no work)."""
+    try:
+        CamStore(path).close()
+        return True
+    except DataError:
+        return False

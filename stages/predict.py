@@ -7,13 +7,13 @@ from pathlib import Path
 import typer
 
 from stages._common import reports_errors, single_command
-from stages.train_seg import CHECKPOINT
+from stages.artifacts import SEG_CHECKPOINT
 from wsss_core.checkpoint import read_checkpoint
 from wsss_core.data.images import DEFAULT_MAX_PIXELS, read_rgb
 from wsss_core.data.palette import write_label_png
 from wsss_core.errors import DataError, ParamsError
 from wsss_core.io import atomic_path, save_image
-from wsss_core.refine.crf import CrfSettings
+from wsss_core.config import CrfParams
 from wsss_core.seg.infer import list_images, segment, segmenter_from_checkpoint
 from wsss_core.training import resolve_device
 from wsss_core.viz import label_overlay
@@ -34,7 +34,7 @@ def _writable_folder(out: Path) -> None:
 @reports_errors
 def predict(
     images: list[Path] = typer.Argument(..., help="image files and/or folders of images"),
-    model: Path = typer.Option(CHECKPOINT, "--model", help="segmentation checkpoint written by train_seg"),
+    model: Path = typer.Option(SEG_CHECKPOINT, "--model", help="segmentation checkpoint written by train_seg"),
     out: Path = typer.Option(Path("predictions"), "--out", help="folder for <name>.png and <name>_overlay.jpg"),
     scales: list[float] = typer.Option([1.0], "--scale", help="inference scale; repeat for multi-scale"),
     flip: bool = typer.Option(False, "--flip", help="also average the mirrored image"),
@@ -64,7 +64,7 @@ def predict(
             typer.secho(f"skipped: {err}", err=True, fg=typer.colors.RED)
             failed.append(path)
             continue
-        labels = segment(network, image, torch_device, scales, flip, CrfSettings() if crf else None)
+        labels = segment(network, image, torch_device, scales, flip, CrfParams() if crf else None)
         with atomic_path(out / f"{path.stem}.png") as temporary:
             write_label_png(temporary, labels)
         save_image(out / f"{path.stem}_overlay.jpg", label_overlay(image, labels))

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import typer
 
-from stages._common import MANIFEST, PARAMS_FILE, load_params, reports_errors, single_command
+from stages._common import load_params, reports_errors, single_command
+from stages.artifacts import MANIFEST, PARAMS_FILE
 from wsss_core.data.synthetic import SyntheticSpec, generate_synthetic
 from wsss_core.data.voc import read_voc
 from wsss_core.io import atomic_path

@@ -5,19 +5,13 @@ from pathlib import Path
 
 import typer
 
-from stages._common import MANIFEST, PARAMS_FILE, load_params, reports_errors, single_command
-from stages.dcrf import LABEL_DIR as CRF_DIR
-from stages.random_walk import RW_STORE
-from stages.refine import REFINED_STORE
-from wsss_core.cams.evaluate import cam_labels
-from wsss_core.cams.store import CamStore
+from stages._common import load_params, reports_errors, single_command
+from stages.artifacts import (CAM_STORE, CRF_LABELS, MANIFEST, PARAMS_FILE, PSEUDO_MASKS, PSEUDO_METRICS, REFINED_STORE,
+                              RW_STORE)
 from wsss_core.data.dataset import Dataset
-from wsss_core.data.label_dir import LabelDirWriter, check_label_dir, read_label_dir
-from wsss_core.refine.pseudo import disagreement_to_void, rw_labels
+from wsss_core.data.label_dir import LabelDirWriter
 from wsss_core.io import write_json
-
-MASK_DIR = Path("labels/pseudo")
-METRICS = Path("metrics/pseudo.json")
+from wsss_core.refine.pseudo import PseudoMaskSources
 
 
 @reports_errors
@@ -27,23 +21,13 @@ def pseudo_masks(params_file: Path = typer.Option(PARAMS_FILE, "--params", help=
     settings = params.pseudo
     dataset = Dataset.load(MANIFEST)
     ids = dataset.ids("train")
-    with CamStore(REFINED_STORE) as cams, CamStore(RW_STORE) as walked, LabelDirWriter(MASK_DIR, dataset) as writer:
-        cams.check_covers(ids)
-        walked.check_covers(ids)
-        check_label_dir(CRF_DIR, ids, "dcrf")
+    with PseudoMaskSources(settings, ids, refined=REFINED_STORE, walked=RW_STORE, crf_dir=CRF_LABELS,
+                           exported=CAM_STORE, seed_bg_threshold=params.cams.seed_bg_threshold) as sources, \
+            LabelDirWriter(PSEUDO_MASKS, dataset) as writer:
         for image_id in ids:
-            by_source = {
-                "cam": lambda: cam_labels(*cams.read(image_id), params.cams.bg_threshold),
-                "rw": lambda: rw_labels(walked, image_id),
-                "crf": lambda: read_label_dir(CRF_DIR, image_id),
-            }
-            labels = by_source[settings.source]()
-            if settings.uncertain_to_void:
-                other = "rw" if settings.source == "crf" else "crf"
-                labels = disagreement_to_void(labels, by_source[other]())
-            writer.write(image_id, labels)
+            writer.write(image_id, sources.labels(image_id))
     report = writer.report()
-    write_json(METRICS, report)
+    write_json(PSEUDO_METRICS, report)
     typer.echo(f"pseudo masks ({settings.source}): mIoU {report['miou']:.4f}, coverage {report['coverage']:.1%}")
 
 

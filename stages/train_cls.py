@@ -1,19 +1,18 @@
-"""Stage `train_cls`: train the method's multi-label classifier; log curves with dvclive."""
+"""Stage `train_cls`: train the method's multi-label classifier; loss, its parts and val mAP to dvclive."""
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import typer
 
-from stages._common import MANIFEST, PARAMS_FILE, load_params, reports_errors, single_command, training_curves
-from wsss_core.cams.classifier import EpochResult, train_classifier
+from stages._common import load_params, log_epoch, reports_errors, single_command, training_curves
+from stages.artifacts import CLS_CHECKPOINT, CLS_CURVES, MANIFEST, PARAMS_FILE
+from wsss_core.cams.classifier import train_classifier
 from wsss_core.checkpoint import save_checkpoint
 from wsss_core.data.dataset import Dataset
 from wsss_core.methods import get_method
 from wsss_core.training import resolve_device, seed_everything
-
-CHECKPOINT = Path("models/cls.pt")
-LIVE_DIR = "dvclive/train_cls"
 
 
 @reports_errors
@@ -21,22 +20,16 @@ def train_cls(params_file: Path = typer.Option(PARAMS_FILE, "--params", help="pa
     """Train the classifier of `method` on the prepared train split; writes models/cls.pt."""
     params = load_params(params_file)
     dataset = Dataset.load(MANIFEST)
-    method = get_method(params.method)
+    method = get_method(params)
     seed_everything(params.seed)
     model = method.build_classifier(params.cls, dataset.num_classes)
-    device = resolve_device(params.device)
-    with training_curves(LIVE_DIR) as live:
-
-        def log(result: EpochResult) -> None:
-            live.log_metric("loss", result.loss)
-            live.log_metric("val_map", result.val_map)
-            live.next_step()
-            typer.echo(f"epoch {result.epoch}: loss {result.loss:.4f}, val mAP {result.val_map:.4f}")
-
-        train_classifier(method, model, dataset, params.cls, device, params.seed, log)
-    save_checkpoint(CHECKPOINT, model.cpu(), params.method, {"cls": params.cls.model_dump()},
+    with training_curves(CLS_CURVES) as live:
+        train_classifier(model, partial(method.training_loss, model), partial(method.class_scores, model), dataset,
+                         params.cls, device=resolve_device(params.device), seed=params.seed,
+                         on_epoch_end=partial(log_epoch, live))
+    save_checkpoint(CLS_CHECKPOINT, model.cpu(), params.method, method.checkpoint_params(params.cls),
                     class_names=dataset.class_names)
-    typer.echo(f"saved {CHECKPOINT}")
+    typer.echo(f"saved {CLS_CHECKPOINT}")
 
 
 app = single_command(train_cls)

@@ -5,18 +5,15 @@ from pathlib import Path
 
 import typer
 
-from stages._common import MANIFEST, PARAMS_FILE, load_params, log_epoch, reports_errors, single_command, training_curves
-from stages.pseudo_masks import MASK_DIR
+from stages._common import load_params, log_epoch, reports_errors, single_command, training_curves
+from stages.artifacts import MANIFEST, PARAMS_FILE, PSEUDO_MASKS, SEG_CHECKPOINT, SEG_CURVES
 from wsss_core.checkpoint import save_checkpoint
 from wsss_core.data.dataset import Dataset
 from wsss_core.data.label_dir import check_label_dir
 from wsss_core.models.deeplab import build_segmenter
-from wsss_core.seg.training import SegmentationSet, train_segmenter
 from wsss_core.seg.infer import score_split
+from wsss_core.seg.training import SegmentationSet, train_segmenter
 from wsss_core.training import resolve_device, seed_everything
-
-CHECKPOINT = Path("models/seg.pt")
-LIVE_DIR = "dvclive/train_seg"
 
 
 @reports_errors
@@ -25,26 +22,22 @@ def train_seg(params_file: Path = typer.Option(PARAMS_FILE, "--params", help="pa
     params = load_params(params_file)
     settings = params.seg
     dataset = Dataset.load(MANIFEST)
-    check_label_dir(MASK_DIR, dataset.ids("train"), "pseudo_masks")
+    check_label_dir(PSEUDO_MASKS, dataset.ids("train"), "pseudo_masks")
     seed_everything(params.seed)
     device = resolve_device(params.device)
     model = build_segmenter(settings.arch, settings.backbone, len(dataset.class_names), settings.pretrained,
                             settings.output_stride)
-    train_set = SegmentationSet(dataset, MASK_DIR, tuple(settings.resize_long), settings.crop_size,
-                                model.mean, model.std, params.seed)
-    with training_curves(LIVE_DIR) as live:
+    train_set = SegmentationSet(dataset, PSEUDO_MASKS, settings, model.mean, model.std, params.seed)
+    with training_curves(SEG_CURVES) as live:
 
         def log(epoch: int, means: dict) -> None:
-            if dataset.ids("val"):
-                means["val_miou"] = score_split(model, dataset, "val", device).miou()
+            means["val_miou"] = score_split(model, dataset, "val", device).miou()
             log_epoch(live, epoch, means)
 
-        train_segmenter(model, train_set, settings.epochs, settings.batch_size, settings.lr,
-                        settings.new_layer_lr_mult, settings.weight_decay, settings.momentum, settings.poly_power,
-                        device, params.seed, log)
-    save_checkpoint(CHECKPOINT, model.cpu(), params.method, {"seg": settings.model_dump()},
+        train_segmenter(model, train_set, settings, device=device, seed=params.seed, on_epoch_end=log)
+    save_checkpoint(SEG_CHECKPOINT, model.cpu(), params.method, {"seg": settings.model_dump()},
                     class_names=dataset.class_names)
-    typer.echo(f"saved {CHECKPOINT}")
+    typer.echo(f"saved {SEG_CHECKPOINT}")
 
 
 app = single_command(train_seg)

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from wsss_core.data.dataset import Dataset
 from wsss_core.data.label_dir import LabelDirWriter, read_label_dir
 from wsss_core.models.affinity_net import AffinityNet, affinity_loss, pair_affinities
 from wsss_core.refine.pairs import neighbour_offsets
@@ -50,7 +49,7 @@ def test_argmax_labels_and_disagreement():
 
 
 def test_label_dir_writer_scores_labelled_pixels_and_is_atomic(tmp_path):
-    from tests.test_cams import make_dataset
+    from tests.fixtures import make_dataset
 
     dataset = make_dataset(tmp_path)
     folder = tmp_path / "labels"
@@ -87,7 +86,8 @@ def test_joint_crop_keeps_image_and_labels_aligned_and_pads_labels_void():
 
 
 def test_frozen_backbone_keeps_encoder_weights_and_statistics_and_trains_new_layers():
-    from wsss_core.training import sgd_two_groups
+    from wsss_core.config import AffinityParams
+    from wsss_core.training import build_optimizer
 
     torch.manual_seed(0)
     model = AffinityNet("resnet18")
@@ -96,7 +96,7 @@ def test_frozen_backbone_keeps_encoder_weights_and_statistics_and_trains_new_lay
     assert not model.encoder.training and model.fuse.training
     encoder_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
     fuse_before = model.fuse.weight.detach().clone()
-    optimizer = sgd_two_groups(*model.parameter_groups(), 0.1, 10.0, 5e-4, 0.9)
+    optimizer = build_optimizer(model.parameter_groups(10.0), AffinityParams(lr=0.1))
     model(torch.randn(2, 3, 64, 64)).mean().backward()
     optimizer.step()
     for key, value in model.encoder.state_dict().items():

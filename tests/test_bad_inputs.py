@@ -170,10 +170,12 @@ def write_store(path: Path, dataset: Dataset, ids: list[str], background: bool =
             writer.write(image_id, cam, keys, {"background": cam[0] * 0 + 0.5} if background else None)
 
 
-@pytest.mark.parametrize("stage, store", [("eval_cams", "cams/cams.h5"), ("refine", "cams/cams.h5"),
-                                          ("affinity_labels", "cams/cams_refined.h5"), ("dcrf", "cams/cams_rw.h5"),
-                                          ("pseudo_masks", "cams/cams_refined.h5")])
-def test_store_missing_an_image_is_refused(prepared, stage, store):
+@pytest.mark.parametrize("stage, store, source", [
+    ("eval_cams", "cams/cams.h5", "crf"), ("refine", "cams/cams.h5", "crf"),
+    ("affinity_labels", "cams/cams_refined.h5", "crf"), ("dcrf", "cams/cams_rw.h5", "crf"),
+    ("pseudo_masks", "cams/cams_refined.h5", "cam"), ("pseudo_masks", "cams/cams_rw.h5", "rw")])
+def test_store_missing_an_image_is_refused(prepared, stage, store, source):
+    write_params(Path.cwd(), {"pseudo": {"source": source}})
     ids = prepared.ids("train")
     for name in ("cams/cams.h5", "cams/cams_refined.h5", "cams/cams_rw.h5"):
         write_store(Path(name), prepared, ids[1:], background=True)

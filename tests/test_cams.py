@@ -1,19 +1,24 @@
+from functools import partial
+
 import h5py
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.fixtures import make_dataset
 from tests.tiny import tiny_cam_net
 from wsss_core.cams.evaluate import cam_labels, cam_metrics, threshold_grid
 from wsss_core.cams.infer import iterate_cams, multiscale_maps, normalize_present
 from wsss_core.cams.store import CamStore, CamStoreWriter
-from wsss_core.data.dataset import Dataset
-from wsss_core.data.palette import write_label_png
 from wsss_core.errors import DataError
-from wsss_core.methods import get_method
+from wsss_core.methods.cam import CamMethod
 
-METHOD = get_method("cam")
+METHOD = CamMethod()
+
+
+def cam_maps(model):
+    return partial(METHOD.cam_maps, model)
 
 
 def test_cam_is_relu_of_classifier_on_features():
@@ -45,7 +50,7 @@ def test_batched_multiscale_equals_per_scale_loop(flip):
     model = tiny_cam_net(3)
     images = torch.randn(3, 3, 21, 30)
     scales = [1.0, 0.5, 1.5, 2.0]
-    batched = multiscale_maps(METHOD, model, images, scales, flip)["cam"]
+    batched = multiscale_maps(cam_maps(model), images, scales, flip)["cam"]
     assert batched.shape == (3, 3, 21, 30)
     for index in range(3):
         torch.testing.assert_close(batched[index], per_scale_reference(model, images[index], scales, flip),
@@ -55,11 +60,11 @@ def test_batched_multiscale_equals_per_scale_loop(flip):
 def test_flip_aggregation_is_flip_equivariant():
     model = tiny_cam_net(3)
     images = torch.randn(2, 3, 16, 22)
-    maps = multiscale_maps(METHOD, model, images, [1.0, 0.5], flip=True)["cam"]
-    maps_of_flipped = multiscale_maps(METHOD, model, images.flip(-1), [1.0, 0.5], flip=True)["cam"]
+    maps = multiscale_maps(cam_maps(model), images, [1.0, 0.5], flip=True)["cam"]
+    maps_of_flipped = multiscale_maps(cam_maps(model), images.flip(-1), [1.0, 0.5], flip=True)["cam"]
     torch.testing.assert_close(maps_of_flipped, maps.flip(-1), rtol=1e-5, atol=1e-5)
     symmetric = torch.cat([images[..., :11], images[..., :11].flip(-1)], dim=-1)
-    out = multiscale_maps(METHOD, model, symmetric, [1.0, 1.5], flip=True)["cam"]
+    out = multiscale_maps(cam_maps(model), symmetric, [1.0, 1.5], flip=True)["cam"]
     torch.testing.assert_close(out, out.flip(-1), rtol=1e-5, atol=1e-5)
 
 
@@ -73,29 +78,12 @@ def test_normalize_present_keeps_only_present_classes_with_max_one():
     assert out.min() >= 0
 
 
-def make_dataset(tmp_path, sizes=((20, 28), (20, 28), (17, 23))) -> Dataset:
-    """Random images of given (H, W) with labels {1}, {1, 3}, {2}."""
-    rng = np.random.default_rng(0)
-    root = tmp_path / "ds"
-    (root / "JPEGImages").mkdir(parents=True)
-    labels = {"a": [1], "b": [1, 3], "c": [2]}
-    from PIL import Image
-
-    for (image_id, classes), (h, w) in zip(labels.items(), sizes):
-        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / "JPEGImages" / f"{image_id}.jpg")
-        mask = np.zeros((h, w), np.uint8)
-        for index, c in enumerate(classes):
-            mask[index * 4:index * 4 + 6, 3:12] = c
-        mask[-1] = 255
-        write_label_png(root / "SegmentationClass" / f"{image_id}.png", mask)
-    return Dataset(root, ["background", "x", "y", "z"], {"train": list(labels), "val": []}, labels)
-
-
 def test_iterate_cams_shapes_ranges_and_absent_classes(tmp_path):
     dataset = make_dataset(tmp_path)
     model = tiny_cam_net(3)
-    results = {i: (cam, keys) for i, cam, keys, _ in iterate_cams(METHOD, model, dataset, dataset.ids("train"),
-                                                                  [1.0, 0.5], True, 2, torch.device("cpu"))}
+    options = dict(mean=model.mean, std=model.std, scales=[1.0, 0.5], flip=True, device=torch.device("cpu"))
+    results = {i: (cam, keys) for i, cam, keys, _, _ in iterate_cams(cam_maps(model), dataset, dataset.ids("train"),
+                                                                     batch_size=2, **options)}
     assert set(results) == {"a", "b", "c"}
     for image_id, (cam, keys) in results.items():
         image = dataset.read_image(image_id)
@@ -105,8 +93,8 @@ def test_iterate_cams_shapes_ranges_and_absent_classes(tmp_path):
         positive = cam.reshape(len(keys), -1).max(1) > 0
         np.testing.assert_allclose(cam.reshape(len(keys), -1).max(1)[positive], 1.0, atol=1e-4)
     # batched export equals one-image-at-a-time export
-    single = {i: cam for i, cam, _, _ in iterate_cams(METHOD, model, dataset, dataset.ids("train"),
-                                                      [1.0, 0.5], True, 1, torch.device("cpu"))}
+    single = {i: cam for i, cam, _, _, _ in iterate_cams(cam_maps(model), dataset, dataset.ids("train"),
+                                                         batch_size=1, **options)}
     for image_id in results:
         np.testing.assert_allclose(results[image_id][0], single[image_id], atol=1e-5)
 
@@ -166,8 +154,8 @@ def test_cam_metrics_perfect_cam_and_sweep(tmp_path):
             keys = np.array(dataset.labels[image_id])
             writer.write(image_id, np.stack([(mask == k) * 0.8 for k in keys]).astype(np.float32), keys)
     with CamStore(path) as store:
-        report = cam_metrics(store, dataset, dataset.ids("train"), 0.85, [0.1, 0.9, 0.1])
-    assert report["bg_threshold"] == 0.85
+        report = cam_metrics(store, dataset, dataset.ids("train"), seed_bg_threshold=0.85, sweep=[0.1, 0.9, 0.1])
+    assert report["seed_bg_threshold"] == 0.85
     # at 0.85 everything is background: IoU(bg) = background share, the 3 classes score 0
     assert report["miou"] == pytest.approx(bg_iou_when_all_background(dataset) / 4)
     assert report["sweep"]["best_miou"] == pytest.approx(1.0)
@@ -197,13 +185,16 @@ def test_training_is_seeded_and_deterministic_on_cpu(tmp_path):
     def run(seed):
         seed_everything(seed)
         model = tiny_cam_net(3, seed=seed)
-        history = train_classifier(METHOD, model, dataset, params, torch.device("cpu"), seed)
+        history = []
+        train_classifier(model, partial(METHOD.training_loss, model), partial(METHOD.class_scores, model), dataset,
+                         params, device=torch.device("cpu"), seed=seed,
+                         on_epoch_end=lambda epoch, values: history.append(values))
         return model.state_dict(), history
 
     first, history = run(0)
     second, _ = run(0)
     third, _ = run(1)
-    assert len(history) == 2 and all(np.isfinite(h.loss) for h in history)
+    assert len(history) == 2 and all(np.isfinite(h["loss"]) and 0 <= h["val_map"] <= 1 for h in history)
     for key in first:
         torch.testing.assert_close(first[key], second[key], rtol=0, atol=0)
     assert any(not torch.equal(first[key], third[key]) for key in first)

@@ -1,67 +1,128 @@
 import subprocess
 import sys
+from itertools import product
 
 import pytest
 import yaml
 
+from stages.compose import compose
 from tests.conftest import REPO
-from wsss_core.config import Params, parse_params
+from wsss_core.config import Params, Section, parse_params
 from wsss_core.errors import ParamsError
+from wsss_core.methods import MethodParams, RefineParams, method_params
+
+METHODS = method_params()
+
+
+def parse(mapping):
+    return parse_params(mapping, METHODS)
 
 
 def test_params_yaml_in_repo_is_valid_and_matches_defaults():
-    params = parse_params(yaml.safe_load((REPO / "params.yaml").read_text()))
-    assert params == Params()
+    params = parse(yaml.safe_load((REPO / "params.yaml").read_text()))
+    assert params == parse({})
+    assert params.methods["cam"] == METHODS["cam"]()
+
+
+def test_params_yaml_is_the_composed_default():
+    """params.yaml is what `dvc exp run` (Hydra composition of conf/) writes with no override."""
+    assert yaml.safe_load(compose([], REPO / "conf")) == yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(path.stem for path in (REPO / "conf" / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("method, data, profile", list(product(sorted(METHODS), group_options("data"),
+                                                                  group_options("profile"))))
+def test_every_composition_validates(method, data, profile):
+    composed = yaml.safe_load(compose([f"method={method}", f"data={data}", f"profile={profile}"], REPO / "conf"))
+    params = parse(composed)
+    assert (params.method, params.profile) == (method, profile)
+    assert params.data.name == ("synthetic" if data == "synthetic" else "voc")
+    assert "${" not in yaml.safe_dump(composed)  # every interpolation resolved
+
+
+def test_groups_override_the_base_and_each_other():
+    mini = parse(yaml.safe_load(compose(["data=voc12-mini"], REPO / "conf")))
+    assert mini.data.voc.root == "../shared/data/voc12-mini" and mini.cls.pretrained == "efficientnet_lite0"
+    paper = parse(yaml.safe_load(compose(["data=voc12-mini", "profile=paper"], REPO / "conf")))
+    assert paper.cams.scales == [1.0, 0.5, 1.5, 2.0] and paper.seg.arch == "deeplabv3_resnet101"
+    assert paper.cls.backbone == "resnet50" and paper.cls.crop_size == 512  # conf/method_profile/cam_paper.yaml
+    one_value = parse(yaml.safe_load(compose(["data=voc12-mini", "cls.lr=0.5"], REPO / "conf")))
+    assert one_value.cls.lr == 0.5 and one_value.cls.backbone == "tf_efficientnet_lite0"
+
+
+def test_no_absolute_paths_in_the_configuration():
+    for path in (REPO / "conf").rglob("*.yaml"):
+        assert "/work/" not in path.read_text() and "\n  root: /" not in path.read_text(), path
 
 
 def test_partial_mapping_fills_defaults():
-    params = parse_params({"cls": {"epochs": 2}})
+    params = parse({"cls": {"epochs": 2}})
     assert params.cls.epochs == 2 and params.cls.lr == Params().cls.lr
 
 
 def test_unknown_key_names_key_and_allowed_keys():
     with pytest.raises(ParamsError) as err:
-        parse_params({"cls": {"epoch": 2}})
+        parse({"cls": {"epoch": 2}})
     message = str(err.value)
     assert "unknown key cls.epoch" in message and "epochs" in message and "\n" not in message
 
 
 def test_unknown_top_level_section():
-    with pytest.raises(ParamsError, match=r"unknown key clss \(allowed: method, device"):
-        parse_params({"clss": {}})
+    with pytest.raises(ParamsError, match=r"unknown key clss \(allowed: method, profile, device"):
+        parse({"clss": {}})
 
 
 def test_wrong_type_names_key():
     with pytest.raises(ParamsError, match=r"cls\.epochs: .*integer.*'five'"):
-        parse_params({"cls": {"epochs": "five"}})
+        parse({"cls": {"epochs": "five"}})
     with pytest.raises(ParamsError, match=r"cams\.flip"):
-        parse_params({"cams": {"flip": "yes"}})
+        parse({"cams": {"flip": "yes"}})
 
 
 def test_out_of_range_value_names_key():
     with pytest.raises(ParamsError, match=r"data\.synthetic\.part_fraction"):
-        parse_params({"data": {"synthetic": {"part_fraction": 1.5}}})
+        parse({"data": {"synthetic": {"part_fraction": 1.5}}})
 
 
-def test_unknown_method_lists_allowed():
+def test_unknown_method_lists_registered_ones():
     with pytest.raises(ParamsError, match=r"method 'foo' is not one of: cam"):
-        parse_params({"method": "foo"})
+        parse({"method": "foo"})
 
 
 def test_unknown_choice_lists_allowed():
     with pytest.raises(ParamsError, match=r"data\.name: .*'synthetic' or 'voc'"):
-        parse_params({"data": {"name": "coco"}})
-
-
-def test_missing_voc_root_names_key(tmp_path):
-    missing = tmp_path / "nowhere"
-    with pytest.raises(ParamsError, match=r"data\.voc\.root: directory not found: .*nowhere"):
-        parse_params({"data": {"name": "voc", "voc": {"root": str(missing)}}})
+        parse({"data": {"name": "coco"}})
 
 
 def test_not_a_mapping():
     with pytest.raises(ParamsError, match="expected a mapping"):
-        parse_params([1, 2])
+        parse([1, 2])
+
+
+class GammaRefine(RefineParams):
+    gamma: float = 1.0
+
+
+class ToyParams(MethodParams):
+    refine: GammaRefine = GammaRefine()
+
+
+def test_method_sections_are_validated_by_their_own_model():
+    registered = {**METHODS, "toy": ToyParams}
+    params = parse_params({"method": "toy", "methods": {"toy": {"refine": {"gamma": 2.0}}}}, registered)
+    assert params.method_section().refine.gamma == 2.0 and params.methods["cam"] == METHODS["cam"]()
+    with pytest.raises(ParamsError, match=r"unknown key methods\.toy\.refine\.gama \(allowed: gamma\)"):
+        parse_params({"methods": {"toy": {"refine": {"gama": 2.0}}}}, registered)  # inactive sections too
+    with pytest.raises(ParamsError, match=r"methods\.toy\.refine\.gamma: Input should be a valid number"):
+        parse_params({"methods": {"toy": {"refine": {"gamma": "x"}}}}, registered)
+    with pytest.raises(ParamsError, match=r"unknown key methods\.nope \(registered methods: cam, toy\)"):
+        parse_params({"methods": {"nope": {}}}, registered)
+    assert isinstance(params.model_dump()["methods"]["toy"]["refine"], dict)
+    assert params.model_dump()["methods"]["toy"]["refine"] == {"gamma": 2.0}
+    assert issubclass(ToyParams, Section)
 
 
 def test_stage_prints_one_line_error_and_exits_2(tmp_path):
@@ -69,21 +130,33 @@ def test_stage_prints_one_line_error_and_exits_2(tmp_path):
     params.write_text("method: foo\n")
     result = subprocess.run([sys.executable, "-m", "stages.prepare", "--params", str(params)],
                             cwd=tmp_path, capture_output=True, text=True,
-                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert lines == [f"error: {params}: method 'foo' is not one of: cam"]
 
 
-def test_param_sections_mirror_core_defaults():
-    """Core settings objects and their params sections must not drift apart."""
+def test_synthetic_params_mirror_the_generator_defaults():
+    """The generator's spec and its params section must not drift apart."""
     from dataclasses import asdict
 
-    from wsss_core.config import CrfParams, SyntheticParams
+    from wsss_core.config import SyntheticParams
     from wsss_core.data.synthetic import SyntheticSpec
-    from wsss_core.refine.crf import CrfSettings
 
-    assert asdict(CrfSettings()) == CrfParams().model_dump(exclude={"workers"})
     spec = asdict(SyntheticSpec())
     assert SyntheticParams().model_dump() == {key: spec[key] for key in SyntheticParams.model_fields}
     assert set(spec) - set(SyntheticParams.model_fields) == {"seed"}  # seed comes from data.seed
+
+
+def test_wsss_compose_writes_what_dvc_would_and_refuses_unknown_groups(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from stages.compose import app
+
+    monkeypatch.chdir(REPO)
+    result = CliRunner().invoke(app, ["data=voc12-mini", "cls.lr=0.5", "--out", str(tmp_path / "p.yaml")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "p.yaml").read_text() == compose(["data=voc12-mini", "cls.lr=0.5"], REPO / "conf")
+    result = CliRunner().invoke(app, ["method=nope", "--out", str(tmp_path / "q.yaml")])
+    assert result.exit_code == 2 and "cannot compose method=nope (In 'config': Could not find 'method/nope')" \
+        in result.stderr and not (tmp_path / "q.yaml").exists()

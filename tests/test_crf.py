@@ -3,7 +3,9 @@ import pydensecrf.densecrf as dcrf
 import pytest
 from pydensecrf.utils import unary_from_softmax
 
-from wsss_core.refine.crf import CrfSettings, crf_labels, crf_on_labels, dense_crf, run_pool
+from wsss_core.config import CrfParams
+from wsss_core.pool import run_pool
+from wsss_core.refine.crf import crf_labels, crf_on_labels, dense_crf
 
 RED, BLUE = (200, 40, 40), (40, 40, 200)
 
@@ -88,7 +90,7 @@ def test_without_pairwise_terms_argmax_is_unchanged():
     rng = np.random.default_rng(3)
     image, _ = two_regions()
     probabilities = softmax_probabilities(rng, 3, *image.shape[:2])
-    settings = CrfSettings(gaussian_compat=0.0, bilateral_compat=0.0)
+    settings = CrfParams(gaussian_compat=0.0, bilateral_compat=0.0)
     marginals = dense_crf(image, probabilities, settings)
     np.testing.assert_array_equal(marginals.argmax(0), probabilities.argmax(0))
     assert not np.array_equal(dense_crf(image, probabilities).argmax(0), probabilities.argmax(0))

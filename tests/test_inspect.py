@@ -3,7 +3,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from stages.cli import app
-from tests.test_cams import make_dataset
+from tests.fixtures import make_dataset
 from wsss_core.cams.store import CamStoreWriter
 
 

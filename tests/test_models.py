@@ -4,17 +4,11 @@ import timm
 import torch
 
 from wsss_core.checkpoint import load_checkpoint, save_checkpoint
-from wsss_core.config import METHODS, ClsParams
+from wsss_core.config import ClsParams
 from wsss_core.errors import DataError, ParamsError
-from wsss_core.methods import REGISTRY, get_method
+from wsss_core.methods.cam import CamMethod
 from wsss_core.models.backbones import Backbone
 from wsss_core.models.pretrained import load_lite0_package_weights, lite0_package_file
-
-
-def test_config_methods_match_registry():
-    assert set(METHODS) == set(REGISTRY)
-    with pytest.raises(ParamsError, match="method 'nope' is not one of: cam"):
-        get_method("nope")
 
 
 @pytest.mark.parametrize("name,stride", [("resnet18", 16), ("resnet18", 8), ("tf_efficientnet_lite0", 16)])
@@ -25,7 +19,7 @@ def test_backbone_feature_stride_and_channels(name, stride):
 
 
 def test_cam_classifier_is_bias_free_1x1():
-    model = get_method("cam").build_classifier(ClsParams(backbone="resnet18"), 6)
+    model = CamMethod().build_classifier(ClsParams(backbone="resnet18"), 6)
     assert model.classifier.bias is None and model.classifier.weight.shape == (6, 512, 1, 1)
     assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 6)
 
@@ -93,11 +87,11 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path):
     path = tmp_path / "cls.pt"
     model = torch.nn.Linear(2, 3)
     save_checkpoint(path, model, "cam", {"cls": {"backbone": "resnet18", "output_stride": 16}}, class_names=["a"])
-    checkpoint = load_checkpoint(path, "cam", {"backbone": "resnet18", "output_stride": 16}, "cls")
+    checkpoint = load_checkpoint(path, "cam", {"cls": {"backbone": "resnet18", "output_stride": 16}})
     assert checkpoint["class_names"] == ["a"] and set(checkpoint["model"]) == {"weight", "bias"}
     with pytest.raises(ParamsError, match=r"trained with cls.output_stride=16, params say 8"):
-        load_checkpoint(path, "cam", {"backbone": "resnet18", "output_stride": 8}, "cls")
+        load_checkpoint(path, "cam", {"cls": {"backbone": "resnet18", "output_stride": 8}})
     with pytest.raises(ParamsError, match=r"trained with method='cam', params say 'mct'"):
-        load_checkpoint(path, "mct", {}, "cls")
+        load_checkpoint(path, "mct", {})
     with pytest.raises(DataError, match="checkpoint not found"):
-        load_checkpoint(tmp_path / "none.pt", "cam", {}, "cls")
+        load_checkpoint(tmp_path / "none.pt", "cam", {})

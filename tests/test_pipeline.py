@@ -10,7 +10,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.pipeline import TINY_PARAMS, copy_repo, dvc, git
+from tests.pipeline import TINY_PARAMS, copy_repo, dvc, git, recompose
 from wsss_core.data.dataset import Dataset
 from wsss_core.data.palette import read_label_png
 
@@ -50,6 +50,7 @@ def test_repro_through_cam_evaluation(tiny_repo):
     report = json.loads((tiny_repo / "metrics/cam.json").read_text())
     assert 0 < report["miou"] <= 1 and set(report["per_class"]) == set(dataset.class_names)
     assert report["sweep"]["best_miou"] >= report["miou"]
+    assert 0 <= report["synthetic_activation"]["part_mean"] <= 1
     live = json.loads((tiny_repo / "dvclive/train_cls/metrics.json").read_text())
     assert live["step"] == 0 and 0 < live["val_map"] <= 1
     shown = dvc(tiny_repo, "metrics", "show", "--json").stdout
@@ -60,6 +61,9 @@ def test_repro_through_pseudo_masks(tiny_repo):
     dvc(tiny_repo, "repro", "pseudo_masks")
     dataset = Dataset.load(tiny_repo / "data/prepared/dataset.json")
     ids = dataset.ids("train")
+    refined = json.loads((tiny_repo / "metrics/cam_refined.json").read_text())  # cam passes through: same scores
+    assert refined == json.loads((tiny_repo / "metrics/cam.json").read_text())
+    assert (tiny_repo / "cams/cams_refined.h5").read_bytes() == (tiny_repo / "cams/cams.h5").read_bytes()
     for name in ("affinity_labels", "rw", "crf", "pseudo"):
         report = json.loads((tiny_repo / f"metrics/{name}.json").read_text())
         assert 0 < report["miou"] <= 1, name
@@ -82,6 +86,8 @@ def test_whole_dag_caches_reruns_only_what_changed_and_runs_experiments(tiny_rep
     dataset = Dataset.load(tiny_repo / "data/prepared/dataset.json")
     report = json.loads((tiny_repo / "metrics/seg.json").read_text())
     assert 0 < report["miou"] <= 1 and 0 < report["pixel_accuracy"] <= 1
+    onestep = json.loads((tiny_repo / "metrics/seg_onestep.json").read_text())
+    assert onestep == {"miou": None, "per_class": {}, "skipped": "method 'cam' has no segmentation branch"}
     assert set(report["per_class"]) == set(dataset.class_names) and report["protocol"]["images"] == 8
     bars = json.loads((tiny_repo / "plots/seg_per_class.json").read_text())["per_class"]
     assert {bar["class"] for bar in bars} <= set(dataset.class_names) and bars
@@ -98,9 +104,7 @@ def test_whole_dag_caches_reruns_only_what_changed_and_runs_experiments(tiny_rep
 
     params_file = tiny_repo / "params.yaml"
     original = params_file.read_text()
-    params = yaml.safe_load(original)
-    params["crf"].update(iterations=2, bilateral_compat=30.0)
-    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    recompose(tiny_repo, "crf.iterations=2", "crf.bilateral_compat=30.0")
     stale = json.loads(dvc(tiny_repo, "status", "--json").stdout)
     assert "dcrf" in stale and set(stale) <= {"dcrf", "evaluate"}  # evaluate reads crf for eval_crf
     ran = re.findall(r"Running stage '(\w+)'", dvc(tiny_repo, "repro").stdout)
@@ -110,17 +114,37 @@ def test_whole_dag_caches_reruns_only_what_changed_and_runs_experiments(tiny_rep
     git(tiny_repo, "add", "-A")
     git(tiny_repo, "commit", "-qm", "baseline run")
     dvc(tiny_repo, "exp", "run", "-S", "method=cam", "-S", "rw.beta=10")
+    assert yaml.safe_load(params_file.read_text())["rw"]["beta"] == 10  # composed from conf/ with the override
     experiments = json.loads(dvc(tiny_repo, "exp", "show", "--json").stdout)
     assert experiments, "dvc exp show listed nothing"
     shown = json.dumps(experiments)
-    for metrics_file in ("metrics/cam.json", "metrics/rw.json", "metrics/crf.json", "metrics/pseudo.json",
-                         "metrics/seg.json"):
+    for metrics_file in ("metrics/cam.json", "metrics/cam_refined.json", "metrics/rw.json", "metrics/crf.json",
+                         "metrics/pseudo.json", "metrics/seg.json", "metrics/seg_onestep.json"):
         assert metrics_file in shown, metrics_file
     assert '"beta": 10' in shown.replace("10.0", "10")
 
-    params = yaml.safe_load(params_file.read_text())
-    params["seg"].update(eval_scales=[1.0, 0.75], eval_flip=True, eval_crf=True)  # the MCTformer protocol
-    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    recompose(tiny_repo, "seg.eval_scales=[1.0,0.75]", "seg.eval_flip=true", "seg.eval_crf=true")  # MCTformer's protocol
     subprocess.run([sys.executable, "-m", "stages.evaluate"], cwd=tiny_repo, check=True, capture_output=True)
     protocol = json.loads((tiny_repo / "metrics/seg.json").read_text())["protocol"]
     assert protocol == {"split": "val", "images": 8, "scales": [1.0, 0.75], "flip": True, "crf": True}
+
+
+def test_pseudo_source_cam_skips_the_affinity_branch(tiny_repo):
+    """With pseudo.source: cam, AffinityNet, the walk and the CRF write placeholders; nothing upstream re-runs."""
+    recompose(tiny_repo, "pseudo.source=cam")
+    ran = re.findall(r"Running stage '(\w+)'", dvc(tiny_repo, "repro").stdout)
+    assert set(ran) <= {"affinity_labels", "train_affinity", "random_walk", "dcrf", "pseudo_masks", "train_seg",
+                        "evaluate"} and "pseudo_masks" in ran
+    for name in ("affinity_labels", "rw", "crf"):
+        report = json.loads((tiny_repo / f"metrics/{name}.json").read_text())
+        assert report["miou"] is None and "pseudo.source is 'cam'" in report["skipped"], name
+    assert sorted(p.name for p in (tiny_repo / "labels/crf").iterdir()) == ["SKIPPED.txt"]
+    with h5py.File(tiny_repo / "cams/cams_rw.h5", "r") as store:
+        assert list(store.keys()) == [] and "nothing reads" in store.attrs["skipped"]
+    pseudo = json.loads((tiny_repo / "metrics/pseudo.json").read_text())
+    cam = json.loads((tiny_repo / "metrics/cam.json").read_text())
+    assert pseudo["miou"] == pytest.approx(cam["miou"], abs=1e-6)  # the CAM seeds at the same threshold
+    subprocess.run([sys.executable, "-m", "stages.cli", "masks", "show", Dataset.load(
+        tiny_repo / "data/prepared/dataset.json").ids("train")[0], "--out", "m.png"], cwd=tiny_repo, check=True,
+        capture_output=True)
+    assert Image.open(tiny_repo / "m.png").size[0] == 5 * 96 + 4 * 4  # image, CAM, pseudo, DeepLab, GT

@@ -8,7 +8,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from stages.cli import app
-from tests.test_cams import make_dataset
+from tests.fixtures import make_dataset
 from wsss_core.checkpoint import save_checkpoint
 from wsss_core.data.palette import read_label_png
 from wsss_core.data.transforms import normalize
@@ -16,7 +16,8 @@ from wsss_core.errors import DataError
 from wsss_core.models.backbones import Backbone
 from wsss_core.models.cam_net import CamNet
 from wsss_core.models.deeplab import build_segmenter
-from wsss_core.refine.crf import CrfSettings, dense_crf
+from wsss_core.config import CrfParams
+from wsss_core.refine.crf import dense_crf
 from wsss_core.seg.infer import list_images, predict_probabilities, score_split, segment
 from wsss_core.seg.training import segmentation_loss
 
@@ -49,9 +50,11 @@ def test_deeplabv3plus_logits_at_input_size_and_parameter_groups_partition(outpu
     with torch.no_grad():
         logits = model(torch.randn(2, 3, 64, 80))
     assert logits.shape == (2, 5, 64, 80)
-    backbone, new = model.parameter_groups()
-    assert {id(p) for p in backbone}.isdisjoint(id(p) for p in new)
-    assert len(backbone) + len(new) == len(list(model.parameters()))
+    backbone, new = model.parameter_groups(10.0)
+    assert (backbone.name, backbone.lr_mult, new.name, new.lr_mult) == ("backbone", 1.0, "new", 10.0)
+    assert {id(p) for p in backbone.params} == {id(p) for p in model.backbone.parameters()}
+    assert {id(p) for p in backbone.params}.isdisjoint(id(p) for p in new.params)
+    assert len(backbone.params) + len(new.params) == len(list(model.parameters()))
     assert model.aspp.branches[1][0].dilation == ((6, 6) if output_stride == 16 else (12, 12))
 
 
@@ -133,11 +136,11 @@ def test_segment_returns_labels_of_image_size_with_and_without_crf():
     model = PixelwiseNet(classes=3)
     image = np.random.default_rng(0).integers(0, 255, (17, 23, 3), dtype=np.uint8)
     plain = segment(model, image, torch.device("cpu"))
-    refined = segment(model, image, torch.device("cpu"), crf=CrfSettings(iterations=3))
+    refined = segment(model, image, torch.device("cpu"), crf=CrfParams(iterations=3))
     assert plain.shape == refined.shape == (17, 23) and plain.dtype == np.uint8
     probabilities = predict_probabilities(model, normalize(image, model.mean, model.std)).numpy()  # [3, H, W]
     np.testing.assert_array_equal(plain, probabilities.argmax(0))
-    np.testing.assert_array_equal(refined, dense_crf(image, probabilities, CrfSettings(iterations=3)).argmax(0))
+    np.testing.assert_array_equal(refined, dense_crf(image, probabilities, CrfParams(iterations=3)).argmax(0))
 
 
 def test_predict_writes_a_palette_png_and_overlay_per_image(tmp_path):

@@ -10,7 +10,7 @@ from wsss_core.data.voc import carve_val, read_voc
 from wsss_core.errors import DataError
 
 
-def make_root(tmp_path, masks: dict) -> "Path":
+def make_root(tmp_path, masks: dict):
     """A tiny VOC root: one 8x6 image per mask, listed in train.txt, plus a valid id "zz" so that a split can be carved."""
     masks = {**masks, "zz": mask_with(1)}
     root = tmp_path / "voc"

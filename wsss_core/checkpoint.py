@@ -40,24 +40,34 @@ def save_checkpoint(path: str | Path, model: nn.Module, method: str, params: dic
         torch.save({"model": model.state_dict(), "method": method, "params": params, **extra}, temporary)
 
 
-def load_checkpoint(path: str | Path, method: str, params: dict, section: str) -> dict:
-    """Read a checkpoint and check it was made by `method` with `params` (the keys that shape the model).
+def load_checkpoint(path: str | Path, method: str, expected: dict[str, dict]) -> dict:
+    """Read a checkpoint and check it was made by `method` with the expected params.
 
-    A mismatch is a ParamsError naming the first differing key, e.g. 'cls.backbone'.
+    expected: {section: {key: value}} of the params that shape the model; a mismatch is a
+    ParamsError naming the first differing key, e.g. 'cls.backbone'.
     """
     checkpoint = read_checkpoint(path)
     if checkpoint.get("method") != method:
         raise ParamsError(f"{path} was trained with method={checkpoint.get('method')!r}, params say {method!r}")
-    saved = checkpoint.get("params", {}).get(section, {})
-    for key, value in params.items():
-        if saved.get(key) != value:
-            raise ParamsError(f"{path} was trained with {section}.{key}={saved.get(key)!r}, params say {value!r}")
+    for section, params in expected.items():
+        saved = checkpoint.get("params", {}).get(section, {})
+        for key, value in params.items():
+            if saved.get(key) != value:
+                raise ParamsError(f"{path} was trained with {section}.{key}={saved.get(key)!r}, params say {value!r}")
     return checkpoint
 
 
+def save_placeholder_checkpoint(path: str | Path, reason: str) -> None:
+    """Write a checkpoint holding only {'skipped': reason}: the declared output of a stage that did no work."""
+    with atomic_path(path) as temporary:
+        torch.save({"skipped": reason}, temporary)
+
+
 def read_checkpoint(path: str | Path) -> dict:
-    """Return a checkpoint dict as saved by save_checkpoint; a missing, unsafe or foreign file is a DataError."""
+    """Return a checkpoint dict as saved by save_checkpoint; a missing, unsafe, placeholder or foreign file is a DataError."""
     checkpoint = load_torch_file(path)
+    if isinstance(checkpoint, dict) and "skipped" in checkpoint:
+        raise DataError(f"{path}: a placeholder, its stage did no work ({checkpoint['skipped']})")
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
         raise DataError(f"{path}: not a wsss checkpoint (no 'model' entry)")
     return checkpoint

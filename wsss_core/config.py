@@ -1,20 +1,22 @@
 """Typed, validated params: one model per params.yaml section.
 
 Nothing here reads files: stages load the YAML and pass the mapping to `parse_params`, which
-turns any problem into a one-line `ParamsError` naming the key and what is allowed.
+turns any problem into a one-line `ParamsError` naming the key and what is allowed. Each
+method's own section (`methods.<name>`) is validated by the model its method registers, which
+the caller passes in; this module knows no method.
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Mapping
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
 
 from wsss_core.data.images import DEFAULT_MAX_PIXELS
 from wsss_core.errors import ParamsError
 
-METHODS = ("cam",)  # grows as methods are registered in wsss_core/methods
-
+BACKBONES = ("resnet18", "resnet50", "tf_efficientnet_lite0")
+"""timm backbones a classifier, AffinityNet or DeepLabV3+ can be built on (the one list)."""
+Backbone = Literal[BACKBONES]
 
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -65,6 +67,7 @@ class SyntheticParams(Section):
 
 
 class VocParams(Section):
+    # A folder in VOC layout; relative paths are from the repo root (where stages run).
     root: str = "../shared/data/voc12-mini"
     train_list: str = "ImageSets/Segmentation/train.txt"
     # Empty: carve `val_fraction` of the train ids (seeded) as val.
@@ -82,42 +85,53 @@ class DataParams(Section):
     synthetic: SyntheticParams = SyntheticParams()
     voc: VocParams = VocParams()
 
-    @model_validator(mode="after")
-    def _voc_root_exists(self) -> "DataParams":
-        if self.name == "voc" and not Path(self.voc.root).is_dir():
-            raise ValueError(f"data.voc.root: directory not found: {self.voc.root}")
-        return self
 
+class TrainRecipe(Section):
+    """What every training stage shares: sizes, optimizer and learning-rate schedule.
 
-class ClsParams(Section):
-    backbone: Literal["resnet18", "resnet50", "tf_efficientnet_lite0"] = "resnet18"
-    # Local state-dict path, "efficientnet_lite0" (weights from the lite0 package) or "" (random init).
-    pretrained: str = ""
-    output_stride: Literal[8, 16, 32] = 16
+    optimizer sgd (momentum, nesterov) or adamw; schedule poly ((1 - t)^poly_power), cosine (down to
+    lr * min_lr_ratio) or step (x step_gamma at each epoch in step_milestones); warmup_epochs of
+    linear warm-up from 0 precede any schedule. Networks scale lr per parameter group (new layers by
+    new_layer_lr_mult) and say which groups take weight decay.
+    """
+
     epochs: PositiveInt = 5
     batch_size: PositiveInt = 16
     crop_size: PositiveInt = 160
     resize_long: ResizeRange = [160, 256]
+    optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: PositiveFloat = 0.01
     new_layer_lr_mult: PositiveFloat = 10.0
     weight_decay: NonNegativeFloat = 1e-4
     momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    nesterov: bool = False
+    schedule: Literal["poly", "cosine", "step"] = "poly"
     poly_power: NonNegativeFloat = 0.9
-    # IRN keeps BatchNorm frozen (pretrained statistics); train it when starting from scratch.
-    freeze_bn: bool = False
+    min_lr_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    step_milestones: list[PositiveInt] = []
+    step_gamma: Fraction = 0.1
+    warmup_epochs: NonNegativeInt = 0
     num_workers: NonNegativeInt = 0
+    # CUDA only: bfloat16 autocast (float16 + loss scaling where the GPU lacks bfloat16) and channels_last.
+    amp: bool = True
+
+
+class ClsParams(TrainRecipe):
+    backbone: Backbone = "resnet18"
+    # Local state-dict path, "efficientnet_lite0" (weights from the lite0 package) or "" (random init).
+    pretrained: str = ""
+    output_stride: Literal[8, 16, 32] = 16
+    # IRN keeps the backbone's BatchNorm frozen (pretrained statistics); train it when starting from scratch.
+    freeze_bn: bool = False
 
 
 class CamsParams(Section):
     scales: Scales = [1.0, 0.5, 1.5]  # IRN adds 2.0; dropped for the CPU default
     flip: bool = True
     batch_size: PositiveInt = 8
-    bg_threshold: Fraction = 0.15
+    # CAM seeds: a pixel is background where every CAM is at most this (IRN's cam_eval_thres).
+    seed_bg_threshold: Fraction = 0.15
     sweep: ThresholdRange = [0.05, 0.60, 0.05]  # start, stop (inclusive), step
-
-
-class RefineParams(Section):
-    pass
 
 
 class CrfParams(Section):
@@ -132,94 +146,106 @@ class CrfParams(Section):
     workers: NonNegativeInt = 0  # 0: one process per core
 
 
-class AffinityParams(Section):
+class AffinityParams(TrainRecipe):
     # psa: CRF-refined (1 - max CAM)^alpha at a low and a high alpha; irn: thresholds on CAMs.
     label_mode: Literal["psa", "irn"] = "psa"
     low_alpha: PositiveFloat = 4.0
     high_alpha: PositiveFloat = 32.0
-    fg_threshold: Fraction = 0.30
-    bg_threshold: Fraction = 0.05
+    # irn only: confident foreground above irn_fg_threshold, confident background below irn_bg_threshold.
+    irn_fg_threshold: Fraction = 0.30
+    irn_bg_threshold: Fraction = 0.05
     label_crf: CrfParams = CrfParams()
     radius: PositiveInt = 5
-    backbone: Literal["resnet18", "resnet50", "tf_efficientnet_lite0"] = "resnet18"
+    backbone: Backbone = "resnet18"
     pretrained: str = ""
     # Train only the new 1x1 layers on fixed pretrained features (PSA fine-tunes all; for CPUs).
     freeze_backbone: bool = False
     epochs: PositiveInt = 3
     batch_size: PositiveInt = 8
-    crop_size: PositiveInt = 160
-    resize_long: ResizeRange = [160, 256]
-    lr: PositiveFloat = 0.01
-    new_layer_lr_mult: PositiveFloat = 10.0
     weight_decay: NonNegativeFloat = 5e-4
-    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
 
 
 class RwParams(Section):
     beta: NonNegativeFloat = 8.0
-    logt: Annotated[int, Field(ge=0)] = 8
+    logt: NonNegativeInt = 8
     radius: PositiveInt = 5
-    # alpha: background (1 - max CAM)^bg_alpha (PSA); threshold: constant bg_threshold (MCTformer).
-    bg_mode: Literal["alpha", "threshold"] = "alpha"
+    # alpha: background (1 - max CAM)^bg_alpha (PSA); constant: a constant background score bg_constant (MCTformer).
+    bg_mode: Literal["alpha", "constant"] = "alpha"
     bg_alpha: PositiveFloat = 16.0
-    bg_threshold: Fraction = 0.39
+    bg_constant: Fraction = 0.39
     batch_size: PositiveInt = 4
 
 
 class PseudoParams(Section):
-    source: Literal["cam", "rw", "crf"] = "crf"
+    # cam: CAM seeds at cams.seed_bg_threshold; rw: random walk argmax; crf: dense CRF of the walk;
+    # export: the method's own segmentation branch, stored by export_cams (AGEN's two-step variant).
+    source: Literal["cam", "rw", "crf", "export"] = "crf"
+    # Set 255 (ignored by train_seg) where the source disagrees with the other refinement (crf <-> rw).
     uncertain_to_void: bool = False
 
 
-class SegParams(Section):
+class RwsParams(Section):
+    """RWS (refined weak slices) for the segmentation stage; defaults are the spec's recommendations."""
+
+    enabled: bool = False
+    layers: list[PositiveInt] = [1, 2, 3, 4]  # backbone stages whose Seg-Grad-CAM heatmaps are used
+    slice_size: PositiveInt = 128
+    slice_stride: PositiveInt = 64
+    max_slices_per_image: PositiveInt = 16
+    select_rule: Literal["attention", "attention_and_iou"] = "attention"
+    slope_bins: PositiveInt = 20
+    slope_threshold: PositiveFloat = 0.02
+    min_windows_per_bin: PositiveInt = 5
+    min_class_fraction: Fraction = 0.01
+    rounds: Annotated[int, Field(ge=1, le=4)] = 1
+    local_iteration_fraction: Fraction = 0.15
+    retrain_iteration_fraction: Fraction = 0.4
+
+    @model_validator(mode="after")
+    def _not_available_yet(self) -> "RwsParams":
+        if self.enabled:
+            raise ValueError("seg.rws.enabled: RWS is not implemented yet (set seg.rws.enabled: false)")
+        return self
+
+
+class SegParams(TrainRecipe):
     # deeplabv3plus: our DeepLabV3+ over the timm `backbone`; deeplabv3_resnet50/101: torchvision's (OS 8).
     arch: Literal["deeplabv3plus", "deeplabv3_resnet50", "deeplabv3_resnet101"] = "deeplabv3plus"
-    backbone: Literal["resnet18", "resnet50", "tf_efficientnet_lite0"] = "resnet18"
+    backbone: Backbone = "resnet18"
     output_stride: Literal[8, 16] = 16
     # Local state dict, our classifier checkpoint (models/cls.pt: same backbone), "efficientnet_lite0" or "".
     pretrained: str = "models/cls.pt"
-    rws: bool = False  # RWS loss: not implemented yet; true is refused
-    epochs: PositiveInt = 5
+    rws: RwsParams = RwsParams()
     batch_size: PositiveInt = 8
     crop_size: PositiveInt = 144
     resize_long: ResizeRange = [144, 240]
-    lr: PositiveFloat = 0.01
-    new_layer_lr_mult: PositiveFloat = 10.0
-    weight_decay: NonNegativeFloat = 1e-4
-    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
-    poly_power: NonNegativeFloat = 0.9
     # evaluate: multi-scale + flip averaging and a test-time dense CRF (settings from `crf`), as MCTformer.
     eval_scales: Scales = [1.0]
     eval_flip: bool = False
     eval_crf: bool = False
-    montage_images: Annotated[int, Field(ge=0)] = 8
-
-    @model_validator(mode="after")
-    def _rws_not_available(self) -> "SegParams":
-        if self.rws:
-            raise ValueError("seg.rws: the RWS loss is not implemented yet (set seg.rws: false)")
-        return self
+    montage_images: NonNegativeInt = 8
 
 
 class Params(Section):
     method: str = "cam"
+    # The conf/ profile params.yaml was composed with (cpu: sizes for a 2-core machine; paper: the papers').
+    profile: str = "cpu"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: NonNegativeInt = 0
     data: DataParams = DataParams()
     cls: ClsParams = ClsParams()
+    # Each method's own section {model: {...}, refine: {...}}, validated by its registered model.
+    methods: dict[str, SerializeAsAny[Section]] = {}
     cams: CamsParams = CamsParams()
-    refine: RefineParams = RefineParams()
     affinity: AffinityParams = AffinityParams()
     rw: RwParams = RwParams()
     crf: CrfParams = CrfParams()
     pseudo: PseudoParams = PseudoParams()
     seg: SegParams = SegParams()
 
-    @model_validator(mode="after")
-    def _known_method(self) -> "Params":
-        if self.method not in METHODS:
-            raise ValueError(f"method {self.method!r} is not one of: {', '.join(METHODS)}")
-        return self
+    def method_section(self) -> Section:
+        """Return the active method's validated section (methods.<method>)."""
+        return self.methods[self.method]
 
 
 def _dotted(location: tuple) -> str:
@@ -236,20 +262,17 @@ def _allowed_keys(model: type[BaseModel], location: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def parse_params(mapping: Any, source: str = "params.yaml") -> Params:
-    """Validate a params mapping; raise ParamsError with one line naming the first bad key."""
-    if mapping is None:
-        mapping = {}
-    if not isinstance(mapping, dict):
-        raise ParamsError(f"{source}: expected a mapping of sections, got {type(mapping).__name__}")
+def _validate(model: type[BaseModel], mapping: Any, source: str, prefix: tuple = ()) -> BaseModel:
+    """Return model.model_validate(mapping); the first problem becomes a one-line ParamsError."""
     try:
-        return Params.model_validate(mapping)
+        return model.model_validate(mapping)
     except ValidationError as err:
         first = err.errors()[0]
-        key = _dotted(first["loc"]) or "method"
+        location = first["loc"]
+        key = _dotted(prefix + tuple(location)) or "method"
         kind = first["type"]
         if kind == "extra_forbidden":
-            allowed = _allowed_keys(Params, first["loc"])
+            allowed = _allowed_keys(model, location)
             raise ParamsError(f"{source}: unknown key {key} (allowed: {', '.join(allowed)})") from None
         if kind == "value_error":
             message = first["msg"].removeprefix("Value error, ")
@@ -257,6 +280,31 @@ def parse_params(mapping: Any, source: str = "params.yaml") -> Params:
         given = first.get("input")
         hint = " (YAML read it as text: write a plain number, e.g. 0.001 or 1.0e-3)" if _numeric_text(given) else ""
         raise ParamsError(f"{source}: {key}: {first['msg']}, got {given!r}{hint}") from None
+
+
+def parse_params(mapping: Any, method_params: Mapping[str, type[Section]], source: str = "params.yaml") -> Params:
+    """Validate a params mapping; raise ParamsError with one line naming the first bad key.
+
+    method_params maps every registered method name to the model of its `methods.<name>` section;
+    `method` must be one of them, and every section under `methods` is validated by its model
+    (missing sections take their defaults), so a typo in an inactive method's section fails too.
+    """
+    if mapping is None:
+        mapping = {}
+    if not isinstance(mapping, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections, got {type(mapping).__name__}")
+    sections = mapping.get("methods", {})
+    if not isinstance(sections, dict):
+        raise ParamsError(f"{source}: methods: expected a mapping of method sections, got {sections!r}")
+    params = _validate(Params, {**mapping, "methods": {}}, source)
+    if params.method not in method_params:
+        raise ParamsError(f"{source}: method {params.method!r} is not one of: {', '.join(method_params)}")
+    unknown = sorted(set(sections) - set(method_params))
+    if unknown:
+        raise ParamsError(f"{source}: unknown key methods.{unknown[0]} (registered methods: {', '.join(method_params)})")
+    validated = {name: _validate(model, sections.get(name) or {}, source, ("methods", name))
+                 for name, model in method_params.items()}
+    return params.model_copy(update={"methods": validated})
 
 
 def _numeric_text(value: Any) -> bool:

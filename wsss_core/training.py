@@ -1,7 +1,9 @@
 """Training helpers shared by the stages that train networks."""
 from __future__ import annotations
 
+import math
 import random
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -10,7 +12,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from wsss_core.errors import ParamsError
+from wsss_core.config import TrainRecipe
+from wsss_core.errors import DataError, ParamsError
+
+
+PROGRESS_EVERY = 10  # steps between progress-bar loss readings (each waits for the GPU)
 
 
 class EpochSeededSet(torch.utils.data.Dataset):
@@ -49,64 +55,139 @@ def seed_everything(seed: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def poly_lr(base_lr: float, step: int, total_steps: int, power: float) -> float:
-    """Return the poly schedule's learning rate base_lr * (1 - step/total)^power."""
-    return base_lr * (1 - step / total_steps) ** power
+@dataclass
+class ParamGroup:
+    """Parameters trained alike: lr = recipe lr * lr_mult; weight decay only where weight_decay is True.
 
-
-def sgd_two_groups(backbone_params, new_params, lr: float, new_layer_lr_mult: float,
-                   weight_decay: float, momentum: float) -> torch.optim.SGD:
-    """Return SGD with the backbone at lr and new layers at lr * new_layer_lr_mult.
-
-    Each group keeps its base lr under 'initial_lr' for the poly schedule.
+    name "backbone" marks pretrained layers (their BatchNorm is what `freeze_bn` freezes).
     """
-    groups = [
-        {"params": [p for p in backbone_params if p.requires_grad], "initial_lr": lr},
-        {"params": [p for p in new_params if p.requires_grad], "initial_lr": lr * new_layer_lr_mult},
-    ]
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+    name: str
+    params: list[nn.Parameter]
+    lr_mult: float = 1.0
+    weight_decay: bool = True
 
 
-def set_poly_lr(optimizer: torch.optim.Optimizer, step: int, total_steps: int, power: float) -> None:
-    """Set every group's lr from its 'initial_lr' by the poly schedule."""
+def backbone_and_new_groups(backbone: nn.Module, model: nn.Module, new_layer_lr_mult: float) -> list[ParamGroup]:
+    """Return [backbone at lr x1, every other parameter of model at lr x new_layer_lr_mult], all with weight decay."""
+    known = {id(p) for p in backbone.parameters()}
+    return [ParamGroup("backbone", list(backbone.parameters())),
+            ParamGroup("new", [p for p in model.parameters() if id(p) not in known], new_layer_lr_mult)]
+
+
+def build_optimizer(groups: list[ParamGroup], recipe: TrainRecipe) -> torch.optim.Optimizer:
+    """Return the recipe's optimizer (SGD with momentum/nesterov, or AdamW) over the groups' trainable parameters.
+
+    Each torch param group keeps its base lr under 'initial_lr' for the schedule.
+    """
+    torch_groups = [{"params": [p for p in group.params if p.requires_grad], "name": group.name,
+                     "initial_lr": recipe.lr * group.lr_mult, "lr": recipe.lr * group.lr_mult,
+                     "weight_decay": recipe.weight_decay if group.weight_decay else 0.0} for group in groups]
+    if recipe.optimizer == "adamw":
+        return torch.optim.AdamW(torch_groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    return torch.optim.SGD(torch_groups, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov,
+                           weight_decay=recipe.weight_decay)
+
+
+def lr_factor(step: int, total_steps: int, steps_per_epoch: int, recipe: TrainRecipe) -> float:
+    """Return the multiplier of every base lr at a 0-based step: linear warm-up, then poly, cosine or step decay."""
+    warmup = min(recipe.warmup_epochs * steps_per_epoch, total_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    if recipe.schedule == "step":
+        epoch = step // max(steps_per_epoch, 1)
+        return recipe.step_gamma ** sum(epoch >= milestone for milestone in recipe.step_milestones)
+    progress = (step - warmup) / max(total_steps - warmup, 1)
+    if recipe.schedule == "cosine":
+        return recipe.min_lr_ratio + (1 - recipe.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return (1 - progress) ** recipe.poly_power
+
+
+def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Set every group's lr to its 'initial_lr' times factor."""
     for group in optimizer.param_groups:
-        group["lr"] = poly_lr(group["initial_lr"], step, total_steps, power)
+        group["lr"] = group["initial_lr"] * factor
 
 
-def fit(model: nn.Module, train_set: EpochSeededSet,
-        batch_loss: Callable[[list[torch.Tensor]], tuple[torch.Tensor, dict[str, float]]],
-        optimizer: torch.optim.Optimizer, epochs: int, batch_size: int, device: torch.device, seed: int,
-        desc: str, poly_power: float = 0.9,
+def memory_format(device: torch.device) -> torch.memory_format:
+    """Return channels_last on CUDA (tensor cores run NHWC convolutions fastest), the default layout elsewhere."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
+def place(model: nn.Module, device: torch.device) -> nn.Module:
+    """Return model moved to device, in channels_last on CUDA (4-D weights only; others are unchanged)."""
+    return model.to(device, memory_format=memory_format(device))
+
+
+def training_precision(device: torch.device, amp: bool) -> tuple[bool, torch.dtype]:
+    """Return (autocast on?, its dtype): on CUDA with amp, bfloat16 where the GPU has it (no loss scaling
+    needed), else float16 with a GradScaler; fp32 on the CPU."""
+    enabled = amp and device.type == "cuda"
+    dtype = torch.bfloat16 if enabled and torch.cuda.is_bf16_supported() else torch.float16
+    return enabled, dtype
+
+
+def _to_device(batch, device: torch.device):
+    """Return the batch (a list of tensors or a dict of them) on device; 4-D float tensors in memory_format(device)."""
+    def move(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.dim() == 4 and tensor.is_floating_point():
+            return tensor.to(device, non_blocking=True, memory_format=memory_format(device))
+        return tensor.to(device, non_blocking=True)
+
+    if isinstance(batch, dict):
+        return {key: move(value) for key, value in batch.items()}
+    return [move(tensor) for tensor in batch]
+
+
+def fit(model: nn.Module, train_set: EpochSeededSet, batch_loss: Callable[..., tuple[torch.Tensor, dict[str, float]]],
+        *, recipe: TrainRecipe, device: torch.device, seed: int, desc: str,
+        groups: list[ParamGroup] | None = None,
         on_epoch_end: Callable[[int, dict[str, float]], None] = lambda epoch, means: None,
-        num_workers: int = 0, on_epoch_start: Callable[[], None] = lambda: None) -> None:
-    """Train model on shuffled, seeded batches with the poly schedule (AMP + loss scaling on CUDA).
+        on_epoch_start: Callable[[], None] = lambda: None) -> None:
+    """Train model with the recipe's optimizer and schedule on shuffled, seeded batches.
 
-    batch_loss gets the batch's tensors on `device` and returns (loss, {name: float} parts);
-    on_epoch_start runs after model.train() (e.g. to put frozen BatchNorm back in eval mode);
-    on_epoch_end gets the 1-based epoch and each part's mean over the epoch, 'loss' included.
+    On CUDA with recipe.amp: autocast to bfloat16 (float16 with loss scaling on GPUs without it) and
+    channels_last; the CPU trains in float32.
+
+    groups: the parameter groups (default: model.parameter_groups(recipe.new_layer_lr_mult)).
+    batch_loss gets the batch (tensors on `device`, a list or a dict as the set returns them) and
+    returns (loss, {name: float} parts); on_epoch_start runs after model.train() (e.g. to put frozen
+    BatchNorm back in eval mode); on_epoch_end gets the 1-based epoch and each part's mean over
+    the epoch, 'loss' included.
     """
-    loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=len(train_set) > batch_size,
-                        num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
-    use_amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler(enabled=use_amp)
+    if not len(train_set):
+        raise DataError(f"{desc}: the training set is empty")
+    optimizer = build_optimizer(groups or model.parameter_groups(recipe.new_layer_lr_mult), recipe)
+    loader = DataLoader(train_set, batch_size=recipe.batch_size, shuffle=True,
+                        drop_last=len(train_set) > recipe.batch_size, num_workers=recipe.num_workers,
+                        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(seed))
+    use_amp, amp_dtype = training_precision(device, recipe.amp)
+    scaler = torch.amp.GradScaler(enabled=use_amp and amp_dtype == torch.float16)
+    epochs = recipe.epochs
     total, step = epochs * len(loader), 0
-    model.to(device)
+    place(model, device)
     for epoch in range(epochs):
         train_set.epoch = epoch
         model.train()
         on_epoch_start()
         sums: dict[str, float] = {}
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{epochs}", unit="batch")
         for batch in bar:
-            set_poly_lr(optimizer, step, total, poly_power)
-            with torch.autocast(device.type, enabled=use_amp):
-                loss, parts = batch_loss([tensor.to(device, non_blocking=True) for tensor in batch])
+            set_lr(optimizer, lr_factor(step, total, len(loader), recipe))
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                loss, parts = batch_loss(_to_device(batch, device))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             step += 1
-            for key, value in {"loss": loss.item(), **parts}.items():
+            # The loss stays on the device (float64, as Python sums floats): reading it every step would make
+            # the CPU wait for the GPU, so it is read for the progress bar every PROGRESS_EVERY steps only.
+            loss_sum = loss_sum + loss.detach().double()
+            for key, value in parts.items():
                 sums[key] = sums.get(key, 0.0) + value
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        on_epoch_end(epoch + 1, {key: value / len(loader) for key, value in sums.items()})
+            if step % PROGRESS_EVERY == 0 or bar.n + 1 == len(loader):
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        means = {"loss": float(loss_sum) / len(loader), **{key: value / len(loader) for key, value in sums.items()}}
+        on_epoch_end(epoch + 1, means)

@@ -1,11 +1,16 @@
 """Scoring CAMs as segmentation seeds: argmax over [background threshold, CAMs]."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from tqdm import tqdm
 
+from wsss_core.cams.calibration import part_body_activation
 from wsss_core.cams.store import CamStore
+from wsss_core.config import CamsParams, DataParams
 from wsss_core.data.dataset import Dataset
+from wsss_core.data.synthetic import SyntheticSpec
 from wsss_core.metrics import ConfusionMatrix, iou_report
 
 
@@ -46,21 +51,23 @@ def sweep_cams(store: CamStore, dataset: Dataset, ids: list[str], thresholds: li
     return [matrix.matrix for matrix in matrices]
 
 
-def cam_metrics(store: CamStore, dataset: Dataset, ids: list[str], bg_threshold: float,
-                sweep: list[float]) -> dict:
-    """Return {'miou', 'per_class', 'bg_threshold', 'sweep': {...}} with mIoU in [0, 1].
+def cam_metrics(store: CamStore, dataset: Dataset, ids: list[str], *, seed_bg_threshold: float,
+                sweep: list[float], synthetic_spec: SyntheticSpec | None = None) -> dict:
+    """Return {'miou', 'per_class', 'seed_bg_threshold', 'sweep': {...}} with mIoU in [0, 1].
 
     The sweep's best threshold is tuned on ground truth, as papers' seed numbers usually are.
+    With the synthetic set's spec, 'synthetic_activation' says how partial the CAMs are (mean CAM on
+    parts, bodies and background: the point of the synthetic set).
     """
-    thresholds = sorted(set(threshold_grid(*sweep)) | {round(bg_threshold, 4)})
+    thresholds = sorted(set(threshold_grid(*sweep)) | {round(seed_bg_threshold, 4)})
     matrices = sweep_cams(store, dataset, ids, thresholds)
     reports = [iou_report(matrix, dataset.class_names) for matrix in matrices]
-    configured = reports[thresholds.index(round(bg_threshold, 4))]
+    configured = reports[thresholds.index(round(seed_bg_threshold, 4))]
     best = int(np.nanargmax([report["miou"] for report in reports]))
-    return {
+    report = {
         "miou": configured["miou"],
         "per_class": configured["per_class"],
-        "bg_threshold": bg_threshold,
+        "seed_bg_threshold": seed_bg_threshold,
         "sweep": {
             "note": "best background threshold tuned on ground truth",
             "best_threshold": thresholds[best],
@@ -69,3 +76,30 @@ def cam_metrics(store: CamStore, dataset: Dataset, ids: list[str], bg_threshold:
             "miou": [report["miou"] for report in reports],
         },
     }
+    if synthetic_spec is not None:
+        report["synthetic_activation"] = part_body_activation(store, synthetic_spec, ids)
+    return report
+
+
+def score_cam_store(path: Path, dataset: Dataset, cams: CamsParams, data: DataParams) -> dict:
+    """Return cam_metrics of the store at path over the train split, after checking that it covers it.
+
+    On the synthetic set the report also holds the part/body calibration ('synthetic_activation').
+    """
+    ids = dataset.ids("train")
+    spec = SyntheticSpec(seed=data.seed, **data.synthetic.model_dump()) if data.name == "synthetic" else None
+    with CamStore(path) as store:
+        store.check_covers(ids)
+        return cam_metrics(store, dataset, ids, seed_bg_threshold=cams.seed_bg_threshold, sweep=cams.sweep,
+                           synthetic_spec=spec)
+
+
+def describe_report(name: str, report: dict) -> str:
+    """Return a CAM report's mIoU at the configured and the best threshold (and the calibration) as text."""
+    sweep = report["sweep"]
+    text = (f"{name} mIoU {report['miou']:.4f} at threshold {report['seed_bg_threshold']}; "
+            f"best {sweep['best_miou']:.4f} at {sweep['best_threshold']} (tuned on GT)")
+    if "synthetic_activation" in report:
+        text += ("; mean CAM on parts / bodies / background: {part_mean:.3f} / {body_mean:.3f} / "
+                 "{background_mean:.3f}".format(**report["synthetic_activation"]))
+    return text

@@ -1,27 +1,37 @@
-"""Multi-scale, flip-augmented CAM inference (IRN's protocol) and export to a CAM store."""
+"""Multi-scale, flip-augmented CAM inference (IRN's protocol) and export to a CAM store.
+
+Everything here takes the network's hooks as callables (`cam_maps`, `raw_maps`, `segment`), so it
+serves every method without knowing any.
+"""
 from __future__ import annotations
 
 import time
-from collections import defaultdict
-from typing import Iterator
+from pathlib import Path
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 from tqdm import tqdm
 
-from wsss_core.cams.store import CamStoreWriter
-from wsss_core.data.dataset import Dataset
-from wsss_core.data.images import image_size
+from wsss_core.cams.store import CamStoreWriter, RawArray
+from wsss_core.data.dataset import Dataset, size_batches
 from wsss_core.data.transforms import normalize
-from wsss_core.methods.base import Method
+from wsss_core.training import memory_format
+
+CamMaps = Callable[[torch.Tensor], dict[str, torch.Tensor]]  # images [B,3,h,w] -> {name: [B, K, h', w'] >= 0}
+SegmentLogits = Callable[[torch.Tensor], torch.Tensor]  # images [B,3,h,w] -> logits [B, K+1, h', w']
+
+
+class RawMaps(Protocol):
+    """images [N,3,H,W] -> {name: RawMap(values [N, ...], layout, grid)} (see methods.base.RawMap)."""
+
+    def __call__(self, images: torch.Tensor) -> dict: ...
 
 
 @torch.no_grad()
-def multiscale_maps(method: Method, model: nn.Module, images: torch.Tensor, scales: list[float],
-                    flip: bool) -> dict[str, torch.Tensor]:
-    """Return each map of `method.cam_maps` summed over scales (and flips), as float32 [B, K, H, W].
+def multiscale_maps(cam_maps: CamMaps, images: torch.Tensor, scales: list[float], flip: bool) -> dict[str, torch.Tensor]:
+    """Return each map of `cam_maps` summed over scales (and flips), as float32 [B, K, H, W].
 
     images: normalised [B, 3, H, W]. Each scale's maps are upsampled bilinearly to (H, W)
     before summing; the flipped copy's maps are flipped back.
@@ -33,12 +43,43 @@ def multiscale_maps(method: Method, model: nn.Module, images: torch.Tensor, scal
         scaled = images if size == (height, width) else F.interpolate(images, size, mode="bilinear", align_corners=False)
         if flip:
             scaled = torch.cat([scaled, scaled.flip(-1)])
-        for name, maps in method.cam_maps(model, scaled).items():
+        for name, maps in cam_maps(scaled).items():
             maps = F.interpolate(maps.float(), (height, width), mode="bilinear", align_corners=False)
             if flip:
                 maps = maps[:batch] + maps[batch:].flip(-1)
             totals[name] = totals[name] + maps if name in totals else maps
     return totals
+
+
+def with_views(images: torch.Tensor, flip: bool) -> torch.Tensor:
+    """Return [V*B, 3, H, W]: the images, then (flip) their mirror images; V = 2 with flip, else 1."""
+    return torch.cat([images, images.flip(-1)]) if flip else images
+
+
+@torch.no_grad()
+def raw_views(raw_maps: RawMaps, images: torch.Tensor, flip: bool) -> list[dict[str, RawArray]]:
+    """Return per image {name: (float32 [V, ...], 'views,' + layout, grid)} of raw_maps at scale 1.
+
+    View 0 is the image, view 1 (with flip) its mirror image, each map as the method computed it
+    (a flipped view's token maps are not flipped back: their layout may not be spatial).
+    """
+    batch = images.shape[0]
+    per_image: list[dict[str, RawArray]] = [{} for _ in range(batch)]
+    for name, raw in raw_maps(with_views(images, flip)).items():
+        values = raw.values.float().unflatten(0, (-1, batch)).transpose(0, 1).cpu().numpy()  # [B, V, ...]
+        for index in range(batch):
+            per_image[index][name] = (values[index], "views," + raw.layout, tuple(raw.grid))
+    return per_image
+
+
+@torch.no_grad()
+def segmentation_probabilities(segment: SegmentLogits, images: torch.Tensor, flip: bool) -> torch.Tensor:
+    """Return softmax probabilities [B, K+1, H, W] of a segmentation branch at scale 1 (flip-averaged)."""
+    batch, _, height, width = images.shape
+    logits = F.interpolate(segment(with_views(images, flip)).float(), (height, width), mode="bilinear",
+                           align_corners=False)
+    probabilities = logits.softmax(1)
+    return (probabilities[:batch] + probabilities[batch:].flip(-1)) / 2 if flip else probabilities
 
 
 def normalize_present(maps: torch.Tensor, keys: np.ndarray) -> np.ndarray:
@@ -49,14 +90,6 @@ def normalize_present(maps: torch.Tensor, keys: np.ndarray) -> np.ndarray:
     selected = maps[torch.as_tensor(keys, dtype=torch.long) - 1]  # [k, H, W]
     peak = selected.flatten(1).amax(1).view(-1, 1, 1)
     return (selected / (peak + 1e-5)).cpu().numpy()
-
-
-def size_batches(dataset: Dataset, ids: list[str], batch_size: int) -> list[list[str]]:
-    """Group ids into batches of equal image size (at most batch_size each), keeping id order within a size."""
-    by_size: dict[tuple[int, int], list[str]] = defaultdict(list)
-    for image_id in ids:
-        by_size[image_size(dataset.image_path(image_id), dataset.max_pixels)].append(image_id)
-    return [group[start:start + batch_size] for group in by_size.values() for start in range(0, len(group), batch_size)]
 
 
 class _BatchReader(torch.utils.data.Dataset):
@@ -72,36 +105,47 @@ class _BatchReader(torch.utils.data.Dataset):
         return torch.stack([normalize(self.dataset.read_image(i), self.mean, self.std) for i in self.batches[index]])
 
 
-def iterate_cams(method: Method, model: nn.Module, dataset: Dataset, ids: list[str], scales: list[float],
-                 flip: bool, batch_size: int, device: torch.device, num_workers: int = 0
-                 ) -> Iterator[tuple[str, np.ndarray, np.ndarray, dict[str, np.ndarray]]]:
-    """Yield (id, cam float32 [k, H, W] in [0, 1], keys [k], other maps [k, H, W]) per image.
+def iterate_cams(cam_maps: CamMaps, dataset: Dataset, ids: list[str], *, mean: tuple, std: tuple,
+                 scales: list[float], flip: bool, batch_size: int, device: torch.device, num_workers: int = 0,
+                 raw_maps: RawMaps | None = None, segment: SegmentLogits | None = None
+                 ) -> Iterator[tuple[str, np.ndarray, np.ndarray, dict[str, np.ndarray], dict[str, RawArray]]]:
+    """Yield (id, cam float32 [k, H, W] in [0, 1], keys [k], extras, raw) per image, in size-batch order.
 
-    Only the image's ground-truth classes are kept (the standard protocol). AMP on CUDA.
+    Only the image's ground-truth classes are kept (the standard protocol). extras: the other class
+    maps of cam_maps ([k, H, W], normalised like the CAM) and, with `segment`, 'seg': its probabilities
+    for [background, keys] ([k+1, H, W]); raw: raw_maps at scale 1 with the flip view stacked. On CUDA:
+    float16 autocast and channels_last images (place the model with training.place).
     """
-    model.eval().to(device)
     batches = size_batches(dataset, ids, batch_size)
-    loader = torch.utils.data.DataLoader(_BatchReader(dataset, batches, model.backbone.mean, model.backbone.std),
-                                         batch_size=None, num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(_BatchReader(dataset, batches, mean, std), batch_size=None,
+                                         num_workers=num_workers)
     bar = tqdm(total=len(ids), desc="export_cams", unit="img")
     for batch_ids, images in zip(batches, loader):
-        with torch.autocast(device.type, enabled=device.type == "cuda"):
-            maps = multiscale_maps(method, model, images.to(device), scales, flip)
+        images = images.to(device, memory_format=memory_format(device))
+        with torch.autocast(device.type, enabled=device.type == "cuda"):  # float16: closer to fp32 CAMs than bf16
+            maps = multiscale_maps(cam_maps, images, scales, flip)
+            raws = raw_views(raw_maps, images, flip) if raw_maps else [{} for _ in batch_ids]
+            segmentation = segmentation_probabilities(segment, images, flip) if segment else None
         for index, image_id in enumerate(batch_ids):
             keys = np.asarray(dataset.labels[image_id], dtype=np.int64)
-            per_map = {name: normalize_present(value[index], keys) for name, value in maps.items()}
-            yield image_id, per_map.pop("cam"), keys, per_map
+            extras = {name: normalize_present(value[index], keys) for name, value in maps.items()}
+            if segmentation is not None:
+                channels = torch.as_tensor(np.concatenate([[0], keys]), dtype=torch.long, device=device)
+                extras["seg"] = segmentation[index, channels].cpu().numpy()
+            yield image_id, extras.pop("cam"), keys, extras, raws[index]
         bar.update(len(batch_ids))
     bar.close()
 
 
-def export_cams(method: Method, model: nn.Module, dataset: Dataset, ids: list[str], out_path, attrs: dict,
-                scales: list[float], flip: bool, batch_size: int, device: torch.device,
-                num_workers: int = 0) -> float:
+def export_cams(cam_maps: CamMaps, dataset: Dataset, ids: list[str], out_path: str | Path, attrs: dict, *,
+                mean: tuple, std: tuple, scales: list[float], flip: bool, batch_size: int, device: torch.device,
+                num_workers: int = 0, raw_maps: RawMaps | None = None, segment: SegmentLogits | None = None
+                ) -> float:
     """Write the CAM store at out_path (atomically) and return the export rate in images/second."""
     start = time.perf_counter()
     with CamStoreWriter(out_path, attrs) as writer:
-        for image_id, cam, keys, extra in iterate_cams(method, model, dataset, ids, scales, flip, batch_size,
-                                                        device, num_workers):
-            writer.write(image_id, cam, keys, extra)
+        for image_id, cam, keys, extras, raw in iterate_cams(
+                cam_maps, dataset, ids, mean=mean, std=std, scales=scales, flip=flip, batch_size=batch_size,
+                device=device, num_workers=num_workers, raw_maps=raw_maps, segment=segment):
+            writer.write(image_id, cam, keys, extras, raw)
     return len(ids) / (time.perf_counter() - start)

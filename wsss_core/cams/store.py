@@ -1,21 +1,32 @@
-"""The HDF5 CAM store (see ARCHITECTURE 'Contracts').
+"""The HDF5 CAM store (docs/architecture.md, 'Contracts').
 
 One group per image id holding dataset `cam` (float16 [k, H, W] in [0, 1], at the original image
-size, for the k foreground classes present) with attribute `keys` (their class indices 1..K),
-and any attention maps beside it. File attributes: method, scales, stride, class_names, params.
-The file is written under a temporary name and renamed when the writer closes without error.
+size, for the k foreground classes present) with attribute `keys` (their class indices 1..K).
+Beside it: other class maps at image size (`extras`, e.g. a random walk's `background`) and raw
+maps stored as the method made them (`raw`: token or stride resolution, views stacked first),
+each with attributes `layout` (its dims, e.g. 'views,classes,tokens') and `grid` (h, w); the file
+attribute `raw` lists the raw names. File attributes also record the method, scales, stride,
+class names and the params that made it. The file is written under a temporary name and renamed
+when the writer closes without error; a placeholder store (a stage that did no work) holds no
+group and a `skipped` attribute saying why.
 """
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
+from typing import Callable
 
 import h5py
 import numpy as np
+from tqdm import tqdm
 
 from wsss_core.data.dataset import check_image_id
 from wsss_core.errors import DataError
 from wsss_core.io import atomic_path
+
+RawArray = tuple[np.ndarray, str, tuple[int, int]]  # values [V, ...], layout, grid (h, w)
 
 
 class CamStoreWriter:
@@ -26,6 +37,7 @@ class CamStoreWriter:
         self.attrs = attrs
         self.compression_level = compression_level
         self.file: h5py.File | None = None
+        self.raw_names: list[str] = []
 
     def __enter__(self) -> "CamStoreWriter":
         self._atomic = atomic_path(self.path)  # also removes a temporary left by a killed run
@@ -34,8 +46,9 @@ class CamStoreWriter:
             self.file.attrs[key] = json.dumps(value) if isinstance(value, (dict, list, tuple)) else value
         return self
 
-    def write(self, image_id: str, cam: np.ndarray, keys: np.ndarray, extra: dict[str, np.ndarray] | None = None) -> None:
-        """Store one image's CAMs cam [k, H, W] (values in [0, 1]) for classes keys [k] (1..K)."""
+    def write(self, image_id: str, cam: np.ndarray, keys: np.ndarray, extras: dict[str, np.ndarray] | None = None,
+              raw: dict[str, RawArray] | None = None) -> None:
+        """Store one image: cam [k, H, W] (values in [0, 1]) for classes keys [k] (1..K), extras, raw maps."""
         check_image_id(image_id, str(self.path))
         cam = np.asarray(cam)
         keys = np.asarray(keys, dtype=np.int64)
@@ -44,8 +57,16 @@ class CamStoreWriter:
         group = self.file.create_group(image_id)
         self._dataset(group, "cam", cam.astype(np.float16))
         group["cam"].attrs["keys"] = keys
-        for name, value in (extra or {}).items():
+        for name, value in (extras or {}).items():
             self._dataset(group, name, np.asarray(value).astype(np.float16))
+        for name, (values, layout, grid) in (raw or {}).items():
+            values = np.asarray(values).astype(np.float16)
+            if len(layout.split(",")) != values.ndim:
+                raise ValueError(f"{image_id}: raw map {name!r} has {values.ndim} dims, layout {layout!r}")
+            self._dataset(group, name, values)
+            group[name].attrs.update(layout=layout, grid=np.asarray(grid, np.int64))
+            if name not in self.raw_names:
+                self.raw_names.append(name)
 
     def _dataset(self, group: h5py.Group, name: str, array: np.ndarray) -> None:
         if array.size == 0:
@@ -55,6 +76,8 @@ class CamStoreWriter:
                                  compression_opts=self.compression_level, shuffle=True)
 
     def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is None:
+            self.file.attrs["raw"] = json.dumps(self.raw_names)
         self.file.close()
         self._atomic.__exit__(exc_type, exc, traceback)
 
@@ -65,11 +88,15 @@ class CamStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.is_file():
-            raise DataError(f"{self.path}: CAM store not found (run export_cams first)")
+            raise DataError(f"{self.path}: CAM store not found (run the stage that writes it first)")
         try:
             self.file = h5py.File(self.path, "r")
         except OSError as err:
             raise DataError(f"{self.path}: not a readable HDF5 file ({err})") from None
+        if "skipped" in self.file.attrs:
+            skipped = self.file.attrs["skipped"]
+            self.file.close()
+            raise DataError(f"{self.path}: a placeholder, its stage did no work ({skipped})")
 
     def ids(self) -> list[str]:
         """Return the stored image ids (HDF5 order: sorted)."""
@@ -93,18 +120,41 @@ class CamStore:
         return value
 
     @property
+    def attrs(self) -> dict:
+        """Return every file attribute (JSON-decoded)."""
+        return {name: self.attr(name) for name in self.file.attrs}
+
+    @property
     def class_names(self) -> list[str]:
         return self.attr("class_names")
 
-    def read(self, image_id: str, name: str = "cam") -> tuple[np.ndarray, np.ndarray]:
-        """Return (map float32 [k, H, W], class indices int64 [k]) of one image."""
+    @property
+    def raw_names(self) -> list[str]:
+        """Return the names of the raw maps every group holds."""
+        return self.attr("raw") if "raw" in self.file.attrs else []
+
+    def _group(self, image_id: str, name: str) -> h5py.Group:
         if image_id not in self.file:
             raise DataError(f"{self.path}: no image {image_id!r} in the store")
         group = self.file[image_id]
         if not isinstance(group, h5py.Group) or name not in group or "cam" not in group \
                 or "keys" not in group["cam"].attrs:
             raise DataError(f"{self.path}: {image_id!r} is not a CAM group with a {name!r} map and class keys")
+        return group
+
+    def read(self, image_id: str, name: str = "cam") -> tuple[np.ndarray, np.ndarray]:
+        """Return (map float32 [k, H, W], class indices int64 [k]) of one image."""
+        group = self._group(image_id, name)
         return group[name][()].astype(np.float32), group["cam"].attrs["keys"].astype(np.int64)
+
+    def read_raw(self, image_id: str) -> dict[str, np.ndarray]:
+        """Return {name: float32 array [V, ...]} of the image's raw maps (layout and grid: `raw_layout`)."""
+        return {name: self._group(image_id, name)[name][()].astype(np.float32) for name in self.raw_names}
+
+    def raw_layout(self, image_id: str, name: str) -> tuple[str, tuple[int, int]]:
+        """Return (layout, grid (h, w)) of one raw map."""
+        dataset = self._group(image_id, name)[name]
+        return str(dataset.attrs["layout"]), tuple(int(v) for v in dataset.attrs["grid"])
 
     def close(self) -> None:
         self.file.close()
@@ -114,3 +164,38 @@ class CamStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def write_placeholder_store(path: str | Path, reason: str) -> None:
+    """Write a store with no image and a `skipped` attribute: the declared output of a stage that did no work."""
+    with atomic_path(path) as temporary, h5py.File(temporary, "w") as handle:
+        handle.attrs["skipped"] = reason
+
+
+RefineFunction = Callable[[np.ndarray, np.ndarray, dict[str, np.ndarray]], np.ndarray]
+
+
+def transform_store(source: CamStore, destination: str | Path, ids: list[str], refine: RefineFunction | None,
+                    attrs: dict) -> None:
+    """Write `destination` with refine(cam [k,H,W], keys [k], raw) -> cam [k,H,W] in [0, 1] per id.
+
+    refine None: the destination is a hard link to the source (a copy where links are not possible),
+    raw maps included. Otherwise the refined store keeps the source's file attributes plus `attrs`,
+    and holds no raw maps.
+    """
+    if refine is None:
+        with atomic_path(destination) as temporary:
+            try:
+                os.link(source.path, temporary)
+            except OSError:
+                shutil.copyfile(source.path, temporary)
+        return
+    source.check_covers(ids)
+    with CamStoreWriter(destination, {**{k: v for k, v in source.attrs.items() if k != "raw"}, **attrs}) as writer:
+        for image_id in tqdm(ids, desc="refine", unit="img"):
+            cam, keys = source.read(image_id)
+            refined = np.asarray(refine(cam, keys, source.read_raw(image_id)), dtype=np.float32)
+            if refined.shape != cam.shape or not (np.all(refined >= 0) and np.all(refined <= 1)):
+                raise ValueError(f"{image_id}: refined CAMs must be {cam.shape} in [0, 1], got {refined.shape} "
+                                 f"in [{refined.min():.3g}, {refined.max():.3g}]")
+            writer.write(image_id, refined, keys)

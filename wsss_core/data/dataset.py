@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import re
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from wsss_core.data.images import DEFAULT_MAX_PIXELS, read_rgb
+from wsss_core.data.images import DEFAULT_MAX_PIXELS, image_size, read_rgb
 from wsss_core.data.palette import read_label_png
 from wsss_core.errors import DataError
 from wsss_core.io import atomic_path
@@ -123,3 +124,11 @@ class Dataset:
             check_image_id(image_id, str(path))
         return dataset
 
+
+
+def size_batches(dataset: Dataset, ids: list[str], batch_size: int) -> list[list[str]]:
+    """Group ids into batches of equal (upright) image size, at most batch_size each, keeping id order within a size."""
+    by_size: dict[tuple[int, int], list[str]] = defaultdict(list)
+    for image_id in ids:
+        by_size[image_size(dataset.image_path(image_id), dataset.max_pixels)].append(image_id)
+    return [group[start:start + batch_size] for group in by_size.values() for start in range(0, len(group), batch_size)]

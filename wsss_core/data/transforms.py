@@ -38,9 +38,13 @@ def crop_windows(height: int, width: int, size: int, rng: np.random.Generator) -
 
 def random_crop(tensor: torch.Tensor, size: int, rng: np.random.Generator) -> torch.Tensor:
     """Return a [C, size, size] crop, zero-padding (the mean after normalising) a smaller side."""
-    channels, height, width = tensor.shape
-    out = tensor.new_zeros(channels, size, size)
-    source, target = crop_windows(height, width, size, rng)
+    return _paste(tensor, size, crop_windows(*tensor.shape[1:], size, rng))
+
+
+def _paste(tensor: torch.Tensor, size: int, windows: tuple[tuple[slice, slice], tuple[slice, slice]]) -> torch.Tensor:
+    """Return [C, size, size] zeros with tensor's source window pasted at the target window."""
+    source, target = windows
+    out = tensor.new_zeros(tensor.shape[0], size, size)
     out[(slice(None), *target)] = tensor[(slice(None), *source)]
     return out
 
@@ -76,9 +80,12 @@ class TrainAugment:
     def __init__(self, resize_long: tuple[int, int], crop_size: int, mean: tuple, std: tuple):
         self.resize_long, self.crop_size, self.mean, self.std = resize_long, crop_size, mean, std
 
-    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
-        """Return an augmented float32 tensor [3, crop_size, crop_size]."""
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, np.ndarray]:
+        """Return (float32 tensor [3, S, S], the same crop as uint8 RGB [S, S, 3]); padding is 0 in both."""
         image = resize_long_side(image, int(rng.integers(self.resize_long[0], self.resize_long[1] + 1)))
         if rng.random() < 0.5:
             image = image[:, ::-1]
-        return random_crop(normalize(image, self.mean, self.std), self.crop_size, rng)
+        windows = crop_windows(*image.shape[:2], self.crop_size, rng)
+        rgb = np.zeros((self.crop_size, self.crop_size, 3), np.uint8)
+        rgb[windows[1]] = image[windows[0]]
+        return _paste(normalize(image, self.mean, self.std), self.crop_size, windows), rgb

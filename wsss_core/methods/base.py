@@ -1,42 +1,159 @@
-"""The method interface: how a WSSS method builds its classifier and what its CAM pass returns."""
+"""The method interface (v2) and its registry.
+
+A method is one short subclass of `Method` in its own module, registered with `@register_method`;
+the registry is the only list of method names. Methods compose the packages below them
+(`models/`, `cams/`, `refine/`), which take callables and arrays and never import `methods/`.
+
+The hooks, in pipeline order:
+
+- `build_classifier(cls, num_classes)`: the network `train_cls` trains. It exposes `mean`, `std`,
+  `cam_stride` and `parameter_groups(new_layer_lr_mult) -> list[ParamGroup]`.
+- `training_loss(model, batch) -> (loss, parts)`: batch = {'images', 'labels', 'rgb'}; parts go to dvclive.
+- `class_scores(model, images)`: logits [B, K] for validation mAP.
+- `cam_maps(model, images)`: class maps for the multi-scale + flip export; 'cam' is required.
+- `raw_maps(model, images)`: maps stored as they are (token or stride resolution), at scale 1.
+- `segmenter(model)`: a module giving segmentation logits [B, K+1, h, w], or None.
+- `refine(cam, keys, raw, params)`: one image's refined CAMs; the base class owns the loop.
+"""
 from __future__ import annotations
 
-import os
-import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsss_core.config import ClsParams
-from wsss_core.io import atomic_path
+from wsss_core.cams.store import CamStore, transform_store
+from wsss_core.checkpoint import load_checkpoint
+from wsss_core.config import ClsParams, Params, Section
+from wsss_core.errors import ParamsError
+
+
+CLASSIFIER_SHAPE_KEYS = ("backbone", "output_stride")  # cls params that shape every classifier
+
+
+class ModelParams(Section):
+    """Knobs that shape or train the network (deps of train_cls and export_cams); a method extends it."""
+
+
+class RefineParams(Section):
+    """Knobs of the method's CAM refinement only (deps of the refine stage alone); a method extends it."""
+
+
+class MethodParams(Section):
+    """The `methods.<name>` section: {model: {...}, refine: {...}}."""
+
+    model: ModelParams = ModelParams()
+    refine: RefineParams = RefineParams()
+
+
+@dataclass
+class RawMap:
+    """A map stored as it is: values [B, ...] with `layout` naming the dims after the batch (e.g.
+    'classes,tokens') and `grid` the (h, w) of its spatial or token grid."""
+
+    values: torch.Tensor
+    layout: str
+    grid: tuple[int, int]
 
 
 class Method:
-    """Base class; each method is a short subclass registered under its `method` name."""
+    """Base class of every WSSS method; subclasses override the hooks they need."""
 
-    name: str = ""
+    name: ClassVar[str] = ""
+    Params: ClassVar[type[MethodParams]] = MethodParams
+    refines: ClassVar[bool] = False  # False: the refine stage passes the CAM store through (hard link)
+    has_segmenter: ClassVar[bool] = False  # True: segmenter() gives a segmentation branch (pseudo.source: export)
 
-    def build_classifier(self, params: ClsParams, num_classes: int) -> nn.Module:
-        """Return the classification network trained by `train_cls`."""
+    def __init__(self, params: MethodParams | None = None):
+        self.params = params if params is not None else self.Params()
+
+    def check(self, params: Params) -> None:
+        """Raise a ParamsError for a params combination this method cannot run (one line)."""
+        if params.pseudo.source == "export" and not self.has_segmenter:
+            raise ParamsError(f"pseudo.source: export needs a method with a segmentation branch; "
+                              f"method {self.name!r} has none (use cam, rw or crf)")
+
+    def checkpoint_params(self, cls: ClsParams) -> dict:
+        """Return the params a classifier checkpoint records: cls and this method's model section."""
+        return {"cls": cls.model_dump(), "methods": {self.name: {"model": self.params.model.model_dump()}}}
+
+    def load_classifier(self, path: Path, cls: ClsParams, num_classes: int) -> nn.Module:
+        """Return the classifier saved at path by train_cls (eval mode, CPU), after checking that it was
+        made by this method with the same shaping params (cls.backbone, cls.output_stride, methods.<name>.model)."""
+        checkpoint = load_checkpoint(path, self.name, {
+            "cls": {key: getattr(cls, key) for key in CLASSIFIER_SHAPE_KEYS},
+            "methods": {self.name: {"model": self.params.model.model_dump()}}})
+        model = self.build_classifier(cls, num_classes, pretrained=False)
+        model.load_state_dict(checkpoint["model"])
+        return model.eval()
+
+    # train_cls
+    def build_classifier(self, cls: ClsParams, num_classes: int, *, pretrained: bool = True) -> nn.Module:
+        """Return the network train_cls trains (pretrained=False: skip loading cls.pretrained)."""
         raise NotImplementedError
 
-    def classification_loss(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Return the scalar training loss for images [B,3,H,W] and multi-hot labels [B,K]."""
-        return F.multilabel_soft_margin_loss(model(images), labels)
+    def training_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Return (loss, parts): multi-label soft margin on class_scores, no parts, by default."""
+        return F.multilabel_soft_margin_loss(self.class_scores(model, batch["images"]), batch["labels"]), {}
 
+    def class_scores(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """Return class logits [B, K] for normalised images [B, 3, H, W]."""
+        return model(images)
+
+    # export_cams
     def cam_maps(self, model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Return maps for CAM export, each [B, K, h, w] and non-negative; 'cam' is required."""
         raise NotImplementedError
 
-    def refine_cams(self, source: Path, destination: Path) -> None:
-        """Write the refined CAM store; methods without attention refinement pass the store through.
+    def raw_maps(self, model: nn.Module, images: torch.Tensor) -> dict[str, RawMap]:
+        """Return maps to store as they are (scale 1; the flipped views come as more images). Default: none."""
+        return {}
 
-        The pass-through hard-links the file (no pixel data copied), falling back to a copy.
-        """
-        with atomic_path(destination) as temporary:
-            try:
-                os.link(source, temporary)
-            except OSError:
-                shutil.copyfile(source, temporary)
+    def segmenter(self, model: nn.Module) -> nn.Module | None:
+        """Return a module mapping images [B, 3, H, W] to segmentation logits [B, K+1, h, w], or None."""
+        return None
+
+    # refine
+    def refine(self, cam: np.ndarray, keys: np.ndarray, raw: dict[str, np.ndarray], params: RefineParams
+               ) -> np.ndarray:
+        """Return one image's refined CAMs [k, H, W] in [0, 1] from cam [k, H, W], keys [k] and its raw maps."""
+        raise NotImplementedError
+
+    def _refine_with_params(self, cam: np.ndarray, keys: np.ndarray, raw: dict[str, np.ndarray]) -> np.ndarray:
+        return self.refine(cam, keys, raw, self.params.refine)
+
+    def refine_cams(self, source: Path, destination: Path, ids: list[str]) -> None:
+        """Write the refined CAM store for ids (pass-through hard link for methods that do not refine)."""
+        refine = self._refine_with_params if self.refines else None
+        with CamStore(source) as store:
+            transform_store(store, destination, ids, refine,
+                            {"refined_by": self.name, "refine_params": self.params.refine.model_dump()})
+
+
+REGISTRY: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: add a Method subclass to the registry under its `name` (unique, non-empty)."""
+    if not cls.name or cls.name in REGISTRY:
+        raise ValueError(f"method name {cls.name!r} is empty or registered twice")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def method_params() -> dict[str, type[MethodParams]]:
+    """Return {name: params model} of every registered method (what config.parse_params validates with)."""
+    return {name: cls.Params for name, cls in REGISTRY.items()}
+
+
+def get_method(params: Params) -> Method:
+    """Return the active method (params.method) built with its validated section, after its checks."""
+    if params.method not in REGISTRY:
+        raise ParamsError(f"method {params.method!r} is not one of: {', '.join(REGISTRY)}")
+    method = REGISTRY[params.method](params.method_section())
+    method.check(params)
+    return method

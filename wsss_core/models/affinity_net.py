@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wsss_core.config import BACKBONES
 from wsss_core.errors import ParamsError
-from wsss_core.models.backbones import BACKBONES
 from wsss_core.models.pretrained import LITE0_PACKAGE_NAME, load_backbone_file, load_lite0_package_weights
+from wsss_core.training import ParamGroup, backbone_and_new_groups
 
 LEVEL_CHANNELS = (64, 128, 256)
 FEATURE_CHANNELS = 448
@@ -58,9 +59,9 @@ class AffinityNet(nn.Module):
                    for reducer, level in zip(self.reducers, levels)]
         return F.elu(self.fuse(torch.cat(reduced, dim=1)))
 
-    def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """Return (backbone parameters, newly initialised parameters)."""
-        return list(self.encoder.parameters()), list(self.reducers.parameters()) + list(self.fuse.parameters())
+    def parameter_groups(self, new_layer_lr_mult: float) -> list[ParamGroup]:
+        """Return the encoder (lr x1) and the new 1x1 layers (lr x new_layer_lr_mult), all with weight decay."""
+        return backbone_and_new_groups(self.encoder, self, new_layer_lr_mult)
 
     def freeze_backbone(self) -> None:
         """Stop the encoder's gradients and keep it in eval mode (BN statistics fixed) from now on.

@@ -5,10 +5,9 @@ import timm
 import torch
 from torch import nn
 
+from wsss_core.config import BACKBONES
 from wsss_core.errors import ParamsError
 from wsss_core.models.pretrained import LITE0_PACKAGE_NAME, load_backbone_file, load_lite0_package_weights
-
-BACKBONES = ("resnet18", "resnet50", "tf_efficientnet_lite0")
 
 
 class Backbone(nn.Module):

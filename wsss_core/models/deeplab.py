@@ -8,6 +8,7 @@ from torch import nn
 
 from wsss_core.models.backbones import Backbone
 from wsss_core.models.pretrained import load_backbone_file
+from wsss_core.training import ParamGroup, backbone_and_new_groups
 
 SEG_ARCHS = ("deeplabv3plus", "deeplabv3_resnet50", "deeplabv3_resnet101")
 ASPP_CHANNELS = 256
@@ -62,11 +63,9 @@ class DeepLabV3Plus(nn.Module):
         fused = self.decoder(torch.cat([context, self.low_project(low)], dim=1))  # [B, 256, H/4, W/4]
         return F.interpolate(self.classifier(fused), size=images.shape[-2:], mode="bilinear", align_corners=False)
 
-    def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """Return (backbone parameters, newly initialised parameters)."""
-        backbone = list(self.backbone.parameters())
-        known = {id(p) for p in backbone}
-        return backbone, [p for p in self.parameters() if id(p) not in known]
+    def parameter_groups(self, new_layer_lr_mult: float) -> list[ParamGroup]:
+        """Return the backbone (lr x1) and ASPP + decoder (lr x new_layer_lr_mult), all with weight decay."""
+        return backbone_and_new_groups(self.backbone, self, new_layer_lr_mult)
 
 
 class TorchvisionDeepLabV3(nn.Module):
@@ -84,9 +83,9 @@ class TorchvisionDeepLabV3(nn.Module):
         """Return class logits [B, num_classes, H, W] at the input size."""
         return self.net(images)["out"]
 
-    def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """Return (backbone parameters, newly initialised parameters)."""
-        return list(self.net.backbone.parameters()), list(self.net.classifier.parameters())
+    def parameter_groups(self, new_layer_lr_mult: float) -> list[ParamGroup]:
+        """Return the backbone (lr x1) and the DeepLab head (lr x new_layer_lr_mult), all with weight decay."""
+        return backbone_and_new_groups(self.net.backbone, self, new_layer_lr_mult)
 
 
 def build_segmenter(arch: str, backbone: str, num_classes: int, pretrained: str = "", output_stride: int = 16,

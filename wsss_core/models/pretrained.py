@@ -12,6 +12,7 @@ from wsss_core.errors import ParamsError
 
 LITE0_PACKAGE_NAME = "efficientnet_lite0"
 HEAD_PREFIXES = ("fc.", "classifier.", "head.")
+OUR_BACKBONE_PREFIX = "backbone.body."  # the timm backbone inside our classifiers and DeepLabV3+
 
 
 def lite0_package_file() -> Path:
@@ -62,8 +63,8 @@ def load_lite0_package_weights(model: nn.Module) -> None:
 def load_backbone_file(model: nn.Module, path: str | Path, key: str = "cls.pretrained") -> None:
     """Load a timm/torchvision state dict (optionally under 'state_dict' or 'model') into model.
 
-    Our own checkpoints work too: their backbone keys ('backbone.body.*', e.g. in models/cls.pt)
-    are read as the backbone's.
+    Our own checkpoints work too: only their backbone keys ('backbone.body.*', e.g. in models/cls.pt)
+    are read, as the backbone's; the method's own layers are left out.
 
     Keys of a classification head (fc., classifier., head.) are dropped; any other missing or
     unexpected key is a ParamsError naming the param, the file and a few of the keys.
@@ -72,6 +73,8 @@ def load_backbone_file(model: nn.Module, path: str | Path, key: str = "cls.pretr
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
+    if any(k.startswith(OUR_BACKBONE_PREFIX) for k in state):  # one of our networks: its backbone only
+        state = {k: v for k, v in state.items() if k.startswith(OUR_BACKBONE_PREFIX)}
     state = {_strip_wrappers(k): v for k, v in state.items()}
     state = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}
     own = {k for k in model.state_dict() if not k.startswith(HEAD_PREFIXES)}
@@ -89,4 +92,4 @@ def load_backbone_file(model: nn.Module, path: str | Path, key: str = "cls.pretr
 
 def _strip_wrappers(key: str) -> str:
     """Return a state-dict key without DDP's 'module.' and our networks' 'backbone.body.' prefixes."""
-    return key.removeprefix("module.").removeprefix("backbone.body.")
+    return key.removeprefix("module.").removeprefix(OUR_BACKBONE_PREFIX)

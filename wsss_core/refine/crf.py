@@ -1,40 +1,20 @@
-"""Fully connected CRF (Krähenbühl & Koltun 2011) as PSA/IRN run it, and an ordered process pool.
+"""Fully connected CRF (Krähenbühl & Koltun 2011) as PSA/IRN run it.
 
-`dense_crf` is PSA's `crf_inference` (AffinityNet, Ahn & Kwak 2018) with its defaults: a Gaussian
-smoothness kernel (sxy 3, compat 3) and a bilateral appearance kernel (sxy 80, srgb 13, compat 10),
-10 mean-field iterations. `crf_on_labels` is IRN's `crf_inference_label`: the unary comes from a
-hard label map. `run_pool` maps a per-image job over many images in worker processes.
+`dense_crf` is PSA's `crf_inference` (AffinityNet, Ahn & Kwak 2018) with its defaults (CrfParams):
+a Gaussian smoothness kernel (sxy 3, compat 3) and a bilateral appearance kernel (sxy 80, srgb 13,
+compat 10), 10 mean-field iterations. `crf_on_labels` is IRN's `crf_inference_label`: the unary
+comes from a hard label map. Settings come as a `CrfParams` section (its `workers` is not used here).
 """
 from __future__ import annotations
-
-import os
-import sys
-from dataclasses import dataclass
-from multiprocessing import Pool
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pydensecrf.densecrf as dcrf
 from pydensecrf.utils import unary_from_labels, unary_from_softmax
-from tqdm import tqdm
+
+from wsss_core.config import CrfParams
 
 PROBABILITY_FLOOR = 1e-5
 """Probabilities are clipped to at least this before -log, so every unary is finite."""
-MAX_CHUNKSIZE = 4
-"""Largest number of jobs sent to a worker at once: a chunk of VOC-sized arrays stays small and the tail balances."""
-THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-
-
-@dataclass(frozen=True)
-class CrfSettings:
-    """Mean-field iterations and pairwise kernels (pixel/colour standard deviations, Potts weights)."""
-
-    iterations: int = 10
-    gaussian_sxy: float = 3.0
-    gaussian_compat: float = 3.0
-    bilateral_sxy: float = 80.0
-    bilateral_srgb: float = 13.0
-    bilateral_compat: float = 10.0
 
 
 def _describe(array) -> str:
@@ -50,7 +30,7 @@ def _check_image(image: np.ndarray) -> None:
         raise ValueError(f"image must be a uint8 [H, W, 3] array, got {_describe(image)}")
 
 
-def _inference(image: np.ndarray, unary: np.ndarray, settings: CrfSettings) -> np.ndarray:
+def _inference(image: np.ndarray, unary: np.ndarray, settings: CrfParams) -> np.ndarray:
     """Return float32 [C, H, W] marginals for image uint8 [H, W, 3] and unary float32 [C, H*W]."""
     height, width = image.shape[:2]
     n_labels = unary.shape[0]
@@ -64,7 +44,7 @@ def _inference(image: np.ndarray, unary: np.ndarray, settings: CrfSettings) -> n
     return np.asarray(marginals, dtype=np.float32).reshape(n_labels, height, width)
 
 
-def dense_crf(image: np.ndarray, probabilities: np.ndarray, settings: CrfSettings = CrfSettings()) -> np.ndarray:
+def dense_crf(image: np.ndarray, probabilities: np.ndarray, settings: CrfParams = CrfParams()) -> np.ndarray:
     """Return float32 [C, H, W] CRF marginals (a distribution per pixel).
 
     image: uint8 [H, W, 3] RGB; probabilities: float [C, H, W], a distribution over C per pixel.
@@ -80,7 +60,7 @@ def dense_crf(image: np.ndarray, probabilities: np.ndarray, settings: CrfSetting
     return _inference(image, unary_from_softmax(clipped, clip=None), settings)
 
 
-def crf_labels(image: np.ndarray, probabilities: np.ndarray, label_ids, settings: CrfSettings = CrfSettings()
+def crf_labels(image: np.ndarray, probabilities: np.ndarray, label_ids, settings: CrfParams = CrfParams()
                ) -> np.ndarray:
     """Return uint8 [H, W]: label_ids[argmax over C of dense_crf(image, probabilities)].
 
@@ -92,7 +72,7 @@ def crf_labels(image: np.ndarray, probabilities: np.ndarray, label_ids, settings
     return label_ids.astype(np.uint8)[dense_crf(image, probabilities, settings).argmax(0)]
 
 
-def crf_on_labels(image: np.ndarray, labels: np.ndarray, n_labels: int, settings: CrfSettings = CrfSettings(),
+def crf_on_labels(image: np.ndarray, labels: np.ndarray, n_labels: int, settings: CrfParams = CrfParams(),
                   label_confidence: float = 0.7) -> np.ndarray:
     """Return uint8 [H, W] CRF-smoothed channel labels, as IRN's `crf_inference_label`.
 
@@ -108,42 +88,3 @@ def crf_on_labels(image: np.ndarray, labels: np.ndarray, n_labels: int, settings
         return labels.astype(np.uint8)
     unary = unary_from_labels(labels, n_labels, gt_prob=label_confidence, zero_unsure=False)
     return _inference(image, unary, settings).argmax(0).astype(np.uint8)
-
-
-def _single_threaded_worker() -> None:
-    """Pool initializer: one compute thread per worker, so workers do not compete for the cores."""
-    for name in THREAD_ENV_VARS:
-        os.environ[name] = "1"
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(1)
-
-
-def run_pool(function: Callable, jobs: Iterable, workers: int, total: int | None = None, desc: str = "dcrf"
-             ) -> Iterator:
-    """Yield function(job) for every job, in job order, computed in `workers` processes.
-
-    workers=0 uses os.cpu_count(); workers=1 runs in this process. function must be picklable (top
-    level, or a functools.partial of one). total (the number of jobs, when known) sizes the chunks
-    and the progress bar, which shows rate and ETA.
-    """
-    if workers < 0:
-        raise ValueError(f"workers must be >= 0, got {workers}")
-    if total is None and hasattr(jobs, "__len__"):
-        total = len(jobs)
-    return _pool_results(function, jobs, workers or os.cpu_count() or 1, total, desc)
-
-
-def _pool_results(function: Callable, jobs: Iterable, workers: int, total: int | None, desc: str) -> Iterator:
-    """The generator behind run_pool; workers >= 1."""
-    with tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True) as progress:
-        if workers == 1:
-            for job in jobs:
-                result = function(job)
-                progress.update()
-                yield result
-            return
-        chunksize = max(1, min(MAX_CHUNKSIZE, (total or 0) // (workers * 4)))
-        with Pool(workers, initializer=_single_threaded_worker) as pool:
-            for result in pool.imap(function, jobs, chunksize=chunksize):
-                progress.update()
-                yield result

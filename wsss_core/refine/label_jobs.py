@@ -10,24 +10,29 @@ from typing import Iterator
 import numpy as np
 
 from wsss_core.cams.store import CamStore
+from wsss_core.config import AffinityParams, CrfParams
 from wsss_core.data.dataset import Dataset
+from wsss_core.pool import run_pool
 from wsss_core.refine.affinity_labels import irn_affinity_label_map, psa_affinity_label_map
+from wsss_core.refine.crf import crf_on_labels, dense_crf
 from wsss_core.refine.pseudo import argmax_labels
-from wsss_core.refine.crf import CrfSettings, crf_on_labels, dense_crf, run_pool
 
 
-def affinity_label_job(job: tuple, mode: str, low_alpha: float, high_alpha: float, fg_threshold: float,
-                       bg_threshold: float, settings: CrfSettings | None) -> tuple[str, np.ndarray]:
-    """Return (id, uint8 [H, W] affinity label map) for job (id, image, cam [k, H, W], keys [k])."""
+def affinity_label_job(job: tuple, settings: AffinityParams) -> tuple[str, np.ndarray]:
+    """Return (id, uint8 [H, W] affinity label map) for job (id, image, cam [k, H, W], keys [k]).
+
+    settings.label_mode picks PSA's or IRN's labels, each refined by a CRF with settings.label_crf.
+    """
     image_id, image, cam, keys = job
-    if mode == "psa":
-        crf = partial(dense_crf, settings=settings) if settings else None
-        return image_id, psa_affinity_label_map(image, cam, keys, low_alpha, high_alpha, crf=crf)
-    crf = partial(crf_on_labels, settings=settings) if settings else None
-    return image_id, irn_affinity_label_map(image, cam, keys, fg_threshold, bg_threshold, crf_labels=crf)
+    if settings.label_mode == "psa":
+        crf = partial(dense_crf, settings=settings.label_crf)
+        return image_id, psa_affinity_label_map(image, cam, keys, settings.low_alpha, settings.high_alpha, crf=crf)
+    crf = partial(crf_on_labels, settings=settings.label_crf)
+    return image_id, irn_affinity_label_map(image, cam, keys, settings.irn_fg_threshold, settings.irn_bg_threshold,
+                                            crf_labels=crf)
 
 
-def crf_job(job: tuple, settings: CrfSettings) -> tuple[str, np.ndarray]:
+def crf_job(job: tuple, settings: CrfParams) -> tuple[str, np.ndarray]:
     """Return (id, uint8 [H, W] class labels) for job (id, image, scores [k+1, H, W], keys [k]).
 
     Scores (background first) are normalised to a distribution per pixel before the CRF.

@@ -8,59 +8,69 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from wsss_core.cams.infer import size_batches
 from wsss_core.cams.store import CamStore
-from wsss_core.data.dataset import Dataset
+from wsss_core.config import RwParams
+from wsss_core.data.dataset import Dataset, size_batches
 from wsss_core.data.transforms import normalize
-from wsss_core.models.affinity_net import AffinityNet
-from wsss_core.refine.affinity_training import image_affinities
+from wsss_core.models.affinity_net import AffinityNet, pair_affinities
 from wsss_core.refine.pairs import neighbour_offsets
 from wsss_core.refine.random_walk import random_walk
 
 
-def with_background(cam: np.ndarray, mode: str, alpha: float, threshold: float) -> np.ndarray:
+def with_background(cam: np.ndarray, rw: RwParams) -> np.ndarray:
     """Return float32 [k+1, H, W]: a background score stacked before the CAMs [k, H, W].
 
-    mode 'alpha': (1 - max_c cam)^alpha (PSA); 'threshold': the constant threshold (MCTformer).
+    rw.bg_mode 'alpha': (1 - max_c cam)^bg_alpha (PSA); 'constant': the constant rw.bg_constant (MCTformer).
     """
     peak = cam.max(0) if cam.shape[0] else np.zeros(cam.shape[1:], np.float32)
-    background = (1 - peak) ** alpha if mode == "alpha" else np.full_like(peak, threshold)
+    background = (1 - peak) ** rw.bg_alpha if rw.bg_mode == "alpha" else np.full_like(peak, rw.bg_constant)
     return np.concatenate([background[None], cam]).astype(np.float32)
 
 
-def propagate_batch(model: AffinityNet, images: torch.Tensor, scores: torch.Tensor, radius: int,
-                    beta: float, logt: int) -> torch.Tensor:
+@torch.no_grad()
+def image_affinities(model: AffinityNet, images: torch.Tensor, radius: int) -> torch.Tensor:
+    """Return pair affinities [B, O, ceil(H/8), ceil(W/8)] for normalised images [B, 3, H, W].
+
+    Images are zero-padded on the bottom/right to a multiple of 8 first.
+    """
+    height, width = images.shape[-2:]
+    padded = F.pad(images, (0, (-width) % 8, 0, (-height) % 8))
+    with torch.autocast(images.device.type, enabled=images.device.type == "cuda"):
+        features = model(padded)
+    return pair_affinities(features.float(), neighbour_offsets(radius))
+
+
+def propagate_batch(model: AffinityNet, images: torch.Tensor, scores: torch.Tensor, rw: RwParams) -> torch.Tensor:
     """Random-walk scores [B, C, H, W] with the affinities of images [B, 3, H, W]; returns [B, C, H, W].
 
     As PSA: scores are zero-padded to a multiple of 8, average-pooled by 8, propagated, then
     upsampled bilinearly by 8 and cropped back to H x W.
     """
     height, width = images.shape[-2:]
-    affinity = image_affinities(model, images, radius)  # [B, O, h, w]
+    affinity = image_affinities(model, images, rw.radius)  # [B, O, h, w]
     padded = F.pad(scores, (0, (-width) % 8, 0, (-height) % 8))
     pooled = F.avg_pool2d(padded, 8, 8)  # [B, C, h, w]
-    walked = random_walk(pooled, affinity, neighbour_offsets(radius), beta, logt)
+    walked = random_walk(pooled, affinity, neighbour_offsets(rw.radius), rw.beta, rw.logt)
     return F.interpolate(walked, scale_factor=8, mode="bilinear", align_corners=False)[..., :height, :width]
 
 
-def iterate_random_walk(model: AffinityNet, store: CamStore, dataset: Dataset, ids: list[str], mode: str,
-                        alpha: float, threshold: float, radius: int, beta: float, logt: int, batch_size: int,
+def iterate_random_walk(model: AffinityNet, store: CamStore, dataset: Dataset, ids: list[str], rw: RwParams, *,
                         device: torch.device) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
     """Yield (id, scores float32 [k+1, H, W] divided by their max, keys [k]); channel 0 is background.
 
-    Images of equal size and equal class count are batched together.
+    Images of equal size and equal class count are batched together (rw.batch_size at most).
     """
     model.eval().to(device)
     bar = tqdm(total=len(ids), desc="random_walk", unit="img")
-    for batch in size_batches(dataset, ids, batch_size):
+    for batch in size_batches(dataset, ids, rw.batch_size):
         by_count: dict[int, list[str]] = {}
         for image_id in batch:
             by_count.setdefault(len(dataset.labels[image_id]), []).append(image_id)
         for same in by_count.values():
             cams = [store.read(image_id) for image_id in same]
-            scores = torch.from_numpy(np.stack([with_background(cam, mode, alpha, threshold) for cam, _ in cams]))
+            scores = torch.from_numpy(np.stack([with_background(cam, rw) for cam, _ in cams]))
             images = torch.stack([normalize(dataset.read_image(i), model.mean, model.std) for i in same])
-            walked = propagate_batch(model, images.to(device), scores.to(device), radius, beta, logt).cpu().numpy()
+            walked = propagate_batch(model, images.to(device), scores.to(device), rw).cpu().numpy()
             for image_id, (_, keys), result in zip(same, cams, walked):
                 yield image_id, result / max(float(result.max()), 1e-8), keys
             bar.update(len(same))

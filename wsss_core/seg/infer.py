@@ -16,7 +16,8 @@ from wsss_core.data.transforms import normalize
 from wsss_core.errors import DataError
 from wsss_core.metrics import ConfusionMatrix
 from wsss_core.models.deeplab import build_segmenter
-from wsss_core.refine.crf import CrfSettings, dense_crf
+from wsss_core.config import CrfParams
+from wsss_core.refine.crf import dense_crf
 
 SEG_CHECKPOINT_KEYS = ("arch", "backbone", "output_stride")  # seg params that shape the network
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -49,7 +50,7 @@ def predict_probabilities(model: nn.Module, image: torch.Tensor, scales: Sequenc
 
 
 def segment(model: nn.Module, image: np.ndarray, device: torch.device, scales: Sequence[float] = (1.0,),
-            flip: bool = False, crf: CrfSettings | None = None) -> np.ndarray:
+            flip: bool = False, crf: CrfParams | None = None) -> np.ndarray:
     """Return uint8 labels [H, W] for a uint8 RGB image [H, W, 3]: argmax of the (CRF-refined) probabilities."""
     tensor = normalize(image, model.mean, model.std).to(device)
     probabilities = predict_probabilities(model, tensor, scales, flip).cpu().numpy()  # [C, H, W]
@@ -59,7 +60,7 @@ def segment(model: nn.Module, image: np.ndarray, device: torch.device, scales: S
 
 
 def iterate_segmentations(model: nn.Module, dataset: Dataset, ids: list[str], device: torch.device,
-                          scales: Sequence[float] = (1.0,), flip: bool = False, crf: CrfSettings | None = None,
+                          scales: Sequence[float] = (1.0,), flip: bool = False, crf: CrfParams | None = None,
                           desc: str = "segment") -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
     """Yield (id, image uint8 [H,W,3], predicted labels uint8 [H,W]) with a progress bar."""
     for image_id in tqdm(ids, desc=desc, unit="img"):
@@ -68,7 +69,7 @@ def iterate_segmentations(model: nn.Module, dataset: Dataset, ids: list[str], de
 
 
 def score_split(model: nn.Module, dataset: Dataset, split: str, device: torch.device,
-                scales: Sequence[float] = (1.0,), flip: bool = False, crf: CrfSettings | None = None
+                scales: Sequence[float] = (1.0,), flip: bool = False, crf: CrfParams | None = None
                 ) -> ConfusionMatrix:
     """Return the confusion matrix of the model's predictions against a split's ground truth (255 ignored)."""
     matrix = ConfusionMatrix(len(dataset.class_names))

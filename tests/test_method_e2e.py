@@ -1,0 +1,58 @@
+"""End-to-end: a second method (the test-only `toy`) added as a contributor would, run through DVC."""
+import json
+import re
+
+import h5py
+import pytest
+import yaml
+
+from tests.conftest import REPO
+from tests.pipeline import TINY_PARAMS, copy_repo, dvc, git, recompose
+
+TOY_SECTION = {"model": {"width": 8}, "refine": {"power": 1.0}}
+
+
+@pytest.fixture(scope="module")
+def toy_repo(tmp_path_factory):
+    """A repo copy with the test-only `toy` method installed as a contributor would add one."""
+    repo = copy_repo(tmp_path_factory.mktemp("toy"), TINY_PARAMS)
+    source = (REPO / "tests/toy_method.py").read_text()
+    (repo / "wsss_core/methods/toy.py").write_text(source + "\n\nregister_method(ToyMethod)\n")
+    (repo / "wsss_core/methods/toy.py").write_text(
+        (repo / "wsss_core/methods/toy.py").read_text().replace(
+            "from wsss_core.methods.base import Method,", "from wsss_core.methods.base import register_method, Method,"))
+    init = repo / "wsss_core/methods/__init__.py"
+    init.write_text(init.read_text() + "from wsss_core.methods import toy  # registers \"toy\"\n")
+    (repo / "conf/method/toy.yaml").write_text("# @package _global_\nmethod: toy\n" + yaml.safe_dump(
+        {"methods": {"toy": TOY_SECTION}, "cls": {"optimizer": "sgd", "schedule": "poly"}}))
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "add the toy method")
+    return repo
+
+
+def test_a_second_method_plugs_in_and_a_refine_sweep_reruns_only_refine_onwards(toy_repo):
+    dvc(toy_repo, "exp", "run", "-S", "method=toy", "-S", "pseudo.source=export")
+    params = yaml.safe_load((toy_repo / "params.yaml").read_text())
+    assert params["method"] == "toy" and params["methods"]["toy"] == TOY_SECTION
+    with h5py.File(toy_repo / "cams/cams.h5", "r") as store:
+        group = store[next(iter(store))]
+        assert json.loads(store.attrs["raw"]) == ["stride_cam"]
+        assert group["stride_cam"].attrs["layout"] == "views,classes,height,width"
+        assert group["stride_cam"].shape[:2] == (2, 6)  # two views (flip), all 6 classes, at the CAM stride
+        assert group["seg"].shape[0] == group["cam"].shape[0] + 1
+    refined = json.loads((toy_repo / "metrics/cam_refined.json").read_text())
+    assert 0 < refined["miou"] <= 1 and refined != json.loads((toy_repo / "metrics/cam.json").read_text())
+    live = json.loads((toy_repo / "dvclive/train_cls/metrics.json").read_text())
+    assert {"loss", "classification", "sparsity", "val_map"} <= set(live)  # the loss parts reach dvclive
+    onestep = json.loads((toy_repo / "metrics/seg_onestep.json").read_text())
+    assert 0 < onestep["miou"] <= 1 and onestep["protocol"]["images"] == 8
+    assert json.loads((toy_repo / "metrics/rw.json").read_text())["miou"] is None  # export: no walk needed
+
+    recompose(toy_repo, "method=toy", "pseudo.source=export", "methods.toy.refine.power=2.0")
+    stale = set(json.loads(dvc(toy_repo, "status", "--json").stdout))
+    assert "refine" in stale and not stale & {"prepare", "train_cls", "export_cams", "eval_cams"}
+    ran = re.findall(r"Running stage '(\w+)'", dvc(toy_repo, "exp", "run", "-S", "method=toy", "-S",
+                                                    "pseudo.source=export", "-S", "methods.toy.refine.power=2").stdout)
+    assert ran[0] == "refine" and not set(ran) & {"prepare", "train_cls", "export_cams", "eval_cams"}
+    swept = json.loads((toy_repo / "metrics/cam_refined.json").read_text())
+    assert swept["miou"] != refined["miou"]

@@ -1,0 +1,52 @@
+"""An ordered process pool for per-image jobs (CRFs, affinity labels), one compute thread per worker."""
+from __future__ import annotations
+
+import os
+import sys
+from multiprocessing import Pool
+from typing import Callable, Iterable, Iterator
+
+from tqdm import tqdm
+
+MAX_CHUNKSIZE = 4
+"""Largest number of jobs sent to a worker at once: a chunk of VOC-sized arrays stays small and the tail balances."""
+THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def _single_threaded_worker() -> None:
+    """Pool initializer: one compute thread per worker, so workers do not compete for the cores."""
+    for name in THREAD_ENV_VARS:
+        os.environ[name] = "1"
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
+
+def run_pool(function: Callable, jobs: Iterable, workers: int, total: int | None = None, desc: str = "dcrf"
+             ) -> Iterator:
+    """Yield function(job) for every job, in job order, computed in `workers` processes.
+
+    workers=0 uses os.cpu_count(); workers=1 runs in this process. function must be picklable (top
+    level, or a functools.partial of one). total (the number of jobs, when known) sizes the chunks
+    and the progress bar, which shows rate and ETA.
+    """
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    if total is None and hasattr(jobs, "__len__"):
+        total = len(jobs)
+    return _pool_results(function, jobs, workers or os.cpu_count() or 1, total, desc)
+
+
+def _pool_results(function: Callable, jobs: Iterable, workers: int, total: int | None, desc: str) -> Iterator:
+    """The generator behind run_pool; workers >= 1."""
+    with tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True) as progress:
+        if workers == 1:
+            for job in jobs:
+                result = function(job)
+                progress.update()
+                yield result
+            return
+        chunksize = max(1, min(MAX_CHUNKSIZE, (total or 0) // (workers * 4)))
+        with Pool(workers, initializer=_single_threaded_worker) as pool:
+            for result in pool.imap(function, jobs, chunksize=chunksize):
+                progress.update()
+                yield result
