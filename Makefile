@@ -4,7 +4,7 @@ PYTHON := $(VENV)/bin/python
 RUN := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" HF_HUB_OFFLINE=1
 PYTEST_ARGS ?= -m "not slow" --dist loadfile
 
-.PHONY: install repro test test-all
+.PHONY: install repro repro-voc test test-all
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -15,6 +15,10 @@ install: $(VENV)/.installed
 
 repro: install
 	$(RUN) dvc repro
+
+# The real-photo run: the whole DAG on ../shared/data/voc12-mini with the cpu profile, as an experiment.
+repro-voc: install
+	$(RUN) dvc exp run -S data=voc12-mini
 
 # pytest exits 5 when no test is collected; that is not a failure of the suite.
 test: install

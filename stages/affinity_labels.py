@@ -25,9 +25,10 @@ def affinity_labels(params_file: Path = typer.Option(PARAMS_FILE, "--params", he
     dataset = Dataset.load(MANIFEST)
     ids = dataset.ids("train")
     job = partial(affinity_label_job, settings=settings)
+    workers = (settings.psa_label_crf if settings.label_mode == "psa" else settings.irn_label_crf).workers
     with CamStore(REFINED_STORE) as store, LabelDirWriter(AFFINITY_LABELS, dataset) as writer:
         store.check_covers(ids)
-        for image_id, labels in map_jobs(job, store, dataset, ids, settings.label_crf.workers, "affinity_labels"):
+        for image_id, labels in map_jobs(job, store, dataset, ids, workers, "affinity_labels"):
             writer.write(image_id, labels)
     report = writer.report()
     write_json(AFFINITY_LABEL_METRICS, report)

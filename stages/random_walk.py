@@ -27,8 +27,9 @@ def random_walk(params_file: Path = typer.Option(PARAMS_FILE, "--params", help="
     rw, affinity = params.rw, params.affinity
     dataset = Dataset.load(MANIFEST)
     ids = dataset.ids("train")
-    checkpoint = load_checkpoint(AFFINITY_CHECKPOINT, "affinity", {"affinity": {"backbone": affinity.backbone}})
-    model = AffinityNet(affinity.backbone)
+    checkpoint = load_checkpoint(AFFINITY_CHECKPOINT, "affinity",
+                                 {"affinity": {"backbone": affinity.backbone, "dilated": affinity.dilated}})
+    model = AffinityNet(affinity.backbone, dilated=affinity.dilated)
     model.load_state_dict(checkpoint["model"])
     confusion = ConfusionMatrix(dataset.num_classes + 1)
     with CamStore(REFINED_STORE) as store:

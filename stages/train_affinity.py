@@ -26,7 +26,7 @@ def train_affinity(params_file: Path = typer.Option(PARAMS_FILE, "--params", hel
     dataset = Dataset.load(MANIFEST)
     check_label_dir(AFFINITY_LABELS, dataset.ids("train"), "affinity_labels")
     seed_everything(params.seed)
-    model = AffinityNet(settings.backbone, settings.pretrained)
+    model = AffinityNet(settings.backbone, settings.pretrained, dilated=settings.dilated)
     if settings.freeze_backbone:
         model.freeze_backbone()
     train_set = AffinitySet(dataset, AFFINITY_LABELS, settings, model.mean, model.std, params.seed)

@@ -26,7 +26,7 @@ def train_seg(params_file: Path = typer.Option(PARAMS_FILE, "--params", help="pa
     seed_everything(params.seed)
     device = resolve_device(params.device)
     model = build_segmenter(settings.arch, settings.backbone, len(dataset.class_names), settings.pretrained,
-                            settings.output_stride)
+                            settings.output_stride, channels=settings.decoder_channels)
     train_set = SegmentationSet(dataset, PSEUDO_MASKS, settings, model.mean, model.std, params.seed)
     with training_curves(SEG_CURVES) as live:
 

@@ -56,14 +56,25 @@ def test_label_dir_writer_scores_labelled_pixels_and_is_atomic(tmp_path):
     with LabelDirWriter(folder, dataset) as writer:
         for image_id in dataset.ids("train"):
             mask = dataset.read_mask(image_id).copy()
-            mask[:, :2] = 255  # unsure columns are not scored
+            mask[:, 3:5] = 255  # unsure columns (inside the objects) are not scored
             writer.write(image_id, mask)
         assert not folder.exists()
     report = writer.report()
     assert report["miou"] == 1.0
     valid = sum((dataset.read_mask(i) != 255).sum() for i in dataset.ids("train"))
-    unsure = sum((dataset.read_mask(i)[:, :2] != 255).sum() for i in dataset.ids("train"))
+    unsure = sum((dataset.read_mask(i)[:, 3:5] != 255).sum() for i in dataset.ids("train"))
     assert report["coverage"] == pytest.approx((valid - unsure) / valid)
+    # counted as background instead (IRN's evaluation): a confusion matrix built by hand
+    from wsss_core.metrics import ConfusionMatrix, iou_report
+
+    reference = ConfusionMatrix(dataset.num_classes + 1)
+    for image_id in dataset.ids("train"):
+        truth = dataset.read_mask(image_id)
+        predicted = truth.copy()
+        predicted[:, 3:5] = 0
+        reference.update(predicted, truth)
+    assert report["void_as_background"] == iou_report(reference.matrix, dataset.class_names)
+    assert report["void_as_background"]["miou"] < 1.0
     assert read_label_dir(folder, "a").shape == dataset.read_mask("a").shape
     with pytest.raises(RuntimeError):
         with LabelDirWriter(tmp_path / "broken", dataset) as writer:
@@ -102,3 +113,22 @@ def test_frozen_backbone_keeps_encoder_weights_and_statistics_and_trains_new_lay
     for key, value in model.encoder.state_dict().items():
         assert torch.equal(value, encoder_before[key]), key  # weights and BN running stats
     assert not torch.equal(model.fuse.weight, fuse_before)
+
+
+def test_native_layout_gives_stride_8_features_and_trains_the_backbone():
+    """Native strides 8/16/32 resized to stride 8: same feature shape as the dilated layout, gradient into the backbone."""
+    torch.manual_seed(0)
+    native, dilated = AffinityNet("resnet18", dilated=False), AffinityNet("resnet18")
+    assert native.encoder.feature_info.reduction() == [8, 16, 32]
+    assert dilated.encoder.feature_info.reduction() == [8, 8, 8]
+    images = torch.randn(2, 3, 72, 104)
+    features = native(images)
+    assert features.shape == dilated(images).shape == (2, 448, 9, 13)
+    offsets = neighbour_offsets(3)
+    affinity = pair_affinities(features, offsets)
+    masks = [torch.rand(2, len(offsets), 9, 13).round() for _ in range(3)]
+    loss, _ = affinity_loss(affinity, *masks)
+    loss.backward()
+    first_conv = native.encoder.conv1.weight.grad
+    deepest = native.encoder.layer4[0].downsample[0].weight.grad  # the stride-32 stage (timm zero-inits last BNs)
+    assert first_conv is not None and first_conv.abs().sum() > 0 and deepest.abs().sum() > 0

@@ -160,3 +160,19 @@ def test_wsss_compose_writes_what_dvc_would_and_refuses_unknown_groups(tmp_path,
     result = CliRunner().invoke(app, ["method=nope", "--out", str(tmp_path / "q.yaml")])
     assert result.exit_code == 2 and "cannot compose method=nope (In 'config': Could not find 'method/nope')" \
         in result.stderr and not (tmp_path / "q.yaml").exists()
+
+
+def test_the_composed_default_spells_out_every_knob():
+    """conf/config.yaml lists every param of the models, so params.yaml shows each one (no hidden default)."""
+    composed = yaml.safe_load(compose([], REPO / "conf"))
+
+    def missing(given: dict, full: dict, prefix: str = "") -> list[str]:
+        found = []
+        for key, value in full.items():
+            if key not in given:
+                found.append(prefix + key)
+            elif isinstance(value, dict) and value:
+                found += missing(given[key], value, f"{prefix}{key}.")
+        return found
+
+    assert missing(composed, parse({}).model_dump()) == []

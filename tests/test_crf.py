@@ -150,3 +150,22 @@ def test_pool_matches_single_process_in_order():
         np.testing.assert_array_equal(actual, expected)
     with pytest.raises(ValueError, match="workers"):
         run_pool(crf_of_seed, seeds, workers=-1)
+
+
+def test_each_label_mode_defaults_to_its_papers_kernel_and_dcrf_can_take_label_unaries():
+    from wsss_core.config import AffinityParams, DcrfParams
+    from wsss_core.refine.label_jobs import crf_job
+
+    settings = AffinityParams()
+    assert (settings.psa_label_crf.bilateral_sxy, settings.psa_label_crf.bilateral_srgb) == (80.0, 13.0)  # PSA
+    assert (settings.irn_label_crf.bilateral_sxy, settings.irn_label_crf.bilateral_srgb) == (50.0, 5.0)  # IRN
+    assert settings.irn_label_confidence == 0.7
+    image, truth = two_regions()
+    scores = noisy_probabilities(truth, 0.2)  # [2, H, W]: background, class 7
+    irn = DcrfParams(unary="labels", bilateral_sxy=50.0, bilateral_srgb=5.0)
+    _, labels = crf_job(("a", image, scores, np.array([7])), irn)
+    expected = np.array([0, 7], np.uint8)[crf_on_labels(image, scores.argmax(0), 2, irn, 0.7)]
+    np.testing.assert_array_equal(labels, expected)
+    assert (labels == np.where(truth == 1, 7, 0)).mean() > 0.99 > (scores.argmax(0) == truth).mean()
+    _, from_scores = crf_job(("a", image, scores, np.array([7])), DcrfParams())
+    np.testing.assert_array_equal(from_scores, np.array([0, 7], np.uint8)[dense_crf(image, scores / scores.sum(0)).argmax(0)])

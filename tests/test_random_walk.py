@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from wsss_core.refine.pairs import neighbour_offsets, valid_pair_mask
-from wsss_core.refine.random_walk import (affinity_matrix_dense, random_walk, random_walk_dense,
+from wsss_core.refine.random_walk import (affinity_matrix_dense, pair_indices, random_walk, random_walk_dense,
                                           transition_matrix_dense, transition_operator)
 
 
@@ -170,3 +170,30 @@ def test_fast_random_walk_on_cuda_matches_cpu():
     on_cuda = random_walk(cams.cuda(), aff_half.cuda(), offsets, 8, 8)
     assert on_cuda.is_cuda
     torch.testing.assert_close(on_cuda.cpu(), random_walk(cams, aff_half, offsets, 8, 8), rtol=0, atol=1e-5)
+
+
+def psa_released_pairs(radius: int, height: int, width: int) -> set[tuple[int, int]]:
+    """PSA's get_indices_of_pairs, written out: sources in the crop rows [0, h-r), cols [r, w-r), r = radius-1."""
+    reach = radius - 1
+    pairs = set()
+    for y in range(height - reach):
+        for x in range(reach, width - reach):
+            for dy, dx in neighbour_offsets(radius):
+                pairs.add((y * width + x, (y + dy) * width + x + dx))
+    return pairs
+
+
+@pytest.mark.parametrize("radius, height, width", [(5, 9, 12), (3, 4, 7), (5, 6, 9)])
+def test_interior_only_pairs_are_psa_released_set_and_the_default_adds_border_pairs(radius, height, width):
+    offsets = neighbour_offsets(radius)
+    _, source, target = pair_indices(offsets, height, width, interior_only=True)
+    ours = set(zip(source.tolist(), target.tolist()))
+    assert ours == psa_released_pairs(radius, height, width)
+    _, source, target = pair_indices(offsets, height, width)
+    everything = set(zip(source.tolist(), target.tolist()))
+    assert ours < everything  # the default keeps the border pairs PSA drops
+    aff_half = random_affinities(1, radius, height, width)
+    cams = random_cams(1, 3, height, width)
+    torch.testing.assert_close(random_walk(cams, aff_half, offsets, 8, 2, interior_only=True)[0],
+                               random_walk_dense(cams[0], aff_half[0], offsets, 8, 2, interior_only=True),
+                               rtol=1e-6, atol=1e-6)

@@ -44,7 +44,7 @@ def test_loss_of_all_void_batch_is_zero_with_zero_gradient():
     assert loss.item() == 0.0 and torch.count_nonzero(logits.grad) == 0
 
 
-@pytest.mark.parametrize("output_stride", [16, 8])
+@pytest.mark.parametrize("output_stride", [32, 16, 8])
 def test_deeplabv3plus_logits_at_input_size_and_parameter_groups_partition(output_stride):
     model = build_segmenter("deeplabv3plus", "resnet18", 5, output_stride=output_stride).eval()
     with torch.no_grad():
@@ -55,7 +55,9 @@ def test_deeplabv3plus_logits_at_input_size_and_parameter_groups_partition(outpu
     assert {id(p) for p in backbone.params} == {id(p) for p in model.backbone.parameters()}
     assert {id(p) for p in backbone.params}.isdisjoint(id(p) for p in new.params)
     assert len(backbone.params) + len(new.params) == len(list(model.parameters()))
-    assert model.aspp.branches[1][0].dilation == ((6, 6) if output_stride == 16 else (12, 12))
+    assert model.aspp.branches[1][0].dilation[0] == {32: 3, 16: 6, 8: 12}[output_stride]
+    high = model.backbone.body.forward_intermediates(torch.zeros(1, 3, 64, 96), indices=[4], intermediates_only=True)[0]
+    assert high.shape[-2:] == (64 // output_stride, 96 // output_stride)  # no dilation at 32
 
 
 def test_torchvision_deeplabv3_logits_at_input_size():

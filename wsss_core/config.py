@@ -112,6 +112,8 @@ class TrainRecipe(Section):
     step_gamma: Fraction = 0.1
     warmup_epochs: NonNegativeInt = 0
     num_workers: NonNegativeInt = 0
+    # IRN keeps the backbone's BatchNorm frozen (pretrained statistics); train it when starting from scratch.
+    freeze_bn: bool = False
     # CUDA only: bfloat16 autocast (float16 + loss scaling where the GPU lacks bfloat16) and channels_last.
     amp: bool = True
 
@@ -121,8 +123,6 @@ class ClsParams(TrainRecipe):
     # Local state-dict path, "efficientnet_lite0" (weights from the lite0 package) or "" (random init).
     pretrained: str = ""
     output_stride: Literal[8, 16, 32] = 16
-    # IRN keeps the backbone's BatchNorm frozen (pretrained statistics); train it when starting from scratch.
-    freeze_bn: bool = False
 
 
 class CamsParams(Section):
@@ -146,6 +146,15 @@ class CrfParams(Section):
     workers: NonNegativeInt = 0  # 0: one process per core
 
 
+class DcrfParams(CrfParams):
+    """The dcrf stage's CRF of the random-walk scores (and evaluate's test-time CRF: its kernels only)."""
+
+    # scores: the walk's [background, classes] scores as a per-pixel distribution (PSA's crf_inference);
+    # labels: the walk's argmax labels as unary with label_confidence (IRN's crf_inference_label).
+    unary: Literal["scores", "labels"] = "scores"
+    label_confidence: Fraction = 0.7
+
+
 class AffinityParams(TrainRecipe):
     # psa: CRF-refined (1 - max CAM)^alpha at a low and a high alpha; irn: thresholds on CAMs.
     label_mode: Literal["psa", "irn"] = "psa"
@@ -154,12 +163,20 @@ class AffinityParams(TrainRecipe):
     # irn only: confident foreground above irn_fg_threshold, confident background below irn_bg_threshold.
     irn_fg_threshold: Fraction = 0.30
     irn_bg_threshold: Fraction = 0.05
-    label_crf: CrfParams = CrfParams()
+    # Each mode's own paper's CRF: PSA's crf_inference (bilateral sxy 80, srgb 13) on its score maps, IRN's
+    # crf_inference_label (sxy 50, srgb 5) on its label maps, with irn_label_confidence as gt_prob.
+    # The active mode's `workers` sizes the process pool.
+    psa_label_crf: CrfParams = CrfParams()
+    irn_label_crf: CrfParams = CrfParams(bilateral_sxy=50.0, bilateral_srgb=5.0)
+    irn_label_confidence: Fraction = 0.7
     radius: PositiveInt = 5
     backbone: Backbone = "resnet18"
     pretrained: str = ""
-    # Train only the new 1x1 layers on fixed pretrained features (PSA fine-tunes all; for CPUs).
+    # Train only the new 1x1 layers on fixed pretrained features (PSA fine-tunes all).
     freeze_backbone: bool = False
+    # true: PSA's backbone dilated to output stride 8; false: its stages at native strides 8/16/32, resized to
+    # stride 8 (IRN's edge-branch layout; several times cheaper to train on a CPU).
+    dilated: bool = True
     epochs: PositiveInt = 3
     batch_size: PositiveInt = 8
     weight_decay: NonNegativeFloat = 5e-4
@@ -169,10 +186,14 @@ class RwParams(Section):
     beta: NonNegativeFloat = 8.0
     logt: NonNegativeInt = 8
     radius: PositiveInt = 5
-    # alpha: background (1 - max CAM)^bg_alpha (PSA); constant: a constant background score bg_constant (MCTformer).
-    bg_mode: Literal["alpha", "constant"] = "alpha"
+    # The background score: alpha: (1 - max CAM)^bg_alpha, walked with the CAMs (PSA); constant: the constant
+    # bg_constant, walked with them (MCTformer, 0.39); after_walk: the CAMs walk alone, are divided by their
+    # maximum, and bg_constant is the background score after the walk (IRN's sem_seg_bg_thres, 0.25).
+    bg_mode: Literal["alpha", "constant", "after_walk"] = "alpha"
     bg_alpha: PositiveFloat = 16.0
     bg_constant: Fraction = 0.39
+    # all: every in-map pair within the radius; psa: PSA's released set, without the sources near the border.
+    pair_set: Literal["all", "psa"] = "all"
     batch_size: PositiveInt = 4
 
 
@@ -212,7 +233,10 @@ class SegParams(TrainRecipe):
     # deeplabv3plus: our DeepLabV3+ over the timm `backbone`; deeplabv3_resnet50/101: torchvision's (OS 8).
     arch: Literal["deeplabv3plus", "deeplabv3_resnet50", "deeplabv3_resnet101"] = "deeplabv3plus"
     backbone: Backbone = "resnet18"
-    output_stride: Literal[8, 16] = 16
+    # 32: no dilation at all (cheapest on a CPU; ASPP rates 3/6/9); 16 and 8: DeepLab's dilated backbones.
+    output_stride: Literal[8, 16, 32] = 16
+    # Width of DeepLabV3+'s ASPP and decoder (the paper's 256; the decoder's 3x3 convs at stride 4 dominate a CPU step).
+    decoder_channels: PositiveInt = 256
     # Local state dict, our classifier checkpoint (models/cls.pt: same backbone), "efficientnet_lite0" or "".
     pretrained: str = "models/cls.pt"
     rws: RwsParams = RwsParams()
@@ -239,7 +263,7 @@ class Params(Section):
     cams: CamsParams = CamsParams()
     affinity: AffinityParams = AffinityParams()
     rw: RwParams = RwParams()
-    crf: CrfParams = CrfParams()
+    crf: DcrfParams = DcrfParams()
     pseudo: PseudoParams = PseudoParams()
     seg: SegParams = SegParams()
 

@@ -149,15 +149,18 @@ def fit(model: nn.Module, train_set: EpochSeededSet, batch_loss: Callable[..., t
     On CUDA with recipe.amp: autocast to bfloat16 (float16 with loss scaling on GPUs without it) and
     channels_last; the CPU trains in float32.
 
-    groups: the parameter groups (default: model.parameter_groups(recipe.new_layer_lr_mult)).
+    groups: the parameter groups (default: model.parameter_groups(recipe.new_layer_lr_mult)); with
+    recipe.freeze_bn the BatchNorm layers of the 'backbone' group stay in eval mode, their affine
+    parameters frozen (IRN's FixedBatchNorm).
     batch_loss gets the batch (tensors on `device`, a list or a dict as the set returns them) and
-    returns (loss, {name: float} parts); on_epoch_start runs after model.train() (e.g. to put frozen
-    BatchNorm back in eval mode); on_epoch_end gets the 1-based epoch and each part's mean over
+    returns (loss, {name: float} parts); on_epoch_start runs after model.train(); on_epoch_end gets the 1-based epoch and each part's mean over
     the epoch, 'loss' included.
     """
     if not len(train_set):
         raise DataError(f"{desc}: the training set is empty")
-    optimizer = build_optimizer(groups or model.parameter_groups(recipe.new_layer_lr_mult), recipe)
+    groups = groups or model.parameter_groups(recipe.new_layer_lr_mult)
+    optimizer = build_optimizer(groups, recipe)
+    frozen = batchnorm_layers(model, groups, "backbone") if recipe.freeze_bn else []
     loader = DataLoader(train_set, batch_size=recipe.batch_size, shuffle=True,
                         drop_last=len(train_set) > recipe.batch_size, num_workers=recipe.num_workers,
                         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(seed))
@@ -169,6 +172,7 @@ def fit(model: nn.Module, train_set: EpochSeededSet, batch_loss: Callable[..., t
     for epoch in range(epochs):
         train_set.epoch = epoch
         model.train()
+        freeze_batchnorm(frozen)
         on_epoch_start()
         sums: dict[str, float] = {}
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -191,3 +195,18 @@ def fit(model: nn.Module, train_set: EpochSeededSet, batch_loss: Callable[..., t
                 bar.set_postfix(loss=f"{loss.item():.3f}")
         means = {"loss": float(loss_sum) / len(loader), **{key: value / len(loader) for key, value in sums.items()}}
         on_epoch_end(epoch + 1, means)
+
+
+def batchnorm_layers(model: nn.Module, groups: list[ParamGroup], name: str) -> list[nn.Module]:
+    """Return the BatchNorm layers of model whose parameters belong to the parameter group called `name`."""
+    members = {id(p) for group in groups if group.name == name for p in group.params}
+    return [layer for layer in model.modules() if isinstance(layer, nn.modules.batchnorm._BatchNorm)
+            and any(id(p) in members for p in layer.parameters())]
+
+
+def freeze_batchnorm(layers: list[nn.Module]) -> None:
+    """Put BatchNorm layers in eval mode and stop their affine parameters' gradients (IRN's FixedBatchNorm)."""
+    for layer in layers:
+        layer.eval()
+        for parameter in layer.parameters():
+            parameter.requires_grad_(False)

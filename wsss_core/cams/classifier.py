@@ -11,7 +11,7 @@ from wsss_core.config import ClsParams
 from wsss_core.data.dataset import Dataset
 from wsss_core.data.transforms import TrainAugment, normalize
 from wsss_core.metrics import mean_average_precision
-from wsss_core.training import EpochSeededSet, ParamGroup, fit
+from wsss_core.training import EpochSeededSet, fit
 
 TrainingLoss = Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
 ClassScores = Callable[[torch.Tensor], torch.Tensor]  # images [B, 3, H, W] -> logits [B, K]
@@ -48,13 +48,10 @@ def train_classifier(model: nn.Module, training_loss: TrainingLoss, class_scores
                      on_epoch_end: Callable[[int, dict[str, float]], None] = lambda epoch, values: None) -> None:
     """Train `model` on the train split with the recipe; after each epoch report the loss, its parts and val mAP.
 
-    model exposes mean, std and parameter_groups(); with recipe.freeze_bn the BatchNorm layers of its
-    'backbone' group stay in eval mode with frozen affine parameters (IRN's FixedBatchNorm).
+    model exposes mean, std and parameter_groups() (recipe.freeze_bn: see training.fit).
     """
     augment = TrainAugment(tuple(recipe.resize_long), recipe.crop_size, model.mean, model.std)
     train_set = ClassificationSet(dataset, "train", augment, seed)
-    groups = model.parameter_groups(recipe.new_layer_lr_mult)
-    frozen = batchnorm_layers(model, groups, "backbone") if recipe.freeze_bn else []
 
     def validate(epoch: int, means: dict) -> None:
         model.eval()
@@ -64,20 +61,6 @@ def train_classifier(model: nn.Module, training_loss: TrainingLoss, class_scores
                                                              device))[0]
         on_epoch_end(epoch, {**means, "val_map": val_map})
 
-    fit(model, train_set, training_loss, recipe=recipe, device=device, seed=seed, desc="train_cls", groups=groups,
-        on_epoch_end=validate, on_epoch_start=lambda: freeze_batchnorm(frozen))
+    fit(model, train_set, training_loss, recipe=recipe, device=device, seed=seed, desc="train_cls",
+        on_epoch_end=validate)
 
-
-def batchnorm_layers(model: nn.Module, groups: list[ParamGroup], name: str) -> list[nn.Module]:
-    """Return the BatchNorm layers of model whose parameters belong to the parameter group called `name`."""
-    members = {id(p) for group in groups if group.name == name for p in group.params}
-    return [layer for layer in model.modules() if isinstance(layer, nn.modules.batchnorm._BatchNorm)
-            and any(id(p) in members for p in layer.parameters())]
-
-
-def freeze_batchnorm(layers: list[nn.Module]) -> None:
-    """Put BatchNorm layers in eval mode and stop their affine parameters' gradients (IRN's FixedBatchNorm)."""
-    for layer in layers:
-        layer.eval()
-        for parameter in layer.parameters():
-            parameter.requires_grad_(False)

@@ -16,13 +16,16 @@ class LabelDirWriter:
     """`with LabelDirWriter(folder, dataset) as out: out.write(id, labels)`; then `out.report()`.
 
     PNGs go to `<folder>.tmp/` which replaces `folder` only when the block ends without error.
-    Each written map is scored against the dataset's ground truth (255 ignored).
+    Each written map is scored against the dataset's ground truth (GT 255 ignored) both ways: with
+    the map's uncertain (255) pixels dropped (reported with the coverage), and with them counted as
+    background (IRN's evaluation of its pseudo labels).
     """
 
     def __init__(self, folder: str | Path, dataset: Dataset):
         self.folder = Path(folder)
         self.dataset = dataset
         self.confusion = ConfusionMatrix(dataset.num_classes + 1)
+        self.void_as_background = ConfusionMatrix(dataset.num_classes + 1)
         self.labelled_pixels = self.valid_pixels = 0
 
     def __enter__(self) -> "LabelDirWriter":
@@ -36,13 +39,19 @@ class LabelDirWriter:
         target = self.dataset.read_mask(image_id)
         labelled = labels != 255
         self.confusion.update(np.where(labelled, labels, 0), np.where(labelled, target, 255))
+        self.void_as_background.update(np.where(labelled, labels, 0), target)
         self.labelled_pixels += int((labelled & (target != 255)).sum())
         self.valid_pixels += int((target != 255).sum())
 
     def report(self) -> dict:
-        """Return {'miou', 'per_class', 'coverage'}: IoU over labelled (non-255) pixels, coverage in [0, 1]."""
+        """Return {'miou', 'per_class', 'coverage', 'void_as_background': {'miou', 'per_class'}}.
+
+        miou/per_class: IoU over the labelled (non-255) pixels, whose share of the valid GT pixels is
+        coverage (in [0, 1]); void_as_background: IoU with the unlabelled pixels predicted as background.
+        """
         return {**iou_report(self.confusion.matrix, self.dataset.class_names),
-                "coverage": self.labelled_pixels / max(self.valid_pixels, 1)}
+                "coverage": self.labelled_pixels / max(self.valid_pixels, 1),
+                "void_as_background": iou_report(self.void_as_background.matrix, self.dataset.class_names)}
 
     def __exit__(self, exc_type, exc, traceback) -> None:
         self._atomic.__exit__(exc_type, exc, traceback)

@@ -1,8 +1,13 @@
-"""AffinityNet (PSA, Ahn & Kwak 2018) on a timm backbone at output stride 8.
+"""AffinityNet (PSA, Ahn & Kwak 2018) on a timm backbone, affinity features at stride 8.
 
 Multi-level features (the last three stages) go through 1x1 convs (64, 128, 256 channels, ELU),
 are concatenated and fused by a 1x1 conv (448, ELU); the affinity of two feature pixels i, j is
 exp(-mean_c |f_i - f_j|).
+
+Two layouts of the backbone: dilated (PSA's: the backbone runs at output stride 8, so its last
+three stages are all at stride 8), or native (the stages at their own strides 8, 16 and 32,
+bilinearly resized to stride 8 before the 1x1 convs, as IRN's edge branch combines its levels).
+The native layout costs a fraction of the dilated one (no dilated convolutions at full width).
 """
 from __future__ import annotations
 
@@ -26,11 +31,12 @@ class AffinityNet(nn.Module):
     stride = 8
     backbone_frozen = False
 
-    def __init__(self, backbone: str, pretrained: str = "", param_key: str = "affinity.pretrained"):
+    def __init__(self, backbone: str, pretrained: str = "", param_key: str = "affinity.pretrained", dilated: bool = True):
         super().__init__()
         if backbone not in BACKBONES:
             raise ParamsError(f"affinity.backbone {backbone!r} is not one of: {', '.join(BACKBONES)}")
-        full = timm.create_model(backbone, pretrained=False, output_stride=self.stride)
+        output_stride = {"output_stride": self.stride} if dilated else {}
+        full = timm.create_model(backbone, pretrained=False, **output_stride)
         if pretrained == LITE0_PACKAGE_NAME:
             if backbone != "tf_efficientnet_lite0":
                 raise ParamsError(f"{param_key}={LITE0_PACKAGE_NAME} needs backbone tf_efficientnet_lite0")
@@ -39,8 +45,9 @@ class AffinityNet(nn.Module):
             load_backbone_file(full, pretrained, param_key)
         self.mean, self.std = tuple(full.pretrained_cfg["mean"]), tuple(full.pretrained_cfg["std"])
         levels = len(full.feature_info)
-        self.encoder = timm.create_model(backbone, pretrained=False, output_stride=self.stride, features_only=True,
-                                         out_indices=tuple(range(levels - 3, levels)))
+        self.encoder = timm.create_model(backbone, pretrained=False, features_only=True,
+                                         out_indices=tuple(range(levels - 3, levels)), **output_stride)
+        assert self.encoder.feature_info.reduction()[0] == self.stride, "the finest level must be at stride 8"
         missing = self.encoder.load_state_dict(full.state_dict(), strict=False).missing_keys
         assert not missing, f"encoder keys absent from the {backbone} model: {missing[:3]}"
         self.reducers = nn.ModuleList(
@@ -52,8 +59,8 @@ class AffinityNet(nn.Module):
         nn.init.xavier_uniform_(self.fuse.weight, gain=4)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        levels = self.encoder(images)
-        size = levels[-1].shape[-2:]
+        levels = self.encoder(images)  # dilated: all at stride 8; native: strides 8, 16, 32
+        size = levels[0].shape[-2:]
         reduced = [F.elu(reducer(F.interpolate(level, size, mode="bilinear", align_corners=False)
                                  if level.shape[-2:] != size else level))
                    for reducer, level in zip(self.reducers, levels)]

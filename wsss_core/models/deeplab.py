@@ -11,8 +11,9 @@ from wsss_core.models.pretrained import load_backbone_file
 from wsss_core.training import ParamGroup, backbone_and_new_groups
 
 SEG_ARCHS = ("deeplabv3plus", "deeplabv3_resnet50", "deeplabv3_resnet101")
-ASPP_CHANNELS = 256
+ASPP_CHANNELS = 256  # DeepLabV3+'s width of ASPP and decoder (the `channels` default)
 LOW_LEVEL_CHANNELS = 48  # DeepLabV3+'s reduced stride-4 features
+ASPP_RATES = {8: (12, 24, 36), 16: (6, 12, 18), 32: (3, 6, 9)}  # DeepLab's rates scale with 1 / output stride
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -23,18 +24,18 @@ def _conv_bn_relu(in_channels: int, out_channels: int, kernel: int, dilation: in
 
 
 class ASPP(nn.Module):
-    """Atrous spatial pyramid pooling: 1x1, three dilated 3x3 and image pooling, projected to 256 channels."""
+    """Atrous spatial pyramid pooling: 1x1, three dilated 3x3 and image pooling, projected to `channels`."""
 
-    def __init__(self, in_channels: int, rates: tuple[int, int, int]):
+    def __init__(self, in_channels: int, rates: tuple[int, int, int], channels: int = ASPP_CHANNELS):
         super().__init__()
-        self.branches = nn.ModuleList([_conv_bn_relu(in_channels, ASPP_CHANNELS, 1)]
-                                      + [_conv_bn_relu(in_channels, ASPP_CHANNELS, 3, rate) for rate in rates])
-        self.image_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(in_channels, ASPP_CHANNELS, 1, bias=False),
+        self.branches = nn.ModuleList([_conv_bn_relu(in_channels, channels, 1)]
+                                      + [_conv_bn_relu(in_channels, channels, 3, rate) for rate in rates])
+        self.image_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(in_channels, channels, 1, bias=False),
                                         nn.ReLU(inplace=True))  # no BN: a 1x1 map with batch 1 must work
-        self.project = nn.Sequential(_conv_bn_relu(5 * ASPP_CHANNELS, ASPP_CHANNELS, 1), nn.Dropout(0.1))
+        self.project = nn.Sequential(_conv_bn_relu(5 * channels, channels, 1), nn.Dropout(0.1))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Return [B, 256, h, w] for features [B, C, h, w]."""
+        """Return [B, channels, h, w] for features [B, C, h, w]."""
         pooled = self.image_pool(features).expand(-1, -1, *features.shape[-2:])
         return self.project(torch.cat([branch(features) for branch in self.branches] + [pooled], dim=1))
 
@@ -42,17 +43,17 @@ class ASPP(nn.Module):
 class DeepLabV3Plus(nn.Module):
     """DeepLabV3+ (Chen et al. 2018): ASPP on the last features, a decoder fusing stride-4 features."""
 
-    def __init__(self, backbone: Backbone, num_classes: int):
+    def __init__(self, backbone: Backbone, num_classes: int, channels: int = ASPP_CHANNELS):
         super().__init__()
         self.backbone = backbone
         info = backbone.body.feature_info
         self.low_index, self.high_index = 1, len(info) - 1  # stride-4 stage, last stage
-        rates = (6, 12, 18) if backbone.output_stride == 16 else (12, 24, 36)
-        self.aspp = ASPP(info[self.high_index]["num_chs"], rates)
+        rates = ASPP_RATES[backbone.output_stride]
+        self.aspp = ASPP(info[self.high_index]["num_chs"], rates, channels)
         self.low_project = _conv_bn_relu(info[self.low_index]["num_chs"], LOW_LEVEL_CHANNELS, 1)
-        self.decoder = nn.Sequential(_conv_bn_relu(ASPP_CHANNELS + LOW_LEVEL_CHANNELS, ASPP_CHANNELS, 3),
-                                     _conv_bn_relu(ASPP_CHANNELS, ASPP_CHANNELS, 3))
-        self.classifier = nn.Conv2d(ASPP_CHANNELS, num_classes, 1)
+        self.decoder = nn.Sequential(_conv_bn_relu(channels + LOW_LEVEL_CHANNELS, channels, 3),
+                                     _conv_bn_relu(channels, channels, 3))
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
         self.mean, self.std = backbone.mean, backbone.std
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -89,15 +90,15 @@ class TorchvisionDeepLabV3(nn.Module):
 
 
 def build_segmenter(arch: str, backbone: str, num_classes: int, pretrained: str = "", output_stride: int = 16,
-                    param_key: str = "seg.pretrained") -> nn.Module:
+                    param_key: str = "seg.pretrained", channels: int = ASPP_CHANNELS) -> nn.Module:
     """Return a segmentation network with `mean`, `std` and parameter_groups(); logits at input size.
 
     pretrained: '' (random init), a local timm/torchvision state dict or one of our checkpoints
     (e.g. the classifier's models/cls.pt), or 'efficientnet_lite0' for the packaged weights.
-    `backbone` and `output_stride` apply to deeplabv3plus only.
+    `backbone`, `output_stride` and `channels` (ASPP and decoder width) apply to deeplabv3plus only.
     """
     if arch == "deeplabv3plus":
-        return DeepLabV3Plus(Backbone(backbone, output_stride, pretrained, param_key), num_classes)
+        return DeepLabV3Plus(Backbone(backbone, output_stride, pretrained, param_key), num_classes, channels)
     if arch in SEG_ARCHS:
         return TorchvisionDeepLabV3(arch, num_classes, pretrained, param_key)
     raise ValueError(f"arch must be one of {SEG_ARCHS}, got {arch!r}")

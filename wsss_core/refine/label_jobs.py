@@ -10,7 +10,7 @@ from typing import Iterator
 import numpy as np
 
 from wsss_core.cams.store import CamStore
-from wsss_core.config import AffinityParams, CrfParams
+from wsss_core.config import AffinityParams, DcrfParams
 from wsss_core.data.dataset import Dataset
 from wsss_core.pool import run_pool
 from wsss_core.refine.affinity_labels import irn_affinity_label_map, psa_affinity_label_map
@@ -21,23 +21,28 @@ from wsss_core.refine.pseudo import argmax_labels
 def affinity_label_job(job: tuple, settings: AffinityParams) -> tuple[str, np.ndarray]:
     """Return (id, uint8 [H, W] affinity label map) for job (id, image, cam [k, H, W], keys [k]).
 
-    settings.label_mode picks PSA's or IRN's labels, each refined by a CRF with settings.label_crf.
+    settings.label_mode picks PSA's or IRN's labels, each refined by its own paper's CRF
+    (settings.psa_label_crf on PSA's score maps, settings.irn_label_crf on IRN's label maps).
     """
     image_id, image, cam, keys = job
     if settings.label_mode == "psa":
-        crf = partial(dense_crf, settings=settings.label_crf)
+        crf = partial(dense_crf, settings=settings.psa_label_crf)
         return image_id, psa_affinity_label_map(image, cam, keys, settings.low_alpha, settings.high_alpha, crf=crf)
-    crf = partial(crf_on_labels, settings=settings.label_crf)
+    crf = partial(crf_on_labels, settings=settings.irn_label_crf, label_confidence=settings.irn_label_confidence)
     return image_id, irn_affinity_label_map(image, cam, keys, settings.irn_fg_threshold, settings.irn_bg_threshold,
                                             crf_labels=crf)
 
 
-def crf_job(job: tuple, settings: CrfParams) -> tuple[str, np.ndarray]:
+def crf_job(job: tuple, settings: DcrfParams) -> tuple[str, np.ndarray]:
     """Return (id, uint8 [H, W] class labels) for job (id, image, scores [k+1, H, W], keys [k]).
 
-    Scores (background first) are normalised to a distribution per pixel before the CRF.
+    settings.unary 'scores': the scores (background first) normalised to a distribution per pixel
+    (PSA); 'labels': their argmax as labels held with settings.label_confidence (IRN).
     """
     image_id, image, scores, keys = job
+    if settings.unary == "labels":
+        channels = crf_on_labels(image, scores.argmax(0), len(scores), settings, settings.label_confidence)
+        return image_id, np.concatenate([[0], keys]).astype(np.uint8)[channels]
     probabilities = scores / np.maximum(scores.sum(0, keepdims=True), 1e-8)
     marginals = dense_crf(image, probabilities, settings)
     return image_id, argmax_labels(marginals, keys)

@@ -20,10 +20,18 @@ def neighbour_offsets(radius: int) -> list[tuple[int, int]]:
     return offsets
 
 
-def valid_pair_mask(offsets: list[tuple[int, int]], height: int, width: int) -> np.ndarray:
-    """Return bool [O, h, w]: True where (y, x) + offset lies inside an h x w map."""
+def valid_pair_mask(offsets: list[tuple[int, int]], height: int, width: int, interior_only: bool = False) -> np.ndarray:
+    """Return bool [O, h, w]: True where (y, x) + offset lies inside an h x w map.
+
+    interior_only: PSA's released pair set (`get_indices_of_pairs`), which keeps only the sources
+    whose every neighbour is inside: rows y < h - r and columns r <= x < w - r, r = radius - 1.
+    """
     ys, xs = np.mgrid[0:height, 0:width]
-    return np.stack([(ys + dy < height) & (xs + dx >= 0) & (xs + dx < width) for dy, dx in offsets])
+    valid = np.stack([(ys + dy < height) & (xs + dx >= 0) & (xs + dx < width) for dy, dx in offsets])
+    if interior_only:
+        reach = max(max(dy, abs(dx)) for dy, dx in offsets)
+        valid &= ((ys < height - reach) & (xs >= reach) & (xs < width - reach))[None]
+    return valid
 
 
 def shifted(array: np.ndarray, dy: int, dx: int, fill=0) -> np.ndarray:

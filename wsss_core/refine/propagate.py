@@ -18,13 +18,27 @@ from wsss_core.refine.random_walk import random_walk
 
 
 def with_background(cam: np.ndarray, rw: RwParams) -> np.ndarray:
-    """Return float32 [k+1, H, W]: a background score stacked before the CAMs [k, H, W].
+    """Return float32 [k+1, H, W]: the background score that walks with the CAMs [k, H, W], stacked before them.
 
     rw.bg_mode 'alpha': (1 - max_c cam)^bg_alpha (PSA); 'constant': the constant rw.bg_constant (MCTformer).
     """
     peak = cam.max(0) if cam.shape[0] else np.zeros(cam.shape[1:], np.float32)
     background = (1 - peak) ** rw.bg_alpha if rw.bg_mode == "alpha" else np.full_like(peak, rw.bg_constant)
     return np.concatenate([background[None], cam]).astype(np.float32)
+
+
+def walked_scores(walked: np.ndarray, rw: RwParams) -> np.ndarray:
+    """Return float32 [k+1, H, W] background-first scores in [0, 1] from one image's walked maps.
+
+    walked: [k+1, H, W] (background walked with the CAMs) divided by its maximum; or, with
+    rw.bg_mode 'after_walk' (IRN), [k, H, W] CAMs divided by their maximum, with the constant
+    rw.bg_constant stacked before them.
+    """
+    walked = walked / max(float(walked.max(initial=0.0)), 1e-8)
+    if rw.bg_mode != "after_walk":
+        return walked.astype(np.float32)
+    background = np.full((1, *walked.shape[1:]), rw.bg_constant, np.float32)
+    return np.concatenate([background, walked]).astype(np.float32)
 
 
 @torch.no_grad()
@@ -50,13 +64,14 @@ def propagate_batch(model: AffinityNet, images: torch.Tensor, scores: torch.Tens
     affinity = image_affinities(model, images, rw.radius)  # [B, O, h, w]
     padded = F.pad(scores, (0, (-width) % 8, 0, (-height) % 8))
     pooled = F.avg_pool2d(padded, 8, 8)  # [B, C, h, w]
-    walked = random_walk(pooled, affinity, neighbour_offsets(rw.radius), rw.beta, rw.logt)
+    walked = random_walk(pooled, affinity, neighbour_offsets(rw.radius), rw.beta, rw.logt,
+                         interior_only=rw.pair_set == "psa")
     return F.interpolate(walked, scale_factor=8, mode="bilinear", align_corners=False)[..., :height, :width]
 
 
 def iterate_random_walk(model: AffinityNet, store: CamStore, dataset: Dataset, ids: list[str], rw: RwParams, *,
                         device: torch.device) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-    """Yield (id, scores float32 [k+1, H, W] divided by their max, keys [k]); channel 0 is background.
+    """Yield (id, scores float32 [k+1, H, W] in [0, 1], keys [k]); channel 0 is background (see walked_scores).
 
     Images of equal size and equal class count are batched together (rw.batch_size at most).
     """
@@ -68,10 +83,14 @@ def iterate_random_walk(model: AffinityNet, store: CamStore, dataset: Dataset, i
             by_count.setdefault(len(dataset.labels[image_id]), []).append(image_id)
         for same in by_count.values():
             cams = [store.read(image_id) for image_id in same]
-            scores = torch.from_numpy(np.stack([with_background(cam, rw) for cam, _ in cams]))
-            images = torch.stack([normalize(dataset.read_image(i), model.mean, model.std) for i in same])
-            walked = propagate_batch(model, images.to(device), scores.to(device), rw).cpu().numpy()
+            walking = [cam if rw.bg_mode == "after_walk" else with_background(cam, rw) for cam, _ in cams]
+            if walking[0].shape[0] == 0:  # no class to walk (IRN's background comes after the walk)
+                walked = np.stack(walking)
+            else:
+                images = torch.stack([normalize(dataset.read_image(i), model.mean, model.std) for i in same])
+                walked = propagate_batch(model, images.to(device), torch.from_numpy(np.stack(walking)).to(device),
+                                         rw).cpu().numpy()
             for image_id, (_, keys), result in zip(same, cams, walked):
-                yield image_id, result / max(float(result.max()), 1e-8), keys
+                yield image_id, walked_scores(result, rw), keys
             bar.update(len(same))
     bar.close()

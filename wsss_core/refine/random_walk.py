@@ -8,6 +8,11 @@ t = 2 ** logt (PSA squares T logt times; logt = 0 is one step of T).
 beta = 0 gives weight 1 to every in-radius pair, also one of affinity 0, but never to the pairs
 outside the radius: PSA's dense `A ** 0` would set all N x N entries (0 ** 0 = 1); we do not.
 
+The pair set includes the border pairs that PSA's released code omits: PSA (`get_indices_of_pairs`)
+takes as sources only the pixels whose every neighbour lies inside the map (rows y < h - r, columns
+r <= x < w - r, r = radius - 1), so pixels near the bottom, left and right borders reach fewer
+neighbours there. `interior_only=True` (param `rw.pair_set: psa`) restores PSA's set.
+
 `random_walk_dense` is PSA's formula as written; `random_walk` applies the sparse operator t times
 (v <- v @ T, as a block-diagonal CSR product over the batch) and never builds an N x N matrix; on
 CPU that beat both a stencil of shifted multiply-adds and row-banded batched matmuls (bench/random_walk.py).
@@ -27,13 +32,13 @@ def check_logt(logt: int) -> None:
         raise ValueError(f"logt must be >= 0 (t = 2 ** logt steps), got {logt}")
 
 
-def pair_indices(offsets: list[tuple[int, int]], height: int, width: int, device: torch.device | str = "cpu"
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pair_indices(offsets: list[tuple[int, int]], height: int, width: int, device: torch.device | str = "cpu",
+                 interior_only: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return (index into aff_half.flatten(-3), source pixel, target pixel), each int64 [P], for the in-map pairs.
 
     Pixels are flat indices y * width + x; target = source + offset.
     """
-    valid = torch.from_numpy(valid_pair_mask(offsets, height, width)).to(device)
+    valid = torch.from_numpy(valid_pair_mask(offsets, height, width, interior_only)).to(device)
     offset_index, ys, xs = valid.nonzero(as_tuple=True)
     shift = torch.tensor(offsets, dtype=torch.int64, device=device)[offset_index]
     source = ys * width + xs
@@ -41,10 +46,11 @@ def pair_indices(offsets: list[tuple[int, int]], height: int, width: int, device
     return offset_index * (height * width) + source, source, target
 
 
-def affinity_matrix_dense(aff_half: torch.Tensor, offsets: list[tuple[int, int]], beta: float) -> torch.Tensor:
+def affinity_matrix_dense(aff_half: torch.Tensor, offsets: list[tuple[int, int]], beta: float,
+                          interior_only: bool = False) -> torch.Tensor:
     """Return the symmetric A_beta [N, N] from aff_half [O, h, w]: aff ** beta per in-map pair, 1 on the diagonal."""
     _, height, width = aff_half.shape
-    half_index, source, target = pair_indices(offsets, height, width, aff_half.device)
+    half_index, source, target = pair_indices(offsets, height, width, aff_half.device, interior_only)
     weight = aff_half.flatten()[half_index] ** beta
     matrix = torch.eye(height * width, dtype=aff_half.dtype, device=aff_half.device)
     matrix[source, target] = weight
@@ -52,23 +58,25 @@ def affinity_matrix_dense(aff_half: torch.Tensor, offsets: list[tuple[int, int]]
     return matrix
 
 
-def transition_matrix_dense(aff_half: torch.Tensor, offsets: list[tuple[int, int]], beta: float) -> torch.Tensor:
+def transition_matrix_dense(aff_half: torch.Tensor, offsets: list[tuple[int, int]], beta: float,
+                            interior_only: bool = False) -> torch.Tensor:
     """Return PSA's column-normalised T [N, N] from aff_half [O, h, w] (the reference path)."""
-    matrix = affinity_matrix_dense(aff_half, offsets, beta)
+    matrix = affinity_matrix_dense(aff_half, offsets, beta, interior_only)
     return matrix / matrix.sum(0, keepdim=True)
 
 
 def random_walk_dense(cams: torch.Tensor, aff_half: torch.Tensor, offsets: list[tuple[int, int]], beta: float,
-                      logt: int) -> torch.Tensor:
+                      logt: int, interior_only: bool = False) -> torch.Tensor:
     """Return PSA's cams [C, h, w] @ T^(2^logt), computed by logt squarings of the dense T; [C, h, w]."""
     check_logt(logt)
-    transition = transition_matrix_dense(aff_half, offsets, beta)
+    transition = transition_matrix_dense(aff_half, offsets, beta, interior_only)
     for _ in range(logt):
         transition = transition @ transition
     return (cams.flatten(1) @ transition).view_as(cams)
 
 
-def transition_operator(aff_half: torch.Tensor, offsets: list[tuple[int, int]], beta: float) -> torch.Tensor:
+def transition_operator(aff_half: torch.Tensor, offsets: list[tuple[int, int]], beta: float,
+                        interior_only: bool = False) -> torch.Tensor:
     """Return sparse CSR [B*N, B*N]: block-diagonal T^T (A_beta with rows normalised), from aff_half [B, O, h, w].
 
     v [B*N, C] (pixels major) -> operator @ v is one step v <- v @ T for every image of the batch.
@@ -76,7 +84,7 @@ def transition_operator(aff_half: torch.Tensor, offsets: list[tuple[int, int]], 
     batch, _, height, width = aff_half.shape
     pixels = height * width
     device = aff_half.device
-    half_index, source, target = pair_indices(offsets, height, width, device)
+    half_index, source, target = pair_indices(offsets, height, width, device, interior_only)
     diagonal = torch.arange(pixels, device=device)
     rows = torch.cat([source, target, diagonal])
     cols = torch.cat([target, source, diagonal])
@@ -98,14 +106,14 @@ def transition_operator(aff_half: torch.Tensor, offsets: list[tuple[int, int]], 
 
 
 def random_walk(cams: torch.Tensor, aff_half: torch.Tensor, offsets: list[tuple[int, int]], beta: float,
-                logt: int) -> torch.Tensor:
+                logt: int, interior_only: bool = False) -> torch.Tensor:
     """Return cams [B, C, h, w] after 2^logt steps of T from aff_half [B, O, h, w]; [B, C, h, w].
 
     Equals random_walk_dense per image (in the dtype of aff_half), at O(B * N * O) memory and work per step.
     """
     check_logt(logt)
     batch, channels, height, width = cams.shape
-    operator = transition_operator(aff_half, offsets, beta)
+    operator = transition_operator(aff_half, offsets, beta, interior_only)
     scores = cams.to(aff_half.dtype).permute(0, 2, 3, 1).reshape(batch * height * width, channels)
     for _ in range(2 ** logt):
         scores = operator @ scores

@@ -19,7 +19,7 @@ from wsss_core.models.deeplab import build_segmenter
 from wsss_core.config import CrfParams
 from wsss_core.refine.crf import dense_crf
 
-SEG_CHECKPOINT_KEYS = ("arch", "backbone", "output_stride")  # seg params that shape the network
+SEG_CHECKPOINT_KEYS = ("arch", "backbone", "output_stride", "decoder_channels")  # seg params that shape the network
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 
@@ -85,7 +85,7 @@ def segmenter_from_checkpoint(checkpoint: dict, source: str | Path) -> tuple[nn.
     if not settings or not class_names:
         raise DataError(f"{source}: not a segmentation checkpoint (no seg params or class names)")
     model = build_segmenter(settings["arch"], settings["backbone"], len(class_names),
-                            output_stride=settings["output_stride"])
+                            output_stride=settings["output_stride"], channels=settings.get("decoder_channels", 256))
     model.load_state_dict(checkpoint["model"])
     return model.eval(), list(class_names)
 
