@@ -19,6 +19,7 @@ def test_voc12_mini_preset_runs_through_pseudo_masks(tmp_path, voc_mini):
     repo = copy_repo(tmp_path / "repo", {})
     recompose(repo, "data=voc12-mini", f"data.voc.root={root}", "cls.epochs=1", "affinity.epochs=1",
               "cams.scales=[1.0]")
+    dvc(repo, "repro", "eval_cams")
     dvc(repo, "repro", "pseudo_masks")
     dataset = Dataset.load(repo / "data/prepared/dataset.json")
     assert len(dataset.ids("train")) == 12 and dataset.num_classes == 20
