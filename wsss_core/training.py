@@ -142,8 +142,7 @@ def _to_device(batch, device: torch.device):
 def fit(model: nn.Module, train_set: EpochSeededSet, batch_loss: Callable[..., tuple[torch.Tensor, dict[str, float]]],
         *, recipe: TrainRecipe, device: torch.device, seed: int, desc: str,
         groups: list[ParamGroup] | None = None,
-        on_epoch_end: Callable[[int, dict[str, float]], None] = lambda epoch, means: None,
-        on_epoch_start: Callable[[], None] = lambda: None) -> None:
+        on_epoch_end: Callable[[int, dict[str, float]], None] = lambda epoch, means: None) -> None:
     """Train model with the recipe's optimizer and schedule on shuffled, seeded batches.
 
     On CUDA with recipe.amp: autocast to bfloat16 (float16 with loss scaling on GPUs without it) and
@@ -153,8 +152,8 @@ def fit(model: nn.Module, train_set: EpochSeededSet, batch_loss: Callable[..., t
     recipe.freeze_bn the BatchNorm layers of the 'backbone' group stay in eval mode, their affine
     parameters frozen (IRN's FixedBatchNorm).
     batch_loss gets the batch (tensors on `device`, a list or a dict as the set returns them) and
-    returns (loss, {name: float} parts); on_epoch_start runs after model.train(); on_epoch_end gets the 1-based epoch and each part's mean over
-    the epoch, 'loss' included.
+    returns (loss, {name: float} parts); on_epoch_end gets the 1-based epoch and each part's mean
+    over the epoch, 'loss' included.
     """
     if not len(train_set):
         raise DataError(f"{desc}: the training set is empty")
@@ -173,7 +172,6 @@ def fit(model: nn.Module, train_set: EpochSeededSet, batch_loss: Callable[..., t
         train_set.epoch = epoch
         model.train()
         freeze_batchnorm(frozen)
-        on_epoch_start()
         sums: dict[str, float] = {}
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{epochs}", unit="batch")
