@@ -6,10 +6,9 @@
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from step_timing import median_step_seconds
 
 from wsss_core.config import AffinityParams
 from wsss_core.models.affinity_net import AffinityNet, affinity_loss, pair_affinities
@@ -26,15 +25,8 @@ def step_seconds(dilated: bool, args: argparse.Namespace) -> float:
     images = torch.randn(args.batch, 3, args.size, args.size)
     cells = args.size // 8
     masks = [torch.rand(args.batch, len(offsets), cells, cells).round() for _ in range(3)]
-    times = []
-    for _ in range(args.steps + 2):
-        start = time.perf_counter()
-        loss, _ = affinity_loss(pair_affinities(model(images), offsets), *masks)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[2:])
+    return median_step_seconds(lambda: affinity_loss(pair_affinities(model(images), offsets), *masks)[0], optimizer,
+                               args.steps)
 
 
 def main() -> None:

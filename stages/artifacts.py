@@ -13,6 +13,7 @@ MANIFEST = PREPARED / "dataset.json"
 
 CLS_CHECKPOINT = Path("models/cls.pt")
 CLS_CURVES = Path("dvclive/train_cls")
+CLS_METRICS = Path("metrics/train_cls.json")
 CAM_STORE = Path("cams/cams.h5")
 EXPORT_SPEED = Path("metrics/export_speed.json")
 CAM_METRICS = Path("metrics/cam.json")
@@ -42,7 +43,7 @@ SEG_MONTAGE = Path("plots/seg_val.png")
 # metrics.json and plots/metrics/), "file" (any other JSON).
 OUTPUTS: dict[str, dict[Path, str]] = {
     "prepare": {PREPARED: "folder"},
-    "train_cls": {CLS_CHECKPOINT: "checkpoint", CLS_CURVES: "curves"},
+    "train_cls": {CLS_CHECKPOINT: "checkpoint", CLS_CURVES: "curves", CLS_METRICS: "file"},
     "export_cams": {CAM_STORE: "store", EXPORT_SPEED: "file"},
     "eval_cams": {CAM_METRICS: "metrics", CAM_SWEEP_PLOT: "plot"},
     "refine": {REFINED_STORE: "store", REFINED_METRICS: "metrics"},

@@ -24,9 +24,11 @@ def list_cams(store_path: Path = typer.Option(CAM_STORE, "--store", help="CAM st
     with CamStore(store_path) as store:
         names = store.class_names
         raw = ", ".join(store.raw_names) or "none"
+        ids = store.ids()
+        class_maps = ", ".join(store.map_names(ids[0])) if ids else "none"
         typer.echo(f"{store_path}: method={store.attr('method')} scales={store.attr('scales')} "
-                   f"stride={store.attr('stride')} images={len(store.ids())} raw maps: {raw}")
-        for image_id in store.ids():
+                   f"stride={store.attr('stride')} images={len(ids)} class maps: {class_maps} raw maps: {raw}")
+        for image_id in ids:
             cam, keys = store.read(image_id)
             classes = ",".join(names[k] for k in keys)
             typer.echo(f"{image_id}\t{cam.shape[1]}x{cam.shape[2]}\t{classes}")
@@ -39,17 +41,20 @@ def show_cams(
     store_path: Path = typer.Option(CAM_STORE, "--store", help="CAM store to read"),
     manifest: Path = typer.Option(MANIFEST, "--dataset", help="dataset manifest written by prepare"),
     out: Path = typer.Option(None, "--out", help="PNG to write (default: cams_<first id>.png)"),
+    maps: list[str] = typer.Option(["cam"], "--map", help="class map(s) to draw, e.g. cam_sa1 (a method's "
+                                   "per-layer CAMs; `wsss cams ls` lists them); repeat for several rows per id"),
 ) -> None:
-    """Write a PNG: image | each class's CAM overlay | ground truth, one row per id."""
+    """Write a PNG: image | each class's map overlay | ground truth, one row per id and map."""
     dataset = Dataset.load(manifest)
     with CamStore(store_path) as store:
         rows = []
         for image_id in image_ids:
             if image_id not in store:
                 raise DataError(f"{store_path}: no image {image_id!r} (see `wsss cams ls`)")
-            cam, keys = store.read(image_id)
-            rows.append(cam_panel(dataset.read_image(image_id), cam, keys, store.class_names,
-                                  dataset.read_mask(image_id)))
+            for name in maps:
+                cam, keys = store.read(image_id, name)
+                rows.append(cam_panel(dataset.read_image(image_id), cam, keys, store.class_names,
+                                      dataset.read_mask(image_id), title=f"{image_id} {name}"))
     out = out or Path(f"cams_{image_ids[0]}.png")
     save_image(out, vstack(rows))
     typer.echo(f"wrote {out}")

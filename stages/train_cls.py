@@ -7,28 +7,38 @@ from pathlib import Path
 import typer
 
 from stages._common import load_params, log_epoch, reports_errors, single_command, training_curves
-from stages.artifacts import CLS_CHECKPOINT, CLS_CURVES, MANIFEST, PARAMS_FILE
+from stages.artifacts import CLS_CHECKPOINT, CLS_CURVES, CLS_METRICS, MANIFEST, PARAMS_FILE
 from wsss_core.cams.classifier import train_classifier
 from wsss_core.checkpoint import save_checkpoint
 from wsss_core.data.dataset import Dataset
+from wsss_core.io import write_json
 from wsss_core.methods import get_method
 from wsss_core.training import resolve_device, seed_everything
 
 
 @reports_errors
 def train_cls(params_file: Path = typer.Option(PARAMS_FILE, "--params", help="params.yaml to read")) -> None:
-    """Train the classifier of `method` on the prepared train split; writes models/cls.pt."""
+    """Train the classifier of `method` on the prepared train split; writes models/cls.pt and, in
+    metrics/train_cls.json, the last epoch's val mAP and the method's learned scalars (e.g. gates)."""
     params = load_params(params_file)
     dataset = Dataset.load(MANIFEST)
     method = get_method(params)
     seed_everything(params.seed)
     model = method.build_classifier(params.cls, dataset.num_classes)
+    last: dict[str, float] = {}
     with training_curves(CLS_CURVES) as live:
+        def on_epoch_end(epoch: int, values: dict[str, float]) -> None:
+            last.update(values, **method.learned_values(model))
+            log_epoch(live, epoch, last)
+
         train_classifier(model, partial(method.training_loss, model), partial(method.class_scores, model), dataset,
-                         params.cls, device=resolve_device(params.device), seed=params.seed,
-                         on_epoch_end=partial(log_epoch, live))
+                         params.cls, device=resolve_device(params.device), seed=params.seed, on_epoch_end=on_epoch_end)
     save_checkpoint(CLS_CHECKPOINT, model.cpu(), params.method, method.checkpoint_params(params.cls),
                     class_names=dataset.class_names)
+    val_map = last.get("val_map", float("nan"))
+    write_json(CLS_METRICS, {"method": params.method, "epochs": params.cls.epochs,
+                             "val_map": val_map if val_map == val_map else None,  # NaN (no val split): null
+                             "learned": method.learned_values(model)})
     typer.echo(f"saved {CLS_CHECKPOINT}")
 
 

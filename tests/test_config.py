@@ -53,6 +53,22 @@ def test_groups_override_the_base_and_each_other():
     assert one_value.cls.lr == 0.5 and one_value.cls.backbone == "tf_efficientnet_lite0"
 
 
+def test_multisa_recipe_per_profile_and_data_preset():
+    def composed(*overrides: str):
+        return parse(yaml.safe_load(compose(["method=multisa", *overrides], REPO / "conf")))
+
+    synthetic, mini, paper = composed(), composed("data=voc12-mini"), composed("data=voc12-mini", "profile=paper")
+    for params in (synthetic, mini, paper):  # the method's recipe and downstream (conf/method/multisa.yaml)
+        assert params.cls.nesterov and params.cls.optimizer == "sgd" and params.cls.weight_decay == 1e-4
+        assert (params.affinity.label_mode, params.affinity.irn_fg_threshold, params.affinity.irn_bg_threshold,
+                params.rw.beta, params.crf.unary) == ("irn", 0.4, 0.1, 10.0, "labels")
+    assert (synthetic.cls.lr, synthetic.cls.new_layer_lr_mult, synthetic.cls.backbone) == (0.001, 10.0, "resnet18")
+    assert (mini.cls.lr, mini.cls.new_layer_lr_mult, mini.cls.backbone) == (0.02, 1.0, "tf_efficientnet_lite0")
+    assert (paper.cls.lr, paper.cls.new_layer_lr_mult, paper.cls.backbone, paper.cls.crop_size, paper.cls.epochs,
+            paper.cls.batch_size, paper.rw.bg_mode, paper.crf.iterations) == (
+        0.1, 10.0, "resnest101e", 512, 15, 8, "after_walk", 1)
+
+
 def test_no_absolute_paths_in_the_configuration():
     for path in (REPO / "conf").rglob("*.yaml"):
         assert "/work/" not in path.read_text() and "\n  root: /" not in path.read_text(), path
@@ -118,7 +134,7 @@ def test_method_sections_are_validated_by_their_own_model():
         parse_params({"methods": {"toy": {"refine": {"gama": 2.0}}}}, registered)  # inactive sections too
     with pytest.raises(ParamsError, match=r"methods\.toy\.refine\.gamma: Input should be a valid number"):
         parse_params({"methods": {"toy": {"refine": {"gamma": "x"}}}}, registered)
-    with pytest.raises(ParamsError, match=r"unknown key methods\.nope \(registered methods: cam, toy\)"):
+    with pytest.raises(ParamsError, match=r"unknown key methods\.nope \(registered methods: cam, multisa, toy\)"):
         parse_params({"methods": {"nope": {}}}, registered)
     assert isinstance(params.model_dump()["methods"]["toy"]["refine"], dict)
     assert params.model_dump()["methods"]["toy"]["refine"] == {"gamma": 2.0}
@@ -133,7 +149,7 @@ def test_stage_prints_one_line_error_and_exits_2(tmp_path):
                             env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert lines == [f"error: {params}: method 'foo' is not one of: cam"]
+    assert lines == [f"error: {params}: method 'foo' is not one of: cam, multisa"]
 
 
 def test_synthetic_params_mirror_the_generator_defaults():

@@ -15,11 +15,13 @@ def test_cams_ls_and_show_write_a_panel_per_id(tmp_path):
         for image_id in dataset.ids("train"):
             keys = np.array(dataset.labels[image_id])
             height, width = dataset.read_image(image_id).shape[:2]
-            writer.write(image_id, np.random.default_rng(0).random((len(keys), height, width)), keys)
+            cam = np.random.default_rng(0).random((len(keys), height, width))
+            writer.write(image_id, cam, keys, {"cam_sa1": cam / 2})
     runner = CliRunner()
     listing = runner.invoke(app, ["cams", "ls", "--store", str(store)])
     assert listing.exit_code == 0
     assert "b\t20x28\tx,z" in listing.output and "images=3" in listing.output
+    assert "class maps: cam, cam_sa1 raw maps: none" in listing.output
     out = tmp_path / "panel.png"
     shown = runner.invoke(app, ["cams", "show", "a", "b", "--store", str(store),
                                 "--dataset", str(tmp_path / "prepared" / "dataset.json"), "--out", str(out)])
@@ -27,6 +29,15 @@ def test_cams_ls_and_show_write_a_panel_per_id(tmp_path):
     panel = np.asarray(Image.open(out))
     # row b is widest: image + 2 CAMs + GT = 4 tiles of 28 px and 3 gaps of 4 px; 2 rows of 14 + 20 px, 1 gap
     assert panel.shape == (2 * (14 + 20) + 4, 4 * 28 + 3 * 4, 3)
+    out_layers = tmp_path / "layers.png"
+    layers = runner.invoke(app, ["cams", "show", "b", "--map", "cam", "--map", "cam_sa1", "--store", str(store),
+                                 "--dataset", str(tmp_path / "prepared" / "dataset.json"), "--out", str(out_layers)])
+    assert layers.exit_code == 0, layers.output
+    rows = np.asarray(Image.open(out_layers))
+    assert rows.shape == (2 * (14 + 20) + 4, 4 * 28 + 3 * 4, 3)  # one row per map
+    unknown = runner.invoke(app, ["cams", "show", "b", "--map", "cam_sa9", "--store", str(store),
+                                  "--dataset", str(tmp_path / "prepared" / "dataset.json")])
+    assert unknown.exit_code == 2 and "with a 'cam_sa9' map" in unknown.output
     missing = runner.invoke(app, ["cams", "show", "zzz", "--store", str(store),
                                   "--dataset", str(tmp_path / "prepared" / "dataset.json")])
     assert missing.exit_code == 2 and "no image 'zzz'" in missing.output

@@ -53,6 +53,8 @@ def test_repro_through_cam_evaluation(tiny_repo):
     assert 0 <= report["synthetic_activation"]["part_mean"] <= 1
     live = json.loads((tiny_repo / "dvclive/train_cls/metrics.json").read_text())
     assert live["step"] == 0 and 0 < live["val_map"] <= 1
+    trained = json.loads((tiny_repo / "metrics/train_cls.json").read_text())
+    assert trained == {"method": "cam", "epochs": 1, "val_map": live["val_map"], "learned": {}}
     shown = dvc(tiny_repo, "metrics", "show", "--json").stdout
     assert "metrics/cam.json" in shown
 
@@ -148,3 +150,22 @@ def test_pseudo_source_cam_skips_the_affinity_branch(tiny_repo):
         tiny_repo / "data/prepared/dataset.json").ids("train")[0], "--out", "m.png"], cwd=tiny_repo, check=True,
         capture_output=True)
     assert Image.open(tiny_repo / "m.png").size[0] == 5 * 96 + 4 * 4  # image, CAM, pseudo, DeepLab, GT
+
+
+def test_multisa_experiment_exports_per_layer_cams_and_its_gates(tmp_path):
+    repo = copy_repo(tmp_path / "repo", TINY_PARAMS)
+    dvc(repo, "exp", "run", "-S", "method=multisa", "eval_cams")
+    trained = json.loads((repo / "metrics/train_cls.json").read_text())
+    live = json.loads((repo / "dvclive/train_cls/metrics.json").read_text())
+    assert trained["method"] == "multisa" and set(trained["learned"]) == {"beta_sa1", "beta_sa2", "beta_sa3"}
+    assert all(live[name] == value for name, value in trained["learned"].items())  # also logged per epoch
+    assert any(value != 0 for value in trained["learned"].values())  # the gates trained
+    with h5py.File(repo / "cams/cams.h5", "r") as store:
+        assert store.attrs["method"] == "multisa" and int(store.attrs["stride"]) == 8
+        group = next(iter(store.values()))
+        assert sorted(group) == ["cam", "cam_sa1", "cam_sa2", "cam_sa3"]
+        first = next(iter(store))
+    assert 0 < json.loads((repo / "metrics/cam.json").read_text())["miou"] <= 1
+    subprocess.run([sys.executable, "-m", "stages.cli", "cams", "show", first, "--map", "cam_sa1", "--map", "cam_sa3",
+                    "--out", "layers.png"], cwd=repo, check=True, capture_output=True)
+    assert Image.open(repo / "layers.png").size[1] == 2 * (14 + 96) + 4  # one row per map

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from wsss_core.config import ClsParams, TrainRecipe
+from wsss_core.errors import ParamsError
 from wsss_core.training import EpochSeededSet, ParamGroup, build_optimizer, fit, lr_factor
 
 
@@ -77,3 +78,19 @@ def test_freeze_bn_keeps_the_backbone_batchnorm_only(freeze_bn):
     assert all(torch.equal(before[k], after[k]) for k in backbone_bn) == freeze_bn
     assert not torch.equal(before["head.1.running_mean"], after["head.1.running_mean"])  # new layers' BN trains
     assert not torch.equal(before["backbone.0.weight"], after["backbone.0.weight"])  # the backbone convs train
+
+
+def test_a_diverging_loss_stops_training_with_one_line():
+    torch.manual_seed(0)
+    model = TinyNet()
+    epochs_done = []
+
+    def loss(batch):
+        images, targets = batch
+        return ((model(images) - targets) ** 2).mean() * float("inf"), {}
+
+    with pytest.raises(ParamsError, match=r"^train_x: the loss became (inf|nan) in epoch 1: training diverged; "
+                                          r"lower the learning rate \(lr\) of this stage's params$"):
+        fit(model, Batches(), loss, recipe=ClsParams(epochs=2, batch_size=4), device=torch.device("cpu"), seed=0,
+            desc="train_x", on_epoch_end=lambda epoch, means: epochs_done.append(epoch))
+    assert epochs_done == []

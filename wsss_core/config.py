@@ -14,7 +14,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SerializeAsAn
 from wsss_core.data.images import DEFAULT_MAX_PIXELS
 from wsss_core.errors import ParamsError
 
-BACKBONES = ("resnet18", "resnet50", "tf_efficientnet_lite0")
+BACKBONES = ("resnet18", "resnet50", "resnet101", "resnest101e", "tf_efficientnet_lite0")
 """timm backbones a classifier, AffinityNet or DeepLabV3+ can be built on (the one list)."""
 Backbone = Literal[BACKBONES]
 

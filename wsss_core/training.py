@@ -190,9 +190,18 @@ def fit(model: nn.Module, train_set: EpochSeededSet, batch_loss: Callable[..., t
             for key, value in parts.items():
                 sums[key] = sums.get(key, 0.0) + value
             if step % PROGRESS_EVERY == 0 or bar.n + 1 == len(loader):
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-        means = {"loss": float(loss_sum) / len(loader), **{key: value / len(loader) for key, value in sums.items()}}
+                bar.set_postfix(loss=f"{_finite(loss.item(), desc, epoch):.3f}")
+        means = {"loss": _finite(float(loss_sum) / len(loader), desc, epoch),
+                 **{key: value / len(loader) for key, value in sums.items()}}
         on_epoch_end(epoch + 1, means)
+
+
+def _finite(loss: float, desc: str, epoch: int) -> float:
+    """Return loss, or raise a one-line ParamsError when it is NaN or infinite (training diverged)."""
+    if not math.isfinite(loss):
+        raise ParamsError(f"{desc}: the loss became {loss} in epoch {epoch + 1}: training diverged; "
+                          f"lower the learning rate (lr) of this stage's params")
+    return loss
 
 
 def batchnorm_layers(model: nn.Module, groups: list[ParamGroup], name: str) -> list[nn.Module]:

@@ -46,9 +46,9 @@ def vstack(rows: list[np.ndarray], gap: int = 4) -> np.ndarray:
 
 
 def cam_panel(image: np.ndarray, cam: np.ndarray, keys: np.ndarray, class_names: list[str],
-              ground_truth: np.ndarray | None = None) -> np.ndarray:
+              ground_truth: np.ndarray | None = None, title: str = "image") -> np.ndarray:
     """Return image | one heatmap overlay per class in keys | GT overlay, captioned: uint8 [H', W', 3]."""
-    tiles = [captioned(image, "image")]
+    tiles = [captioned(image, title)]
     tiles += [captioned(heatmap_overlay(image, heat), class_names[key]) for heat, key in zip(cam, keys)]
     if ground_truth is not None:
         tiles.append(captioned(label_overlay(image, ground_truth), "ground truth"))

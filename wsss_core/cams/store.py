@@ -147,6 +147,11 @@ class CamStore:
         group = self._group(image_id, name)
         return group[name][()].astype(np.float32), group["cam"].attrs["keys"].astype(np.int64)
 
+    def map_names(self, image_id: str) -> list[str]:
+        """Return the names of the image's class maps ('cam' first, then extras such as 'cam_sa1'; no raw maps)."""
+        raw = set(self.raw_names)
+        return sorted((name for name in self._group(image_id, "cam") if name not in raw), key=lambda n: n != "cam")
+
     def read_raw(self, image_id: str) -> dict[str, np.ndarray]:
         """Return {name: float32 array [V, ...]} of the image's raw maps (layout and grid: `raw_layout`)."""
         return {name: self._group(image_id, name)[name][()].astype(np.float32) for name in self.raw_names}

@@ -10,6 +10,7 @@ The hooks, in pipeline order:
   `cam_stride` and `parameter_groups(new_layer_lr_mult) -> list[ParamGroup]`.
 - `training_loss(model, batch) -> (loss, parts)`: batch = {'images', 'labels', 'rgb'}; parts go to dvclive.
 - `class_scores(model, images)`: logits [B, K] for validation mAP.
+- `learned_values(model)`: learned scalars (gates) for dvclive and `metrics/train_cls.json`.
 - `cam_maps(model, images)`: class maps for the multi-scale + flip export; 'cam' is required.
 - `raw_maps(model, images)`: maps stored as they are (token or stride resolution), at scale 1.
 - `segmenter(model)`: a module giving segmentation logits [B, K+1, h, w], or None.
@@ -103,6 +104,10 @@ class Method:
     def class_scores(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """Return class logits [B, K] for normalised images [B, 3, H, W]."""
         return model(images)
+
+    def learned_values(self, model: nn.Module) -> dict[str, float]:
+        """Return learned scalars worth watching (e.g. gates), logged each epoch and written after training."""
+        return {}
 
     # export_cams
     def cam_maps(self, model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,0 +1,57 @@
+"""`multisa`: Multi-SA (Yaganapu & Kang, CVIU), CAMs from self-attended, stacked and fused backbone taps.
+
+The network is `models.multisa.MultiSANet`; the export stores the fused CAM as `cam` and each tap's
+additive share of it as `cam_sa1`..`cam_sak` (SA1 the finest, as the paper's Fig. 4; ReLU'd and
+max-normalised like the CAM). The attention lives inside the classifier: no refinement of its own.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from wsss_core.config import ClsParams, PositiveFloat, PositiveInt
+from wsss_core.methods.base import Method, MethodParams, ModelParams, register_method
+from wsss_core.models.backbones import Backbone
+from wsss_core.models.multisa import MAX_LAYERS, MultiSANet
+
+
+class MultiSAModelParams(ModelParams):
+    """Multi-SA's network; each default is the spec's recommendation where the paper is silent (spec section 7)."""
+
+    layers: Annotated[int, Field(ge=0, le=MAX_LAYERS)] = 3  # k: the last k taps attended and stacked; 0 = plain CAM
+    scale: Literal["none", "sqrt_d"] = "none"  # attention logits as the paper (none) or / sqrt(d)
+    reduction: PositiveInt = 1  # Q/K channels = c / reduction; the paper's is 1 (8: SAGAN's, non-faithful)
+    sa_bias: bool = False  # biases in the Q/K/V convs (the equations have none)
+    beta_init: float = 0.0  # the gates' initial value: 0 starts from the plain backbone
+    inline: bool = False  # feed each attended tap into the next stage instead of side branches
+    fuse_bias: bool = False
+    classifier_bias: bool = False
+    align_corners: bool = False  # of the bilinear resize of V_2..V_k to V_1's size
+    bias_lr_mult: PositiveFloat = 2.0  # biases: lr x2 (x20 in new layers) and no weight decay (Puzzle-CAM)
+
+
+class MultiSAParams(MethodParams):
+    model: MultiSAModelParams = MultiSAModelParams()
+
+
+@register_method
+class MultiSAMethod(Method):
+    name = "multisa"
+    Params = MultiSAParams
+
+    def build_classifier(self, cls: ClsParams, num_classes: int, *, pretrained: bool = True) -> MultiSANet:
+        return MultiSANet(Backbone(cls.backbone, cls.output_stride, cls.pretrained if pretrained else ""),
+                          num_classes, **self.params.model.model_dump())
+
+    def cam_maps(self, model: MultiSANet, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        raw, shares = model.layer_cams(images)
+        maps = {"cam": F.relu(raw)}
+        if len(shares) > 1:
+            maps.update({f"cam_sa{index}": F.relu(share) for index, share in enumerate(shares, 1)})
+        return maps
+
+    def learned_values(self, model: MultiSANet) -> dict[str, float]:
+        return {f"beta_sa{index}": beta for index, beta in enumerate(model.gates(), 1)}
