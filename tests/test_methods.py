@@ -18,7 +18,7 @@ from wsss_core.errors import ParamsError
 from wsss_core.methods import REGISTRY, get_method, method_params, register_method
 from wsss_core.methods.cam import CamMethod
 
-CLS = ClsParams(backbone="resnet18", output_stride=16)
+CLS = ClsParams(backbone="resnet18", output_stride=16)  # the CNN methods' (the ViT methods take their first backbone)
 
 
 @pytest.fixture(params=[*sorted(REGISTRY), "toy"])
@@ -29,9 +29,14 @@ def method(request, monkeypatch):
 
 
 @pytest.fixture
-def model(method):
+def cls(method):
+    return CLS if CLS.backbone in method.backbones else CLS.model_copy(update={"backbone": method.backbones[0]})
+
+
+@pytest.fixture
+def model(method, cls):
     torch.manual_seed(0)
-    return method.build_classifier(CLS, 3, pretrained=False).eval()
+    return method.build_classifier(cls, 3, pretrained=False).eval()
 
 
 def test_network_exposes_normalisation_stride_and_groups_that_partition_its_parameters(method, model):
@@ -102,14 +107,14 @@ def _normalised_views(image: np.ndarray, model) -> torch.Tensor:
     return torch.cat([tensor, tensor.flip(-1)])
 
 
-def test_checkpoint_rebuilds_strictly_and_refuses_other_model_params(method, model, tmp_path):
+def test_checkpoint_rebuilds_strictly_and_refuses_other_model_params(method, model, cls, tmp_path):
     path = tmp_path / "cls.pt"
-    save_checkpoint(path, model, method.name, method.checkpoint_params(CLS), class_names=["bg", "a", "b", "c"])
-    rebuilt = method.load_classifier(path, CLS, 3)
+    save_checkpoint(path, model, method.name, method.checkpoint_params(cls), class_names=["bg", "a", "b", "c"])
+    rebuilt = method.load_classifier(path, cls, 3)
     for key, value in model.state_dict().items():
         assert torch.equal(rebuilt.state_dict()[key], value), key
     with pytest.raises(ParamsError, match=r"trained with cls.output_stride=16, params say 8"):
-        method.load_classifier(path, CLS.model_copy(update={"output_stride": 8}), 3)
+        method.load_classifier(path, cls.model_copy(update={"output_stride": 8}), 3)
 
 
 def test_segmenter_gives_background_plus_class_logits(method, model):

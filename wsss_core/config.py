@@ -17,6 +17,8 @@ from wsss_core.errors import ParamsError
 BACKBONES = ("resnet18", "resnet50", "resnet101", "resnest101e", "tf_efficientnet_lite0")
 """timm backbones a classifier, AffinityNet or DeepLabV3+ can be built on (the one list)."""
 Backbone = Literal[BACKBONES]
+VIT_BACKBONES = ("deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224")
+"""timm ViTs a transformer method's classifier (MCTformer-V2) can be built on."""
 
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -119,7 +121,8 @@ class TrainRecipe(Section):
 
 
 class ClsParams(TrainRecipe):
-    backbone: Backbone = "resnet18"
+    # A CNN of BACKBONES, or a ViT of VIT_BACKBONES for the transformer methods (each method says which it takes).
+    backbone: Literal[BACKBONES + VIT_BACKBONES] = "resnet18"
     # Local state-dict path, "efficientnet_lite0" (weights from the lite0 package) or "" (random init).
     pretrained: str = ""
     output_stride: Literal[8, 16, 32] = 16

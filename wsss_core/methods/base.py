@@ -12,7 +12,8 @@ The hooks, in pipeline order:
 - `class_scores(model, images)`: logits [B, K] for validation mAP.
 - `learned_values(model)`: learned scalars (gates) for dvclive and `metrics/train_cls.json`.
 - `cam_maps(model, images)`: class maps for the multi-scale + flip export; 'cam' is required.
-- `raw_maps(model, images)`: maps stored as they are (token or stride resolution), at scale 1.
+- `raw_maps(model, images)`: maps stored as they are (token or stride resolution), at scale 1; what it
+  stores may depend on the section's `export` knobs (deps of export_cams alone).
 - `segmenter(model)`: a module giving segmentation logits [B, K+1, h, w], or None.
 - `refine(cam, keys, raw, params)`: one image's refined CAMs; the base class owns the loop.
 """
@@ -29,7 +30,7 @@ from torch import nn
 
 from wsss_core.cams.store import CamStore, transform_store
 from wsss_core.checkpoint import load_checkpoint
-from wsss_core.config import ClsParams, Params, Section
+from wsss_core.config import BACKBONES, ClsParams, Params, Section
 from wsss_core.errors import ParamsError
 
 
@@ -40,14 +41,19 @@ class ModelParams(Section):
     """Knobs that shape or train the network (deps of train_cls and export_cams); a method extends it."""
 
 
+class ExportParams(Section):
+    """Knobs of what export_cams stores for the method (deps of export_cams, not of train_cls); a method extends it."""
+
+
 class RefineParams(Section):
     """Knobs of the method's CAM refinement only (deps of the refine stage alone); a method extends it."""
 
 
 class MethodParams(Section):
-    """The `methods.<name>` section: {model: {...}, refine: {...}}."""
+    """The `methods.<name>` section: {model: {...}, export: {...}, refine: {...}}."""
 
     model: ModelParams = ModelParams()
+    export: ExportParams = ExportParams()
     refine: RefineParams = RefineParams()
 
 
@@ -68,12 +74,16 @@ class Method:
     Params: ClassVar[type[MethodParams]] = MethodParams
     refines: ClassVar[bool] = False  # False: the refine stage passes the CAM store through (hard link)
     has_segmenter: ClassVar[bool] = False  # True: segmenter() gives a segmentation branch (pseudo.source: export)
+    backbones: ClassVar[tuple[str, ...]] = BACKBONES  # the cls.backbone values its classifier can be built on
 
     def __init__(self, params: MethodParams | None = None):
         self.params = params if params is not None else self.Params()
 
     def check(self, params: Params) -> None:
         """Raise a ParamsError for a params combination this method cannot run (one line)."""
+        if params.cls.backbone not in self.backbones:
+            raise ParamsError(f"cls.backbone {params.cls.backbone!r}: method {self.name!r} is built on one of: "
+                              f"{', '.join(self.backbones)}")
         if params.pseudo.source == "export" and not self.has_segmenter:
             raise ParamsError(f"pseudo.source: export needs a method with a segmentation branch; "
                               f"method {self.name!r} has none (use cam, rw or crf)")

@@ -1,0 +1,323 @@
+"""MCTformer-V2 (`mct`) and semantic modulation (`semod`): attention hooks, the network, DeiT weights, the
+modulation and the joint refinement (spec ../shared/methods/semantic_modulation.md, section 8)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+
+from wsss_core.config import ClsParams, parse_params
+from wsss_core.errors import ParamsError
+from wsss_core.methods import REGISTRY, get_method, method_params
+from wsss_core.models.hooks import AttentionRecorder, explicit_attention
+from wsss_core.models.mctformer import NEW_KEYS, MCTformerV2, build_mctformer, load_deit_weights
+from wsss_core.refine.attention import joint_refine, neighbour_count, semantic_modulation, semantic_neighbours
+
+CLASSES = 3
+
+
+def tiny_vit(**overrides) -> VisionTransformer:
+    """The spec's test ViT: dim 24, 2 blocks, 2 heads, patch 16 (224 input: a 14 x 14 position grid)."""
+    torch.manual_seed(0)
+    return VisionTransformer(**{"embed_dim": 24, "depth": 2, "num_heads": 2, "num_classes": 0, **overrides})
+
+
+@pytest.fixture
+def model() -> MCTformerV2:
+    return MCTformerV2(tiny_vit(), CLASSES).eval()
+
+
+# attention hooks
+
+
+def test_explicit_attention_reproduces_timms_attention_and_block_outputs():
+    block = tiny_vit().blocks[0].eval()
+    tokens = torch.randn(2, 15, 24)
+    output, probabilities = explicit_attention(block.attn, block.norm1(tokens))
+    torch.testing.assert_close(output, block.attn(block.norm1(tokens)), atol=1e-5, rtol=0)
+    rebuilt = tokens + block.ls1(output)
+    rebuilt = rebuilt + block.ls2(block.mlp(block.norm2(rebuilt)))
+    torch.testing.assert_close(rebuilt, block(tokens), atol=1e-5, rtol=0)
+    assert probabilities.shape == (2, 2, 15, 15) and probabilities.min() >= 0
+    torch.testing.assert_close(probabilities.sum(-1), torch.ones(2, 2, 15))
+
+
+def test_recorder_takes_each_blocks_head_mean_and_leaves_the_output_alone(model):
+    images = torch.randn(2, 3, 48, 64)
+    plain = model(images)
+    probabilities = []
+    with AttentionRecorder((block.attn for block in model.blocks), reduce=lambda p: p) as recorder:
+        recorded = model(images)
+        probabilities = recorder.maps
+    for before, after in zip(plain, recorded):
+        assert torch.equal(before, after)
+    _, head_means = model.cam_and_attention(images)
+    assert head_means.shape == (2, 2, CLASSES + 12, CLASSES + 12)  # [L, B, T, T], T = C + N = 3 + 3 * 4
+    for layer, full in enumerate(probabilities):
+        torch.testing.assert_close(head_means[layer], full.mean(1))
+    torch.testing.assert_close(head_means.sum(-1), torch.ones(2, 2, CLASSES + 12))
+    assert len(model.blocks[0].attn._forward_hooks) == 0  # the hooks are removed afterwards
+
+
+# the network
+
+
+@pytest.mark.parametrize("size, grid", [((48, 64), (3, 4)), ((50, 70), (3, 4)), ((224, 224), (14, 14))])
+def test_shapes_scores_and_positions(model, size, grid):
+    images = torch.randn(2, 3, *size)
+    token_scores, patch_scores, cam_logits = model(images)
+    class_tokens, patch_map = model.tokens(images)
+    assert class_tokens.shape == (2, CLASSES, 24) and patch_map.shape == (2, 24, *grid)
+    assert cam_logits.shape == (2, CLASSES, *grid)
+    torch.testing.assert_close(token_scores, class_tokens.mean(-1))  # spec eq. 7
+    torch.testing.assert_close(patch_scores, cam_logits.mean((2, 3)))  # eq. 9
+    positions = model.position_embedding(*grid)
+    assert positions.shape == (1, CLASSES + grid[0] * grid[1], 24)
+    assert torch.equal(positions[:, :CLASSES], model.pos_embed[:, :CLASSES])  # class slots are never resized
+    if grid == model.grid:
+        assert torch.equal(positions, model.pos_embed)
+
+
+def test_training_loss_is_the_sum_of_the_token_and_patch_soft_margin_losses(model):
+    method = REGISTRY["mct"]()
+    images, labels = torch.randn(2, 3, 48, 64), torch.tensor([[1.0, 0, 1], [0, 1, 0]])
+    loss, parts = method.training_loss(model, {"images": images, "labels": labels})
+    token_scores, patch_scores, _ = model(images)
+    assert parts["token"] == pytest.approx(F.multilabel_soft_margin_loss(token_scores, labels).item(), abs=1e-6)
+    assert parts["patch"] == pytest.approx(F.multilabel_soft_margin_loss(patch_scores, labels).item(), abs=1e-6)
+    assert loss.item() == pytest.approx(parts["token"] + parts["patch"], abs=1e-6) and parts["token"] > 0
+    confident = 50 * (2 * labels - 1)
+    assert F.multilabel_soft_margin_loss(confident, labels) < 1e-6
+
+
+@pytest.mark.parametrize("head_kernel, count", [(3, 21_749_396), (1, 21_687_956)])
+def test_deit_small_parameter_counts_match_the_spec(head_kernel, count):
+    model = build_mctformer("deit_small_patch16_224", 20, head_kernel=head_kernel)
+    assert sum(p.numel() for p in model.parameters()) == count  # 21.7 M (Table 1), final norm included
+
+
+def test_deit_weights_load_in_timms_layout_with_the_class_token_copied(tmp_path):
+    deit = timm.create_model("deit_tiny_patch16_224", pretrained=False)  # timm's layout, 1000-class head
+    torch.nn.init.normal_(deit.cls_token)
+    torch.nn.init.normal_(deit.pos_embed)
+    path = tmp_path / "deit.pth"
+    torch.save({"model": deit.state_dict()}, path)  # the official release's wrapper
+    model = build_mctformer("deit_tiny_patch16_224", CLASSES)
+    head_before = model.cam_head.weight.clone()
+    load_deit_weights(model, path)
+    timm_keys = {k for k in deit.state_dict() if not k.startswith("head.")}
+    assert set(model.state_dict()) == timm_keys | set(NEW_KEYS)  # timm's keys, less its head, plus the CAM head
+    for index in range(CLASSES):
+        assert torch.equal(model.cls_token[0, index], deit.cls_token[0, 0])
+        assert torch.equal(model.pos_embed[0, index], deit.pos_embed[0, 0])
+    assert torch.equal(model.pos_embed[0, CLASSES:], deit.pos_embed[0, 1:])
+    assert torch.equal(model.blocks[5].mlp.fc1.weight, deit.blocks[5].mlp.fc1.weight)
+    assert torch.equal(model.cam_head.weight, head_before)  # new: left as initialised
+
+
+def test_deit_weights_of_another_grid_are_resized_and_foreign_files_refused(tmp_path):
+    deit = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=112)  # a 7 x 7 grid
+    torch.save(deit.state_dict(), tmp_path / "small_grid.pth")
+    model = build_mctformer("deit_tiny_patch16_224", CLASSES)
+    load_deit_weights(model, tmp_path / "small_grid.pth")
+    grid = deit.pos_embed[:, 1:].reshape(1, 7, 7, -1).permute(0, 3, 1, 2)
+    expected = F.interpolate(grid, (14, 14), mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(model.pos_embed[:, CLASSES:], expected)
+    resnet = timm.create_model("resnet18", pretrained=False)
+    torch.save(resnet.state_dict(), tmp_path / "resnet.pth")
+    with pytest.raises(ParamsError, match=r"^cls.pretrained: .*resnet.pth is not a timm DeiT state dict for 12 "
+                                          r"blocks: \d+ missing keys"):
+        load_deit_weights(model, tmp_path / "resnet.pth")
+
+
+def test_a_vit_method_refuses_a_cnn_backbone_and_a_cnn_method_a_vit():
+    with pytest.raises(ParamsError, match=r"^cls.backbone 'resnet18': method 'mct' is built on one of: deit_tiny"):
+        get_method(parse_params({"method": "mct"}, method_params()))
+    with pytest.raises(ParamsError, match=r"^cls.backbone 'deit_tiny_patch16_224': method 'cam' is built on one of"):
+        get_method(parse_params({"cls": {"backbone": "deit_tiny_patch16_224"}}, method_params()))
+
+
+def test_raw_maps_slice_class_and_patch_rows_of_every_block(model, monkeypatch):
+    """An attention whose value encodes (query, key) shows which rows and columns each raw map takes."""
+    tokens = CLASSES + 12
+    query, key = torch.meshgrid(torch.arange(tokens), torch.arange(tokens), indexing="ij")
+    codes = (1000 * query + key).float()
+    layers = torch.stack([codes + 100_000 * layer for layer in range(2)])[:, None].expand(2, 1, tokens, tokens)
+    monkeypatch.setattr(model, "cam_and_attention", lambda images: (torch.zeros(1, CLASSES, 3, 4), layers))
+    for export, p2p_layout in (("sum", "tokens,tokens"), ("layers", "layers,tokens,tokens")):
+        method = REGISTRY["mct"](REGISTRY["mct"].Params(export={"p2p": export}))
+        raw = method.raw_maps(model, torch.zeros(1, 3, 48, 64))
+        c2p, p2p = raw["c2p"].values, raw["p2p"].values
+        assert raw["c2p"].layout == "layers,classes,tokens" and raw["p2p"].layout == p2p_layout
+        assert c2p.shape == (1, 2, CLASSES, 12) and raw["c2p"].grid == (3, 4)
+        assert c2p[0, 1, 2, 5] == 100_000 + 1000 * 2 + CLASSES + 5  # block 1, class token 2 -> patch 5
+        patch_rows = codes[CLASSES:, CLASSES:]
+        expected = 2 * patch_rows + 100_000 if export == "sum" else torch.stack([patch_rows, patch_rows + 100_000])
+        assert torch.equal(p2p[0], expected)
+
+
+# semantic modulation
+
+
+def modulation_loop(c2p: np.ndarray, p2p: np.ndarray, count: int, alpha: float, exclude_self: bool = False,
+                    reverse: bool = False) -> np.ndarray:
+    """The spec's brute force: for c, for i, sort row i of p2p, average c2p(c, .) over its top `count`."""
+    classes, tokens = c2p.shape
+    out = c2p.copy()
+    for c in range(classes):
+        for i in reversed(range(tokens)) if reverse else range(tokens):
+            order = [j for j in np.argsort(-p2p[i], kind="stable") if not (exclude_self and j == i)]
+            out[c, i] = c2p[c, i] + alpha * np.mean([c2p[c, j] for j in order[:count]])  # reads the original c2p
+    return out
+
+
+def random_attention(tokens: int = 12, classes: int = CLASSES, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.rand(1, classes, tokens, generator=generator, dtype=torch.float64),
+            torch.rand(1, tokens, tokens, generator=generator, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("exclude_self", [False, True])
+@pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5, 1.0])
+def test_vectorised_modulation_equals_the_loop(ratio, exclude_self):
+    c2p, p2p = random_attention(tokens=20)
+    count = neighbour_count(20, ratio, exclude_self=exclude_self)
+    ours = semantic_modulation(c2p, p2p, ratio=ratio, alpha=1.2, exclude_self=exclude_self)
+    for reverse in (False, True):  # a simultaneous update: the patch order does not matter
+        loop = modulation_loop(c2p[0].numpy(), p2p[0].numpy(), count, 1.2, exclude_self, reverse)
+        np.testing.assert_allclose(ours[0].numpy(), loop, rtol=0, atol=1e-12)
+
+
+def test_neighbour_count_rounding_and_selection_rows():
+    assert [neighbour_count(n, 0.3) for n in (12, 196, 713, 2)] == [3, 58, 213, 1]
+    assert neighbour_count(12, 0.3, "ceil") == 4 and neighbour_count(12, 0.3, "round") == 4
+    assert neighbour_count(10, 1.0, exclude_self=True) == 9 and neighbour_count(10, 1.0) == 10
+    _, p2p = random_attention()
+    selection = semantic_neighbours(p2p, 3)
+    assert torch.equal(selection.sum(-1), torch.full((1, 12), 3.0, dtype=torch.float64))
+    without_self = semantic_neighbours(p2p + 10 * torch.eye(12, dtype=torch.float64), 3, exclude_self=True)
+    assert without_self.diagonal(dim1=1, dim2=2).sum() == 0 and without_self.sum(-1).unique().tolist() == [3.0]
+
+
+def test_modulation_identities():
+    c2p, p2p = random_attention()
+    assert torch.equal(semantic_modulation(c2p, p2p, alpha=0.0), c2p)  # alpha 0: the identity
+    everything = semantic_modulation(c2p, p2p, ratio=1.0, alpha=1.2)  # S = N: the row mean for every patch
+    torch.testing.assert_close(everything, c2p + 1.2 * c2p.mean(-1, keepdim=True), rtol=0, atol=1e-12)
+    self_only = semantic_modulation(c2p, torch.eye(12, dtype=torch.float64)[None] + 0.01 * p2p, ratio=0.01)
+    torch.testing.assert_close(self_only, 2.2 * c2p, rtol=0, atol=1e-12)  # S = 1, include self: (1 + alpha) c2p
+    constant = semantic_modulation(torch.full_like(c2p, 0.25), p2p)
+    torch.testing.assert_close(constant, torch.full_like(c2p, 0.25 * 2.2), rtol=0, atol=1e-12)
+    selection = semantic_neighbours(p2p, 3)
+    operator = torch.eye(12, dtype=torch.float64) + 1.2 / 3 * selection[0].T  # A (I + alpha / S U^T)
+    torch.testing.assert_close(semantic_modulation(c2p, p2p), c2p @ operator, rtol=0, atol=1e-12)
+
+
+def test_modulation_is_bounded_linear_rank_invariant_equivariant_and_per_class():
+    c2p, p2p = random_attention(seed=1)
+    other, _ = random_attention(seed=2)
+    out = semantic_modulation(c2p, p2p)
+    low, high = c2p.amin(-1, keepdim=True), c2p.amax(-1, keepdim=True)
+    assert (out >= c2p + 1.2 * low - 1e-12).all() and (out <= c2p + 1.2 * high + 1e-12).all()
+    torch.testing.assert_close(semantic_modulation(2 * c2p - 3 * other, p2p),
+                               2 * out - 3 * semantic_modulation(other, p2p), rtol=0, atol=1e-12)
+    for increasing in (lambda p: 3 * p + 1, torch.exp):
+        torch.testing.assert_close(semantic_modulation(c2p, increasing(p2p)), out, rtol=0, atol=0)
+    permutation = torch.randperm(12, generator=torch.Generator().manual_seed(3))
+    permuted = semantic_modulation(c2p[:, :, permutation], p2p[:, permutation][:, :, permutation])
+    torch.testing.assert_close(permuted, out[:, :, permutation], rtol=0, atol=1e-12)
+    changed = c2p.clone()
+    changed[0, 1] = torch.rand(12, dtype=torch.float64)
+    moved = semantic_modulation(changed, p2p)
+    assert torch.equal(moved[0, [0, 2]], out[0, [0, 2]]) and not torch.equal(moved[0, 1], out[0, 1])
+
+
+# joint refinement
+
+
+def test_joint_refine_products_orientations_and_switches():
+    c2p, p2p = random_attention()
+    cam_logits = torch.randn(1, CLASSES, 3, 4, dtype=torch.float64)
+    modulated, final = joint_refine(cam_logits, c2p, p2p)
+    torch.testing.assert_close(modulated, (F.relu(cam_logits).flatten(2) * c2p).view(1, CLASSES, 3, 4))
+    for c in range(CLASSES):  # gather: each patch gathers from the patches it attends to
+        torch.testing.assert_close(final[0, c].flatten(), p2p[0] @ modulated[0, c].flatten())
+    _, literal = joint_refine(cam_logits, c2p, p2p, orientation="literal")
+    torch.testing.assert_close(literal[0, 0].flatten(), modulated[0, 0].flatten() @ p2p[0])
+    identity = torch.eye(12, dtype=torch.float64)[None]
+    for orientation in ("gather", "literal"):
+        assert torch.equal(joint_refine(cam_logits, c2p, identity, orientation=orientation)[1], modulated)
+    stochastic = p2p / p2p.sum(-1, keepdim=True)
+    flat = joint_refine(torch.ones(1, 1, 3, 4, dtype=torch.float64), c2p[:, :1], stochastic, use_c2p=False)[1]
+    torch.testing.assert_close(flat, torch.ones_like(flat))  # gather keeps a constant map constant
+    assert (final >= 0).all()
+    p2p_only = joint_refine(cam_logits, c2p, p2p, use_c2p=False)[1]  # Table 4, row 2
+    torch.testing.assert_close(p2p_only.flatten(2), F.relu(cam_logits).flatten(2) @ p2p.transpose(1, 2))
+    attention_only = joint_refine(cam_logits, c2p, p2p, use_cam=False)[1]  # MCTformer-V1
+    torch.testing.assert_close(attention_only.flatten(2), c2p @ p2p.transpose(1, 2))
+    one_patch = torch.zeros(1, CLASSES, 3, 4, dtype=torch.float64)
+    one_patch[0, 1, 2, 1] = 2.0  # patch 2 * 4 + 1 = 9 in row-major order
+    modulated, unpropagated = joint_refine(one_patch, c2p, p2p, use_p2p=False)
+    assert torch.equal(unpropagated, modulated)
+    assert modulated[0, 1, 2, 1] == 2.0 * c2p[0, 1, 9] and modulated.count_nonzero() == 1
+
+
+def stored_views(tokens_grid=(3, 4), layers=4, seed=0) -> dict[str, np.ndarray]:
+    """Raw maps of an image and its mirror image, the mirror's being the image's with patches mirrored."""
+    height, width = tokens_grid
+    tokens = height * width
+    generator = torch.Generator().manual_seed(seed)
+    c2p = torch.rand(layers, CLASSES, tokens, generator=generator)
+    p2p = torch.rand(tokens, tokens, generator=generator)
+    cam_logits = torch.randn(CLASSES, height, width, generator=generator)
+    mirror = torch.arange(tokens).view(height, width).flip(-1).flatten()  # patch index of each mirrored patch
+    return {"c2p": torch.stack([c2p, c2p[..., mirror]]).numpy(),
+            "p2p": torch.stack([p2p, p2p[mirror][:, mirror]]).numpy(),
+            "patch_cam": torch.stack([cam_logits, cam_logits.flip(-1)]).numpy()}
+
+
+def refine_with(name: str, raw: dict, keys=(1, 3), size=(48, 64), **refine) -> np.ndarray:
+    method = REGISTRY[name](REGISTRY[name].Params(refine=refine))
+    return method.refine(np.zeros((len(keys), *size), np.float32), np.asarray(keys), raw, method.params.refine)
+
+
+def test_refined_cams_are_min_max_normalised_present_classes_and_semod_at_alpha_0_is_mct():
+    raw = stored_views()
+    refined = refine_with("semod", raw)
+    assert refined.shape == (2, 48, 64)
+    np.testing.assert_allclose(refined.reshape(2, -1).min(1), 0, atol=1e-6)
+    np.testing.assert_allclose(refined.reshape(2, -1).max(1), 1, atol=1e-6)
+    changed = {name: value.copy() for name, value in raw.items()}
+    changed["patch_cam"][:, 1] += 5.0  # class 2 is absent: its maps do not matter
+    changed["c2p"][:, :, 1] *= 3.0
+    np.testing.assert_array_equal(refine_with("semod", changed), refined)
+    assert not np.allclose(refine_with("mct", raw), refined, atol=1e-3)
+    np.testing.assert_array_equal(refine_with("semod", raw, modulation={"alpha": 0.0}), refine_with("mct", raw))
+    np.testing.assert_array_equal(refine_with("semod", raw, modulation={"enabled": False}), refine_with("mct", raw))
+
+
+def test_the_mirror_view_flipped_back_equals_the_image_view():
+    raw = stored_views(seed=4)
+    np.testing.assert_allclose(refine_with("semod", raw), refine_with("semod", raw, flip=False), atol=1e-5)
+
+
+def test_refine_layer_choices_and_their_errors():
+    raw = stored_views(layers=4)
+    last = {**raw, "c2p": raw["c2p"][:, -1:]}
+    np.testing.assert_allclose(refine_with("mct", raw, c2p_layers=[3]), refine_with("mct", last, c2p_layers=[0]),
+                               atol=1e-6)
+    with pytest.raises(ParamsError, match=r"^methods.semod.refine.c2p_layers: block 4 is not one of the 4 stored"):
+        refine_with("semod", raw, c2p_layers=[4])
+    with pytest.raises(ParamsError, match=r"^methods.mct.refine.p2p_layers: the store holds the sum over all blocks"):
+        refine_with("mct", raw, p2p_layers=[0])
+    blocks = np.stack([raw["p2p"], raw["p2p"] ** 3, np.ones_like(raw["p2p"]), raw["p2p"][:, :, ::-1]], 1)
+    per_layer = {**raw, "p2p": blocks}  # [V, 4, N, N]: export.p2p layers
+    for layers in ([1], [0, 3]):
+        summed = {**raw, "p2p": blocks[:, layers].sum(1)}
+        np.testing.assert_allclose(refine_with("semod", per_layer, p2p_layers=layers), refine_with("semod", summed),
+                                   atol=1e-6)
+    np.testing.assert_allclose(refine_with("semod", per_layer), refine_with("semod", {**raw, "p2p": blocks.sum(1)}),
+                               atol=1e-6)

@@ -1,0 +1,149 @@
+"""`mct`: MCTformer-V2 (Xu et al., CVPR 2022), the class-token transformer the semantic-modulation paper builds on.
+
+The classifier is `models.mctformer.MCTformerV2` on a timm DeiT, trained with the class-token and the
+patch-CAM multi-label losses (spec eqs. 7-11, parts `token` and `patch`). The export stores the
+multi-scale ReLU'd patch CAM as `cam` (the paper's Original-CAM) and, at scale 1 with the flip view,
+raw maps at token resolution: `patch_cam` (the CAM logits [C, h, w]), `c2p` (each block's head-averaged
+class-to-patch attention [L, C, N]) and `p2p` (patch-to-patch attention summed over all blocks [N, N],
+or each block's [L, N, N] with export.p2p: layers). `refine` fuses them as MCTformer-V2 does: ReLU(CAM)
+x class-to-patch attention of the last 3 blocks, then the patch-to-patch product, per view, upsampled,
+flip-summed and min-max normalised per class; with `refine.modulation.enabled` the class-to-patch
+attention is first semantically modulated (method `semod`). Spec: ../shared/methods/semantic_modulation.md.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from wsss_core.config import VIT_BACKBONES, ClsParams, NonNegativeFloat, NonNegativeInt, Section
+from wsss_core.errors import ParamsError
+from wsss_core.methods.base import ExportParams, Method, MethodParams, ModelParams, RawMap, RefineParams, \
+    register_method
+from wsss_core.models.mctformer import MCTformerV2, build_mctformer
+from wsss_core.refine.attention import ROUNDINGS, joint_refine, semantic_modulation
+
+
+class MCTModelParams(ModelParams):
+    """MCTformer-V2's network (spec 2.1): the backbone is cls.backbone (a DeiT)."""
+
+    head_kernel: Literal[1, 3] = 3  # the conv CAM head's kernel (MCTformer-V2: 3x3; the paper says "Conv")
+    final_norm: bool = False  # timm's final LayerNorm before the heads (MCTformer's code: not applied)
+    drop_path: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1  # stochastic depth while training (MCTformer)
+    depth: NonNegativeInt = 0  # transformer blocks; 0: the backbone's (DeiT: 12)
+    patch_size: NonNegativeInt = 0  # patch (and CAM) stride; 0: the backbone's (DeiT: 16)
+
+
+class MCTExportParams(ExportParams):
+    # sum: patch-to-patch attention summed over all blocks, N^2 values per view (MCTformer; the spec's storage
+    # advice); layers: each block's, L x N^2 per view, so that refine.p2p_layers can pick blocks.
+    p2p: Literal["sum", "layers"] = "sum"
+
+
+class ModulationParams(Section):
+    """Semantic modulation (spec 2.5): c2p(c, i) += alpha * mean of c2p(c, j) over the top `ratio` patches j of p2p row i."""
+
+    enabled: bool = False
+    ratio: Annotated[float, Field(gt=0.0, le=1.0)] = 0.3  # the paper's 30%
+    alpha: NonNegativeFloat = 1.2  # the paper's
+    exclude_self: bool = False  # the patch itself may be among its neighbours (plain top-k; spec 7.3b)
+    rounding: Literal[tuple(ROUNDINGS)] = "floor"  # S = max(1, floor(ratio * N)) (spec 7.3c)
+
+
+class MCTRefineParams(RefineParams):
+    """The fusion of the stored maps (spec 2.4, 2.6, 2.7); every default is the spec's recommendation."""
+
+    c2p_layers: Annotated[list[int], Field(min_length=1)] = [-3, -2, -1]  # 0-based blocks (negative: from the end), summed
+    p2p_layers: Literal["all"] | Annotated[list[int], Field(min_length=1)] = "all"  # a list needs export.p2p: layers
+    use_cam: bool = True  # false: the class-to-patch attention alone (MCTformer-V1's CAM)
+    use_c2p: bool = True  # false: Table 4's "initial CAM + patch-to-patch"
+    use_p2p: bool = True  # false: the modulated CAM (Table 5)
+    relu: bool = True  # ReLU on the CAM logits before the product (MCTformer; the paper multiplies them as they are)
+    orientation: Literal["gather", "literal"] = "gather"  # final[c, i] = sum_j p2p[i, j] mod[c, j] (MCTformer) or Mod x p2p
+    modulation: ModulationParams = ModulationParams()
+    flip: bool = True  # add the mirror view (stored when cams.flip)
+    normalize: Literal["minmax", "max"] = "minmax"  # per class: (x - min) / (max - min) (MCTformer), or x / max
+
+
+class MCTParams(MethodParams):
+    model: MCTModelParams = MCTModelParams()
+    export: MCTExportParams = MCTExportParams()
+    refine: MCTRefineParams = MCTRefineParams()
+
+
+@register_method
+class MCTMethod(Method):
+    name = "mct"
+    Params = MCTParams
+    refines = True
+    backbones = VIT_BACKBONES
+
+    def build_classifier(self, cls: ClsParams, num_classes: int, *, pretrained: bool = True) -> MCTformerV2:
+        model = self.params.model
+        return build_mctformer(cls.backbone, num_classes, pretrained=cls.pretrained if pretrained else "",
+                               head_kernel=model.head_kernel, final_norm=model.final_norm, drop_path=model.drop_path,
+                               depth=model.depth, patch_size=model.patch_size)
+
+    def training_loss(self, model: MCTformerV2, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        token_scores, patch_scores, _ = model(batch["images"])
+        token = F.multilabel_soft_margin_loss(token_scores, batch["labels"])
+        patch = F.multilabel_soft_margin_loss(patch_scores, batch["labels"])
+        return token + patch, {"token": token.item(), "patch": patch.item()}
+
+    def class_scores(self, model: MCTformerV2, images: torch.Tensor) -> torch.Tensor:
+        return model(images)[0]
+
+    def cam_maps(self, model: MCTformerV2, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"cam": F.relu(model(images)[2])}
+
+    def raw_maps(self, model: MCTformerV2, images: torch.Tensor) -> dict[str, RawMap]:
+        cam_logits, attention = model.cam_and_attention(images)  # [B, C, h, w], [L, B, T, T]
+        classes, grid = model.num_classes, tuple(cam_logits.shape[-2:])
+        p2p = attention[:, :, classes:, classes:]  # [L, B, N, N]
+        return {"patch_cam": RawMap(cam_logits, "classes,height,width", grid),
+                "c2p": RawMap(attention[:, :, :classes, classes:].transpose(0, 1), "layers,classes,tokens", grid),
+                "p2p": RawMap(p2p.transpose(0, 1), "layers,tokens,tokens", grid) if self.params.export.p2p == "layers"
+                else RawMap(p2p.sum(0), "tokens,tokens", grid)}
+
+    def refine(self, cam: np.ndarray, keys: np.ndarray, raw: dict[str, np.ndarray], params: MCTRefineParams
+               ) -> np.ndarray:
+        if len(keys) == 0:
+            return cam
+        if not (params.use_cam or params.use_c2p):
+            raise ParamsError(f"methods.{self.name}.refine: use_cam and use_c2p are both false: nothing to refine")
+        views = raw["c2p"].shape[0] if params.flip else 1
+        c2p = self._layer_sum(torch.from_numpy(raw["c2p"][:views]), params.c2p_layers, "c2p_layers")  # [V, C, N]
+        p2p = torch.from_numpy(raw["p2p"][:views])
+        if p2p.ndim == 4:
+            p2p = self._layer_sum(p2p, params.p2p_layers, "p2p_layers")  # [V, N, N]
+        elif params.p2p_layers != "all":
+            raise ParamsError(f"methods.{self.name}.refine.p2p_layers: the store holds the sum over all blocks; "
+                              f"choosing blocks needs methods.{self.name}.export.p2p: layers")
+        if params.modulation.enabled:
+            modulation = params.modulation
+            c2p = semantic_modulation(c2p, p2p, ratio=modulation.ratio, alpha=modulation.alpha,
+                                      exclude_self=modulation.exclude_self, rounding=modulation.rounding)
+        _, final = joint_refine(torch.from_numpy(raw["patch_cam"][:views]), c2p, p2p, use_cam=params.use_cam,
+                                use_c2p=params.use_c2p, use_p2p=params.use_p2p, orientation=params.orientation,
+                                relu=params.relu)
+        maps = F.interpolate(final[:, torch.from_numpy(keys) - 1], cam.shape[1:], mode="bilinear", align_corners=False)
+        total = maps[0] + maps[1].flip(-1) if views == 2 else maps[0]  # [k, H, W]: the mirror view flipped back
+        if params.normalize == "minmax":
+            low = total.flatten(1).amin(1)[:, None, None]
+            return ((total - low) / (total.flatten(1).amax(1)[:, None, None] - low + 1e-8)).numpy()
+        total = total.clamp(min=0)
+        return (total / (total.flatten(1).amax(1)[:, None, None] + 1e-5)).numpy()
+
+    def _layer_sum(self, stack: torch.Tensor, layers: list[int] | str, key: str) -> torch.Tensor:
+        """Return stack [V, L, ...] summed over the chosen blocks [V, ...] ('all': every block)."""
+        count = stack.shape[1]
+        if layers == "all":
+            return stack.sum(1)
+        outside = [layer for layer in layers if not -count <= layer < count]
+        if outside:
+            raise ParamsError(f"methods.{self.name}.refine.{key}: block {outside[0]} is not one of the {count} "
+                              f"stored blocks (0..{count - 1}, or -{count}..-1 from the end)")
+        return stack[:, layers].sum(1)
