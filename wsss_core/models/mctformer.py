@@ -57,12 +57,14 @@ class MCTformerV2(nn.Module):
         self.cam_stride: int = vit.patch_embed.patch_size[0]
 
     def position_embedding(self, height: int, width: int) -> torch.Tensor:
-        """Return the positional embedding [1, C + height * width, D]: the patch part resized bicubically
-        (align_corners False, as MCTformer) from the model's own grid when the grid differs."""
+        """Return the positional embedding [1, C + height * width, D]: the patch part resized bicubically from
+        the model's own grid when the grid differs, as MCTformer's code (and DINO's) does it: by the scale
+        factors (height + 0.1) / grid_h and (width + 0.1) / grid_w, which also set the sampling positions."""
         classes, patches = self.pos_embed[:, :self.num_classes], self.pos_embed[:, self.num_classes:]
         if (height, width) != self.grid:
             patches = patches.reshape(1, *self.grid, -1).permute(0, 3, 1, 2)
-            patches = F.interpolate(patches, (height, width), mode="bicubic", align_corners=False)
+            factors = ((height + 0.1) / self.grid[0], (width + 0.1) / self.grid[1])
+            patches = F.interpolate(patches, scale_factor=factors, mode="bicubic", align_corners=False)
             patches = patches.flatten(2).transpose(1, 2)
         return torch.cat([classes, patches], 1)
 
