@@ -9,7 +9,7 @@ import yaml
 from tests.conftest import REPO
 from tests.pipeline import TINY_PARAMS, copy_repo, dvc, git, recompose
 
-TOY_SECTION = {"model": {"width": 8}, "refine": {"power": 1.0}}
+TOY_SECTION = {"model": {"width": 8}, "export": {}, "refine": {"power": 1.0}}
 
 
 @pytest.fixture(scope="module")
