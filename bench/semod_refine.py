@@ -1,7 +1,7 @@
 """`semod` refinement of one image: ours (one top-k and one matrix product for all patches) against the
-straightforward reading of the paper's eqs. 3-4 (for each patch, sort its patch-to-patch row and average
-each class's attention over the top 30%), the rest of the refinement shared, on the same stored maps in
-one run. Prints the seconds per image of both, the ratio and the largest difference. Run it alone.
+straightforward reading of the paper's eqs. 3-4 (`refine.attention.semantic_modulation_reference`: for each
+patch, sort its patch-to-patch row and average each class's attention over the top 30%), the rest of the
+refinement shared, on the same stored maps in one run. Prints the seconds per image of both, the ratio and the largest difference. Run it alone.
 
     python bench/semod_refine.py                      # a VOC image (500 x 375: 31 x 23 tokens), 20 classes
     python bench/semod_refine.py --size 192 192 --classes 6   # the synthetic default
@@ -17,23 +17,7 @@ import torch
 
 from wsss_core.methods import REGISTRY
 from wsss_core.methods import mct as mct_module
-from wsss_core.refine.attention import neighbour_count
-
-
-def modulation_loop_reference(c2p: torch.Tensor, p2p: torch.Tensor, *, ratio: float = 0.3, alpha: float = 1.2,
-                              exclude_self: bool = False, rounding: str = "floor") -> torch.Tensor:
-    """Eqs. 3-4 patch by patch and class by class: r(c, i) = mean of c2p(c, j) over the top S of p2p(i, .)."""
-    views, classes, tokens = c2p.shape
-    count = neighbour_count(tokens, ratio, rounding, exclude_self)
-    c2p_np, p2p_np = c2p.numpy(), p2p.numpy()
-    out = c2p_np.copy()
-    for view in range(views):
-        for i in range(tokens):
-            order = np.argsort(-p2p_np[view, i], kind="stable")
-            neighbours = [j for j in order if not (exclude_self and j == i)][:count]
-            for c in range(classes):
-                out[view, c, i] += alpha * c2p_np[view, c, neighbours].mean()
-    return torch.from_numpy(out)
+from wsss_core.refine.attention import semantic_modulation_reference
 
 
 def stored_maps(width: int, height: int, classes: int, layers: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -76,7 +60,7 @@ def main() -> None:
         return method.refine(cam, keys, raw, method.params.refine)
 
     ours, expected = seconds_per_image(refine, args.repeats)
-    with mock.patch.object(mct_module, "semantic_modulation", modulation_loop_reference):
+    with mock.patch.object(mct_module, "semantic_modulation", semantic_modulation_reference):
         loop, looped = seconds_per_image(refine, max(1, args.repeats // 2))
     tokens = raw["p2p"].shape[-1]
     print(f"semod refine, {width}x{height} image ({tokens} tokens, {args.classes} classes, 2 views), 1 thread")

@@ -8,7 +8,10 @@ class-to-patch attention [L, C, N]) and `p2p` (patch-to-patch attention summed o
 or each block's [L, N, N] with export.p2p: layers). `refine` fuses them as MCTformer-V2 does: ReLU(CAM)
 x class-to-patch attention of the last 3 blocks, then the patch-to-patch product, per view, upsampled,
 flip-summed and min-max normalised per class; with `refine.modulation.enabled` the class-to-patch
-attention is first semantically modulated (method `semod`). Spec: ../shared/methods/semantic_modulation.md.
+attention is first semantically modulated (method `semod`). A present class whose final map is constant (e.g.
+its CAM is negative everywhere) is all zeros after min-max, as in MCTformer. The ranking of the semantic
+neighbours reads the stored float16 attention, so near-equal entries can tie (broken by topk).
+Spec: ../shared/methods/semantic_modulation.md.
 """
 from __future__ import annotations
 
@@ -19,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from wsss_core.config import VIT_BACKBONES, ClsParams, NonNegativeFloat, NonNegativeInt, Section
+from wsss_core.config import VIT_BACKBONES, ClsParams, NonNegativeFloat, NonNegativeInt, Params, Section
 from wsss_core.errors import ParamsError
 from wsss_core.methods.base import ExportParams, Method, MethodParams, ModelParams, RawMap, RefineParams, \
     register_method
-from wsss_core.models.mctformer import MCTformerV2, build_mctformer
+from wsss_core.models.mctformer import DEIT_DEPTH, MCTformerV2, build_mctformer
 from wsss_core.refine.attention import ROUNDINGS, joint_refine, semantic_modulation
 
 
@@ -81,6 +84,19 @@ class MCTMethod(Method):
     refines = True
     backbones = VIT_BACKBONES
 
+    def check(self, params: Params) -> None:
+        super().check(params)
+        refine = self.params.refine
+        if not (refine.use_cam or refine.use_c2p):
+            raise ParamsError(f"methods.{self.name}.refine: use_cam and use_c2p are both false: nothing to refine")
+        if refine.p2p_layers != "all" and self.params.export.p2p == "sum":
+            raise ParamsError(f"methods.{self.name}.refine.p2p_layers: choosing blocks needs "
+                              f"methods.{self.name}.export.p2p: layers (the store would hold their sum only)")
+        depth = self.params.model.depth or DEIT_DEPTH
+        for key in ("c2p_layers", "p2p_layers"):
+            if getattr(refine, key) != "all":
+                self._blocks(getattr(refine, key), depth, key)
+
     def build_classifier(self, cls: ClsParams, num_classes: int, *, pretrained: bool = True) -> MCTformerV2:
         model = self.params.model
         return build_mctformer(cls.backbone, num_classes, pretrained=cls.pretrained if pretrained else "",
@@ -112,8 +128,6 @@ class MCTMethod(Method):
                ) -> np.ndarray:
         if len(keys) == 0:
             return cam
-        if not (params.use_cam or params.use_c2p):
-            raise ParamsError(f"methods.{self.name}.refine: use_cam and use_c2p are both false: nothing to refine")
         views = raw["c2p"].shape[0] if params.flip else 1
         c2p = self._layer_sum(torch.from_numpy(raw["c2p"][:views]), params.c2p_layers, "c2p_layers")  # [V, C, N]
         p2p = torch.from_numpy(raw["p2p"][:views])
@@ -137,13 +151,19 @@ class MCTMethod(Method):
         total = total.clamp(min=0)
         return (total / (total.flatten(1).amax(1)[:, None, None] + 1e-5)).numpy()
 
-    def _layer_sum(self, stack: torch.Tensor, layers: list[int] | str, key: str) -> torch.Tensor:
-        """Return stack [V, L, ...] summed over the chosen blocks [V, ...] ('all': every block)."""
-        count = stack.shape[1]
-        if layers == "all":
-            return stack.sum(1)
+    def _blocks(self, layers: list[int], count: int, key: str) -> list[int]:
+        """Return the block indices 0..count-1 that `layers` names (negative: from the end), each once."""
         outside = [layer for layer in layers if not -count <= layer < count]
         if outside:
             raise ParamsError(f"methods.{self.name}.refine.{key}: block {outside[0]} is not one of the {count} "
-                              f"stored blocks (0..{count - 1}, or -{count}..-1 from the end)")
-        return stack[:, layers].sum(1)
+                              f"blocks (0..{count - 1}, or -{count}..-1 from the end)")
+        blocks = [layer % count for layer in layers]
+        if len(set(blocks)) < len(blocks):
+            raise ParamsError(f"methods.{self.name}.refine.{key}: {layers} names a block twice")
+        return blocks
+
+    def _layer_sum(self, stack: torch.Tensor, layers: list[int] | str, key: str) -> torch.Tensor:
+        """Return stack [V, L, ...] summed over the chosen blocks [V, ...] ('all': every block)."""
+        if layers == "all":
+            return stack.sum(1)
+        return stack[:, self._blocks(layers, stack.shape[1], key)].sum(1)

@@ -22,7 +22,8 @@ def _queries_keys_values(attention: nn.Module, tokens: torch.Tensor) -> tuple[to
 
 
 def _softmax(attention: nn.Module, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    return (queries.float() * attention.scale @ keys.float().transpose(-2, -1)).softmax(-1)
+    with torch.autocast(queries.device.type, enabled=False):  # float32 logits even inside a float16 export
+        return (queries.float() * attention.scale @ keys.float().transpose(-2, -1)).softmax(-1)
 
 
 def attention_probabilities(attention: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -57,12 +58,14 @@ class AttentionRecorder:
         self.maps: list[torch.Tensor] = []
         self._handles: list = []
 
-    def _record(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        self.maps.append(self.reduce(attention_probabilities(module, inputs[0])))
+    def _record(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
+        if kwargs.get("attn_mask") is not None or kwargs.get("is_causal"):
+            raise ValueError("AttentionRecorder reads unmasked attention only; this block was called with a mask")
+        self.maps.append(self.reduce(attention_probabilities(module, args[0] if args else kwargs["x"])))
 
     def __enter__(self) -> "AttentionRecorder":
         self.maps = []
-        self._handles = [module.register_forward_hook(self._record) for module in self.modules]
+        self._handles = [module.register_forward_hook(self._record, with_kwargs=True) for module in self.modules]
         return self
 
     def __exit__(self, *exc) -> None:

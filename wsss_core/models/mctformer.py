@@ -24,6 +24,7 @@ from wsss_core.errors import ParamsError
 from wsss_core.models.hooks import AttentionRecorder
 from wsss_core.training import ParamGroup
 
+DEIT_DEPTH = 12  # blocks of every DeiT in VIT_BACKBONES
 NEW_KEYS = ("cam_head.weight", "cam_head.bias")  # not in a timm DeiT state dict
 EXPANDED_KEYS = ("cls_token", "pos_embed")  # 1 class token in timm's layout, C here
 DROPPED_PREFIXES = ("head.", "head_dist.")  # timm's ImageNet classifier
@@ -127,8 +128,12 @@ def load_deit_weights(model: MCTformerV2, path: str | Path, key: str = "cls.pret
     for wrapper in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
-    state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith(DROPPED_PREFIXES)}
-    own = set(model.state_dict()) - set(NEW_KEYS)
+    if not isinstance(state, dict):
+        raise ParamsError(f"{key}: {path} holds a {type(state).__name__}, not a state dict")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.startswith(DROPPED_PREFIXES)}
+    own_state = model.state_dict()
+    own = set(own_state) - set(NEW_KEYS)
     missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
     if missing or unexpected:
         raise ParamsError(f"{key}: {path} is not a timm DeiT state dict for {len(model.blocks)} blocks: "
@@ -140,13 +145,15 @@ def load_deit_weights(model: MCTformerV2, path: str | Path, key: str = "cls.pret
         raise ParamsError(f"{key}: {path}: cls_token {tuple(token.shape)} / pos_embed {tuple(positions.shape)} "
                           f"do not fit one class token of width {dim}")
     side = round((positions.shape[1] - 1) ** 0.5)
+    if side * side != positions.shape[1] - 1:
+        raise ParamsError(f"{key}: {path}: pos_embed has {positions.shape[1] - 1} patch positions, not a square grid")
     patch_positions = positions[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2)
     if (side, side) != model.grid:
         patch_positions = F.interpolate(patch_positions, model.grid, mode="bicubic", align_corners=False)
     state["cls_token"] = token.expand(1, classes, dim).clone()
     state["pos_embed"] = torch.cat([positions[:, :1].expand(1, classes, dim),
                                     patch_positions.flatten(2).transpose(1, 2)], 1)
-    mismatched = [k for k, v in state.items() if v.shape != model.state_dict()[k].shape]
+    mismatched = [k for k, v in state.items() if v.shape != own_state[k].shape]
     if mismatched:
         raise ParamsError(f"{key}: {path} has tensors of the wrong shape, e.g. {mismatched[:3]}")
     model.load_state_dict(state, strict=False)

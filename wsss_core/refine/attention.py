@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROUNDINGS = {"floor": math.floor, "round": round, "ceil": math.ceil}
+EPSILON = 1e-9  # ratio * N is rounded as the exact product would be (0.7 * 90 is 62.99999... in floating point)
+ROUNDINGS = {"floor": lambda x: math.floor(x + EPSILON), "round": lambda x: math.floor(x + 0.5 + EPSILON),
+             "ceil": lambda x: math.ceil(x - EPSILON)}  # round: halves up (0.3 * 15 = 4.5 -> 5)
+ORIENTATIONS = ("gather", "literal")
 
 
 def neighbour_count(tokens: int, ratio: float, rounding: str = "floor", exclude_self: bool = False) -> int:
     """Return S, the size of each patch's semantic-neighbour set: max(1, rounding(ratio * N)), at most N
-    (N - 1 without the patch itself). floor: N = 12 -> 3, 196 -> 58, 713 -> 213."""
+    (N - 1 without the patch itself, for N >= 2). floor: N = 12 -> 3, 196 -> 58, 713 -> 213."""
     count = max(1, int(ROUNDINGS[rounding](ratio * tokens)))
     return max(1, min(count, tokens - 1)) if exclude_self else min(count, tokens)
 
@@ -47,6 +51,24 @@ def semantic_modulation(c2p: torch.Tensor, p2p: torch.Tensor, *, ratio: float = 
     return c2p + alpha / count * c2p @ selection.transpose(1, 2)
 
 
+def semantic_modulation_reference(c2p: torch.Tensor, p2p: torch.Tensor, *, ratio: float = 0.3, alpha: float = 1.2,
+                                  exclude_self: bool = False, rounding: str = "floor", reverse: bool = False
+                                  ) -> torch.Tensor:
+    """Return what `semantic_modulation` returns, computed as eqs. 3-4 read: for each view, patch i (in reverse
+    order with reverse) and class c, sort row i of p2p, average c2p(c, .) over its top S, add alpha times that
+    to the unmodified c2p(c, i). The straightforward reference the tests and bench/semod_refine.py check against."""
+    views, classes, tokens = c2p.shape
+    count = neighbour_count(tokens, ratio, rounding, exclude_self)
+    source, affinity = c2p.numpy(), p2p.numpy()
+    out = source.copy()
+    for view in range(views):
+        for i in reversed(range(tokens)) if reverse else range(tokens):
+            order = [j for j in np.argsort(-affinity[view, i], kind="stable") if not (exclude_self and j == i)]
+            for c in range(classes):
+                out[view, c, i] = source[view, c, i] + alpha * source[view, c, order[:count]].mean()
+    return torch.from_numpy(out)
+
+
 def joint_refine(cam_logits: torch.Tensor, c2p: torch.Tensor, p2p: torch.Tensor, *, use_cam: bool = True,
                  use_c2p: bool = True, use_p2p: bool = True, orientation: str = "gather", relu: bool = True
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,6 +82,8 @@ def joint_refine(cam_logits: torch.Tensor, c2p: torch.Tensor, p2p: torch.Tensor,
     """
     if not (use_cam or use_c2p):
         raise ValueError("joint_refine needs the CAM or the class-to-patch attention (use_cam or use_c2p)")
+    if orientation not in ORIENTATIONS:
+        raise ValueError(f"orientation {orientation!r} is not one of {ORIENTATIONS}")
     batch, classes, height, width = cam_logits.shape
     modulated = torch.ones_like(c2p)  # [B, C, N]
     if use_cam:
