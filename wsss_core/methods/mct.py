@@ -129,7 +129,9 @@ class MCTMethod(Method):
         if len(keys) == 0:
             return cam
         views = raw["c2p"].shape[0] if params.flip else 1
-        c2p = self._layer_sum(torch.from_numpy(raw["c2p"][:views]), params.c2p_layers, "c2p_layers")  # [V, C, N]
+        present = keys - 1  # every step is per class: absent classes are never computed
+        c2p = self._layer_sum(torch.from_numpy(raw["c2p"][:views, :, present]), params.c2p_layers,
+                              "c2p_layers")  # [V, k, N]
         p2p = torch.from_numpy(raw["p2p"][:views])
         if p2p.ndim == 4:
             p2p = self._layer_sum(p2p, params.p2p_layers, "p2p_layers")  # [V, N, N]
@@ -140,10 +142,10 @@ class MCTMethod(Method):
             modulation = params.modulation
             c2p = semantic_modulation(c2p, p2p, ratio=modulation.ratio, alpha=modulation.alpha,
                                       exclude_self=modulation.exclude_self, rounding=modulation.rounding)
-        _, final = joint_refine(torch.from_numpy(raw["patch_cam"][:views]), c2p, p2p, use_cam=params.use_cam,
+        _, final = joint_refine(torch.from_numpy(raw["patch_cam"][:views, present]), c2p, p2p, use_cam=params.use_cam,
                                 use_c2p=params.use_c2p, use_p2p=params.use_p2p, orientation=params.orientation,
-                                relu=params.relu)
-        maps = F.interpolate(final[:, torch.from_numpy(keys) - 1], cam.shape[1:], mode="bilinear", align_corners=False)
+                                relu=params.relu)  # [V, k, h, w]
+        maps = F.interpolate(final, cam.shape[1:], mode="bilinear", align_corners=False)
         total = maps[0] + maps[1].flip(-1) if views == 2 else maps[0]  # [k, H, W]: the mirror view flipped back
         if params.normalize == "minmax":
             low = total.flatten(1).amin(1)[:, None, None]
