@@ -18,15 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsss_core.checkpoint import load_torch_file
 from wsss_core.config import VIT_BACKBONES
 from wsss_core.errors import ParamsError
 from wsss_core.models.hooks import AttentionRecorder
+from wsss_core.models.pretrained import read_state_dict
 from wsss_core.training import ParamGroup
 
 DEIT_DEPTH = 12  # blocks of every DeiT in VIT_BACKBONES
 NEW_KEYS = ("cam_head.weight", "cam_head.bias")  # not in a timm DeiT state dict
-EXPANDED_KEYS = ("cls_token", "pos_embed")  # 1 class token in timm's layout, C here
 DROPPED_PREFIXES = ("head.", "head_dist.")  # timm's ImageNet classifier
 
 
@@ -124,14 +123,7 @@ def load_deit_weights(model: MCTformerV2, path: str | Path, key: str = "cls.pret
     """Load an ImageNet DeiT state dict in timm's layout (optionally under 'model' or 'state_dict', as the
     official release) into model: its class token to every class token, its positions resized to the model's
     grid; `head.*` is dropped and `cam_head.*` stays new. Any other difference is a one-line ParamsError."""
-    state = load_torch_file(path, f"weights file ({key})", ParamsError)
-    for wrapper in ("model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    if not isinstance(state, dict):
-        raise ParamsError(f"{key}: {path} holds a {type(state).__name__}, not a state dict")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    state = {k: v for k, v in state.items() if not k.startswith(DROPPED_PREFIXES)}
+    state = {k: v for k, v in read_state_dict(path, key).items() if not k.startswith(DROPPED_PREFIXES)}
     own_state = model.state_dict()
     own = set(own_state) - set(NEW_KEYS)
     missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)

@@ -60,6 +60,18 @@ def load_lite0_package_weights(model: nn.Module) -> None:
     model.load_state_dict(mapped, strict=True)
 
 
+def read_state_dict(path: str | Path, key: str = "cls.pretrained") -> dict[str, torch.Tensor]:
+    """Return the state dict in a weights file (unwrapped from 'state_dict' or 'model', as releases store it;
+    DDP's 'module.' prefix removed); a file holding anything else is a one-line ParamsError naming `key`."""
+    state = load_torch_file(path, f"weights file ({key})", ParamsError)
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict):
+        raise ParamsError(f"{key}: {path} holds a {type(state).__name__}, not a state dict")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
 def load_backbone_file(model: nn.Module, path: str | Path, key: str = "cls.pretrained") -> None:
     """Load a timm/torchvision state dict (optionally under 'state_dict' or 'model') into model.
 
@@ -69,13 +81,9 @@ def load_backbone_file(model: nn.Module, path: str | Path, key: str = "cls.pretr
     Keys of a classification head (fc., classifier., head.) are dropped; any other missing or
     unexpected key is a ParamsError naming the param, the file and a few of the keys.
     """
-    state = load_torch_file(path, f"weights file ({key})", ParamsError)
-    for wrapper in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
+    state = read_state_dict(path, key)
     if any(k.startswith(OUR_BACKBONE_PREFIX) for k in state):  # one of our networks: its backbone only
-        state = {k: v for k, v in state.items() if k.startswith(OUR_BACKBONE_PREFIX)}
-    state = {_strip_wrappers(k): v for k, v in state.items()}
+        state = {k.removeprefix(OUR_BACKBONE_PREFIX): v for k, v in state.items() if k.startswith(OUR_BACKBONE_PREFIX)}
     state = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}
     own = {k for k in model.state_dict() if not k.startswith(HEAD_PREFIXES)}
     missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
@@ -88,8 +96,3 @@ def load_backbone_file(model: nn.Module, path: str | Path, key: str = "cls.pretr
     if mismatched:
         raise ParamsError(f"{key}: {path} has tensors of the wrong shape, e.g. {mismatched[:3]}")
     model.load_state_dict(state, strict=False)
-
-
-def _strip_wrappers(key: str) -> str:
-    """Return a state-dict key without DDP's 'module.' and our networks' 'backbone.body.' prefixes."""
-    return key.removeprefix("module.").removeprefix(OUR_BACKBONE_PREFIX)
