@@ -1,12 +1,17 @@
 """Conformer / TransCAM network (`models/conformer.py`): the spec's parameter counts (../shared/methods/conformer.md,
-section 2.1), the official checkpoint layout, output shapes, input sizes and the attention read with hooks."""
+section 2.1), the official checkpoint layout and its loading, output shapes, input sizes, the attention read with
+hooks, the efficient-attention (Etrans) blocks and the training interface."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
-from wsss_core.models.conformer import TRANSCAM_SWITCHES, Conformer, conformer_cpu, conformer_s
+from wsss_core.errors import ParamsError
+from wsss_core.models.conformer import (
+    CONFORMER_SIZES, ETRANS_PRESETS, TRANSCAM_SWITCHES, Conformer, EfficientAttention, build_conformer,
+    conformer_cpu, conformer_s, load_conformer_weights,
+)
 
 torch.set_num_threads(1)
 
@@ -190,3 +195,89 @@ def test_attention_of_every_block_through_hooks(small_transcam):
     torch.testing.assert_close(attention.sum(-1), torch.ones(12, 1, tokens))
     assert torch.equal(cam_logits, plain_cam)  # the hooks leave the outputs alone
     assert not any(block.attn._forward_hooks for block in small_transcam.transformer_blocks)
+
+
+@pytest.fixture(scope="module")
+def small_etrans() -> Conformer:
+    torch.manual_seed(0)
+    return conformer_cpu(VOC_CLASSES, **TRANSCAM_SWITCHES, attention=ETRANS_PRESETS["default"]).eval()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("size", [80, 112])  # token grids 5 x 5 and 7 x 7: odd widths, keys padded
+def test_efficient_attention_of_every_block_on_odd_token_grids(small_etrans, size):
+    images = torch.randn(2, 3, size, size)
+    cam_logits, attention = small_etrans.cam_and_attention(images)
+    tokens = 1 + (size // 16) ** 2
+    assert cam_logits.shape == (2, VOC_CLASSES, size // 16, size // 16)
+    assert attention.shape == (12, 2, tokens, tokens) and attention.dtype == torch.float32
+    assert attention.min() >= 0
+    torch.testing.assert_close(attention.sum(-1), torch.ones(12, 2, tokens))
+    assert torch.equal(cam_logits, small_etrans(images)[2])
+    assert all(isinstance(block.attn, EfficientAttention) for block in small_etrans.transformer_blocks)
+    assert not any(block.attn._forward_hooks for block in small_etrans.transformer_blocks)
+
+
+def test_etrans_at_full_width_keeps_the_official_keys_and_shapes(small_transcam, small_etrans):
+    assert {k: v.shape for k, v in small_etrans.state_dict().items()} == \
+        {k: v.shape for k, v in small_transcam.state_dict().items()}
+
+
+def test_official_sizes_have_their_published_parameter_counts():
+    assert set(CONFORMER_SIZES) == {"conformer_tiny_patch16", "conformer_small_patch16", "conformer_base_patch16",
+                                    "conformer_cpu"}
+    official = {size: Conformer(num_classes=1000, **CONFORMER_SIZES[size])
+                for size in ("conformer_tiny_patch16", "conformer_base_patch16")}
+    assert parameter_count(official["conformer_tiny_patch16"]) == 23_524_704  # published: 23.5 M
+    assert parameter_count(official["conformer_base_patch16"]) == 83_289_136  # published: 83.3 M
+    transcam = build_conformer("conformer_small_patch16", VOC_CLASSES, drop_path=0.2)
+    assert parameter_count(transcam) == 36_465_066 and transcam.cam_stride == 16
+    assert transcam.conv_trans_12.trans_block.drop_path1.drop_prob == pytest.approx(0.2)
+
+
+def test_training_interface(small_transcam, small_original):
+    assert (small_transcam.cam_stride, small_original.cam_stride, small_transcam.input_multiple) == (16, 32, 16)
+    assert small_transcam.mean == pytest.approx((0.485, 0.456, 0.406))
+    assert small_transcam.std == pytest.approx((0.229, 0.224, 0.225))
+    groups = {group.name: group for group in small_transcam.parameter_groups(10.0)}
+    ids = [id(p) for group in groups.values() for p in group.params]
+    assert len(ids) == len(set(ids)) == len(list(small_transcam.parameters()))
+    assert groups["new"].params == [small_transcam.trans_cls_head.weight, small_transcam.conv_cls_head.weight]
+    assert groups["new"].lr_mult == groups["new_bias"].lr_mult == 10.0 and groups["backbone"].lr_mult == 1.0
+    no_decay = {id(p) for p in groups["backbone_no_decay"].params}
+    assert id(small_transcam.cls_token) in no_decay and id(small_transcam.trans_1.norm1.weight) in no_decay
+    assert not groups["backbone_no_decay"].weight_decay and groups["backbone"].weight_decay
+    assert all(p.ndim > 1 for p in groups["backbone"].params)
+
+
+@pytest.fixture(scope="module")
+def official_file(conformer_s_1000, tmp_path_factory):
+    """conformer_s(1000)'s state dict saved as the official release wraps it ({'model': state})."""
+    path = tmp_path_factory.mktemp("weights") / "Conformer_small_patch16.pth"
+    torch.save({"model": conformer_s_1000.state_dict()}, path)
+    return path
+
+
+@pytest.mark.parametrize("attention", [None, ETRANS_PRESETS["default"]])
+def test_an_official_file_loads_into_transcam_s_apart_from_the_heads(conformer_s_1000, official_file, attention):
+    model = conformer_s(VOC_CLASSES, **TRANSCAM_SWITCHES, attention=attention)
+    assert load_conformer_weights(model, official_file) == sorted(HEAD_KEYS)
+    assert torch.equal(model.conv_trans_12.trans_block.attn.qkv.weight,
+                       conformer_s_1000.conv_trans_12.trans_block.attn.qkv.weight)
+    assert torch.equal(model.conv_trans_12.fusion_block.residual_conv.weight,
+                       conformer_s_1000.conv_trans_12.fusion_block.residual_conv.weight)
+
+
+def test_a_file_that_does_not_fit_is_one_params_error(official_file, tmp_path):
+    narrow = conformer_s(VOC_CLASSES, **TRANSCAM_SWITCHES, attention=ETRANS_PRESETS["paper_budget"])
+    with pytest.raises(ParamsError, match="36 of another shape") as error:
+        load_conformer_weights(narrow, official_file, key="model.pretrained")  # 12 x qkv, qkv bias, proj
+    assert "\n" not in str(error.value) and "model.pretrained" in str(error.value)
+    small = conformer_cpu(1000)
+    with pytest.raises(ParamsError, match="cls.pretrained") as error:
+        load_conformer_weights(small, official_file)
+    assert "\n" not in str(error.value) and str(official_file) in str(error.value)
+    not_weights = tmp_path / "list.pth"
+    torch.save([1, 2], not_weights)
+    with pytest.raises(ParamsError, match="not a state dict"):
+        load_conformer_weights(small, not_weights)
