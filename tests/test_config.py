@@ -134,7 +134,7 @@ def test_method_sections_are_validated_by_their_own_model():
         parse_params({"methods": {"toy": {"refine": {"gama": 2.0}}}}, registered)  # inactive sections too
     with pytest.raises(ParamsError, match=r"methods\.toy\.refine\.gamma: Input should be a valid number"):
         parse_params({"methods": {"toy": {"refine": {"gamma": "x"}}}}, registered)
-    with pytest.raises(ParamsError, match=r"unknown key methods\.nope \(registered methods: cam, mct, multisa, semod, toy\)"):
+    with pytest.raises(ParamsError, match=r"unknown key methods\.nope \(registered methods: cam, transcam, conformer_ms, mct, multisa, semod, toy\)"):
         parse_params({"methods": {"nope": {}}}, registered)
     assert isinstance(params.model_dump()["methods"]["toy"]["refine"], dict)
     assert params.model_dump()["methods"]["toy"]["refine"] == {"gamma": 2.0}
@@ -149,7 +149,7 @@ def test_stage_prints_one_line_error_and_exits_2(tmp_path):
                             env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert lines == [f"error: {params}: method 'foo' is not one of: cam, mct, multisa, semod"]
+    assert lines == [f"error: {params}: method 'foo' is not one of: cam, transcam, conformer_ms, mct, multisa, semod"]
 
 
 def test_synthetic_params_mirror_the_generator_defaults():

@@ -19,6 +19,8 @@ BACKBONES = ("resnet18", "resnet50", "resnet101", "resnest101e", "tf_efficientne
 Backbone = Literal[BACKBONES]
 VIT_BACKBONES = ("deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224")
 """timm ViTs a transformer method's classifier (MCTformer-V2) can be built on."""
+CONFORMER_BACKBONES = ("conformer_cpu", "conformer_tiny_patch16", "conformer_small_patch16", "conformer_base_patch16")
+"""Conformer sizes (models/conformer.py: the official three and a CPU size) for `transcam` and `conformer_ms`."""
 
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -121,8 +123,9 @@ class TrainRecipe(Section):
 
 
 class ClsParams(TrainRecipe):
-    # A CNN of BACKBONES, or a ViT of VIT_BACKBONES for the transformer methods (each method says which it takes).
-    backbone: Literal[BACKBONES + VIT_BACKBONES] = "resnet18"
+    # A CNN of BACKBONES, a ViT of VIT_BACKBONES or a Conformer of CONFORMER_BACKBONES for the transformer
+    # methods (each method says which it takes).
+    backbone: Literal[BACKBONES + VIT_BACKBONES + CONFORMER_BACKBONES] = "resnet18"
     # Local state-dict path, "efficientnet_lite0" (weights from the lite0 package) or "" (random init).
     pretrained: str = ""
     output_stride: Literal[8, 16, 32] = 16

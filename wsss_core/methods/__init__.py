@@ -1,7 +1,8 @@
 """The method registry: importing this package registers every shipped method (one module each)."""
 from wsss_core.methods.base import (REGISTRY, ExportParams, Method, MethodParams, ModelParams, RawMap, RefineParams,
                                     get_method, method_params, register_method)
-from wsss_core.methods import cam, mct, multisa, semod  # registers "cam", "mct", "multisa" and "semod"
+from wsss_core.methods import cam, conformer_ms, mct, multisa, semod, transcam  # registers each module's method (its name)
 
-__all__ = ["REGISTRY", "ExportParams", "Method", "MethodParams", "ModelParams", "RawMap", "RefineParams", "cam", "mct",
-           "multisa", "semod", "get_method", "method_params", "register_method"]
+__all__ = ["REGISTRY", "ExportParams", "Method", "MethodParams", "ModelParams", "RawMap", "RefineParams", "cam",
+           "conformer_ms", "mct",
+           "multisa", "semod", "transcam", "get_method", "method_params", "register_method"]

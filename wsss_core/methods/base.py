@@ -149,6 +149,26 @@ class Method:
                             {"refined_by": self.name, "refine_params": self.params.refine.model_dump()})
 
 
+def chosen_blocks(layers: list[int], count: int, path: str) -> list[int]:
+    """Return the block indices 0..count-1 that `layers` names (negative: from the end), each once; a
+    one-line ParamsError naming the param `path` otherwise."""
+    outside = [layer for layer in layers if not -count <= layer < count]
+    if outside:
+        raise ParamsError(f"{path}: block {outside[0]} is not one of the {count} blocks (0..{count - 1}, or "
+                          f"-{count}..-1 from the end)")
+    blocks = [layer % count for layer in layers]
+    if len(set(blocks)) < len(blocks):
+        raise ParamsError(f"{path}: {layers} names a block twice")
+    return blocks
+
+
+def sum_blocks(stack: torch.Tensor, layers: list[int] | str, path: str) -> torch.Tensor:
+    """Return stack [V, L, ...] summed over the chosen blocks [V, ...] ('all': every block)."""
+    if layers == "all":
+        return stack.sum(1)
+    return stack[:, chosen_blocks(layers, stack.shape[1], path)].sum(1)
+
+
 REGISTRY: dict[str, type[Method]] = {}
 
 

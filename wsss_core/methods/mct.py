@@ -25,7 +25,7 @@ from pydantic import Field
 from wsss_core.config import VIT_BACKBONES, ClsParams, NonNegativeFloat, NonNegativeInt, Params, Section
 from wsss_core.errors import ParamsError
 from wsss_core.methods.base import ExportParams, Method, MethodParams, ModelParams, RawMap, RefineParams, \
-    register_method
+    chosen_blocks, register_method, sum_blocks
 from wsss_core.models.mctformer import DEIT_DEPTH, MCTformerV2, build_mctformer
 from wsss_core.refine.attention import ROUNDINGS, joint_refine, semantic_modulation
 
@@ -95,7 +95,7 @@ class MCTMethod(Method):
         depth = self.params.model.depth or DEIT_DEPTH
         for key in ("c2p_layers", "p2p_layers"):
             if getattr(refine, key) != "all":
-                self._blocks(getattr(refine, key), depth, key)
+                chosen_blocks(getattr(refine, key), depth, f"methods.{self.name}.refine.{key}")
 
     def build_classifier(self, cls: ClsParams, num_classes: int, *, pretrained: bool = True) -> MCTformerV2:
         model = self.params.model
@@ -130,11 +130,11 @@ class MCTMethod(Method):
             return cam
         views = raw["c2p"].shape[0] if params.flip else 1
         present = keys - 1  # every step is per class: absent classes are never computed
-        c2p = self._layer_sum(torch.from_numpy(raw["c2p"][:views, :, present]), params.c2p_layers,
-                              "c2p_layers")  # [V, k, N]
+        c2p = sum_blocks(torch.from_numpy(raw["c2p"][:views, :, present]), params.c2p_layers,
+                         f"methods.{self.name}.refine.c2p_layers")  # [V, k, N]
         p2p = torch.from_numpy(raw["p2p"][:views])
         if p2p.ndim == 4:
-            p2p = self._layer_sum(p2p, params.p2p_layers, "p2p_layers")  # [V, N, N]
+            p2p = sum_blocks(p2p, params.p2p_layers, f"methods.{self.name}.refine.p2p_layers")  # [V, N, N]
         elif params.p2p_layers != "all":
             raise ParamsError(f"methods.{self.name}.refine.p2p_layers: the store holds the sum over all blocks; "
                               f"choosing blocks needs methods.{self.name}.export.p2p: layers")
@@ -152,20 +152,3 @@ class MCTMethod(Method):
             return ((total - low) / (total.flatten(1).amax(1)[:, None, None] - low + 1e-8)).numpy()
         total = total.clamp(min=0)
         return (total / (total.flatten(1).amax(1)[:, None, None] + 1e-5)).numpy()
-
-    def _blocks(self, layers: list[int], count: int, key: str) -> list[int]:
-        """Return the block indices 0..count-1 that `layers` names (negative: from the end), each once."""
-        outside = [layer for layer in layers if not -count <= layer < count]
-        if outside:
-            raise ParamsError(f"methods.{self.name}.refine.{key}: block {outside[0]} is not one of the {count} "
-                              f"blocks (0..{count - 1}, or -{count}..-1 from the end)")
-        blocks = [layer % count for layer in layers]
-        if len(set(blocks)) < len(blocks):
-            raise ParamsError(f"methods.{self.name}.refine.{key}: {layers} names a block twice")
-        return blocks
-
-    def _layer_sum(self, stack: torch.Tensor, layers: list[int] | str, key: str) -> torch.Tensor:
-        """Return stack [V, L, ...] summed over the chosen blocks [V, ...] ('all': every block)."""
-        if layers == "all":
-            return stack.sum(1)
-        return stack[:, self._blocks(layers, stack.shape[1], key)].sum(1)

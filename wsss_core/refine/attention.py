@@ -1,10 +1,11 @@
-"""Attention refinement of transformer CAMs: MCTformer-V2's fusion and semantic modulation.
+"""Attention refinement of transformer CAMs: MCTformer-V2's fusion, semantic modulation and TransCAM's product.
 
 Inputs are one view's head-averaged attention, already fused over the chosen layers: class-to-patch
 `c2p` [B, C, N] (row c: class token c's attention to the N patches) and patch-to-patch `p2p`
 [B, N, N] (row i: query patch i); patches in row-major order (i = y * w + x). Spec:
 ../shared/methods/semantic_modulation.md, sections 2.5 and 2.6; the section-7 ambiguities are
-keyword arguments at its recommended defaults.
+keyword arguments at its recommended defaults. `attention_refine` is TransCAM's (spec
+../shared/methods/conformer.md, section 2.7).
 """
 from __future__ import annotations
 
@@ -110,3 +111,29 @@ def joint_refine(cam_logits: torch.Tensor, c2p: torch.Tensor, p2p: torch.Tensor,
     if use_p2p:
         final = modulated @ (p2p.transpose(1, 2) if orientation == "gather" else p2p)
     return modulated.view(batch, classes, height, width), final.view(batch, classes, height, width)
+
+
+TRANSCAM_MODES = ("transcam", "attnagg", "clsattn", "convcam")
+
+
+def attention_refine(cam_logits: torch.Tensor, attention: torch.Tensor, mode: str = "transcam") -> torch.Tensor:
+    """Return TransCAM's refined CAM logits [B, C, h, w] from CAM logits [B, C, h, w] on the token grid and
+    attention [B, 1 + N, 1 + N] (token 0 the cls token, N = h * w patches row-major; head-averaged, summed or
+    averaged over blocks). The modes are TransCAM's (network/conformer.py): transcam, refined[c, p] =
+    sum_q A[p, q] cam[c, q] over the patch-to-patch block; attnagg, the transposed product sum_q A[q, p] cam[c, q];
+    clsattn, cam[c, p] * A[0, p] (the cls token's attention); convcam, the CAM as it is. No ReLU: TransCAM
+    clamps only after merging the views."""
+    if mode not in TRANSCAM_MODES:
+        raise ValueError(f"mode {mode!r} is not one of {TRANSCAM_MODES}")
+    batch, classes, height, width = cam_logits.shape
+    if attention.shape[-2:] != (1 + height * width, 1 + height * width):
+        raise ValueError(f"attention {tuple(attention.shape)} does not fit a {height} x {width} token grid plus cls")
+    cam = cam_logits.flatten(2)  # [B, C, N]
+    patches = attention[:, 1:, 1:]  # [B, N, N]
+    if mode == "transcam":
+        cam = cam @ patches.transpose(1, 2)
+    elif mode == "attnagg":
+        cam = cam @ patches
+    elif mode == "clsattn":
+        cam = cam * attention[:, :1, 1:]
+    return cam.view(batch, classes, height, width)
