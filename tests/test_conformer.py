@@ -236,7 +236,7 @@ def test_official_sizes_have_their_published_parameter_counts():
 
 
 def test_training_interface(small_transcam, small_original):
-    assert (small_transcam.cam_stride, small_original.cam_stride, small_transcam.input_multiple) == (16, 32, 16)
+    assert (small_transcam.cam_stride, small_original.cam_stride, small_transcam.patch_size) == (16, 32, 16)
     assert small_transcam.mean == pytest.approx((0.485, 0.456, 0.406))
     assert small_transcam.std == pytest.approx((0.229, 0.224, 0.225))
     groups = {group.name: group for group in small_transcam.parameter_groups(10.0)}

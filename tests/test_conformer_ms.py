@@ -72,10 +72,26 @@ def test_cam_stride_16_fuses_on_the_token_grid():
     assert torch.equal(model.cam_and_attention(images)[0], cam_logits)
 
 
+@torch.no_grad()
 @pytest.mark.parametrize("size", [80, 112])
-def test_sizes_off_the_32_grid_are_refused(size):
-    with pytest.raises(ValueError, match="multiple of 32"):
-        tiny()(torch.randn(1, 3, size, size))
+def test_odd_token_grids_run_and_the_32_level_rounds_up(size):
+    """Spec test 5: H/16 odd (5 or 7 tokens a side) also exercises the replicated padding of the 1x2 key pooling."""
+    model = tiny()
+    cam_logits = model(torch.randn(1, 3, size, size))[2]
+    assert cam_logits.shape[-2:] == (-(-size // 32), -(-size // 32))
+    cam, attention = model.cam_and_attention(torch.randn(1, 3, size, size))
+    tokens = 1 + (size // 16) ** 2
+    assert cam.shape[-2:] == (size // 16, size // 16) and attention.shape[-2:] == (tokens, tokens)
+    torch.testing.assert_close(attention.sum(-1), torch.ones(attention.shape[:-1]))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        model(torch.randn(1, 3, size + 8, size))
+
+
+def test_one_shared_alpha_and_a_later_first_coupling():
+    model = tiny(mfuc_separate_alpha=False, mfuc_start=3, mfuc_alpha_init=0.5)
+    assert model.conv_trans_2.mfuc is None and model.conv_trans_3.mfuc is not None
+    coupling = model.conv_trans_3.mfuc
+    assert coupling.alpha_c is coupling.alpha_x and torch.equal(coupling.alpha_x, torch.full_like(coupling.alpha_x, 0.5))
 
 
 def test_the_modules_each_switch_builds():
@@ -311,7 +327,7 @@ def test_builder_rows():
     assert isinstance(etrans_only.trans_1.attn, EfficientAttention)
     full = build_conformer_ms("conformer_cpu", VOC_CLASSES, csconv=True, etrans=ETRANS_PRESETS["default"], mfuc=True,
                               drop_path=0.1)
-    assert type(full) is ConformerMS and full.cam_stride == 32 and full.input_multiple == 32
+    assert type(full) is ConformerMS and full.cam_stride == 32 and full.patch_size == 16
     assert full.conv_trans_12.trans_block.drop_path1.drop_prob == pytest.approx(0.1)
     assert parameter_count(full) == 8_640_418
     with pytest.raises(TypeError, match="unknown module options"):

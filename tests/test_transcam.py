@@ -134,16 +134,21 @@ def test_transcam_network_heads_loss_and_cam_maps(cpu_network):
     torch.testing.assert_close(maps, F.relu(cam))
 
 
-def test_transcam_background_logit_gets_no_gradient(cpu_network):
+def test_transcam_background_logit_gets_no_gradient_and_zero_heads_give_log_2():
     network = transcam().build_classifier(ClsParams(backbone="conformer_cpu"), 3, pretrained=False)
-    loss, _ = transcam().training_loss(network, {"images": torch.randn(1, 3, 32, 32),
-                                                 "labels": torch.tensor([[1.0, 0.0, 0.0]])})
+    batch = {"images": torch.randn(1, 3, 32, 32), "labels": torch.tensor([[1.0, 0.0, 0.0]])}
+    loss, _ = transcam().training_loss(network, batch)
     loss.backward()
     head = network.conv_cls_head
     assert head.weight.grad[0].abs().max() == 0 and head.bias.grad[0] == 0
     assert head.weight.grad[1:].abs().max() > 0
-    zeros = F.multilabel_soft_margin_loss(torch.zeros(1, 3), torch.tensor([[1.0, 0.0, 1.0]]))
-    torch.testing.assert_close(zeros, torch.tensor(np.log(2.0), dtype=torch.float32))
+    with torch.no_grad():
+        for layer in (network.conv_cls_head, network.trans_cls_head):
+            layer.weight.zero_()
+            layer.bias.zero_()
+    for loss_mode, expected in (("sum", np.log(2.0)), ("separate", 2 * np.log(2.0))):
+        zero_loss, _ = transcam(model={"loss": loss_mode}).training_loss(network, batch)
+        torch.testing.assert_close(zero_loss, torch.tensor(expected, dtype=torch.float32))
 
 
 @pytest.mark.parametrize("attention_layout", ["sum", "layers"])
@@ -173,7 +178,7 @@ def test_transcam_raw_maps_per_size_and_refine_against_the_loop(cpu_network, att
     assert refined.shape == (2, 48, 64) and refined.min() >= 0 and refined.max() <= 1
 
 
-def test_transcam_refine_without_flip_uses_the_first_view_and_absent_keys_pass(cpu_network):
+def test_transcam_refine_without_flip_uses_the_first_view_and_absent_keys_pass():
     method = transcam(refine={"flip": False, "mode": "convcam"})
     cam_logits = np.random.default_rng(0).normal(size=(2, 3, 3, 4)).astype(np.float32)
     raw = {"cam_logits_native": cam_logits, "attention_native": np.zeros((2, 13, 13), np.float32)}
@@ -213,7 +218,18 @@ def test_table_1_rows_build_the_right_networks():
     assert sum(p.numel() for p in etrans_only.parameters()) == sum(p.numel() for p in baseline.parameters())
     full = conformer_ms()
     assert type(full.build_classifier(ClsParams(backbone="conformer_cpu"), 20, pretrained=False)).__name__ == \
-        "ConformerMS" and full.input_multiple == 32
+        "ConformerMS"
+
+
+@pytest.mark.parametrize("model, message", [
+    ({"csconv": {"kernels": [3, 4]}}, r"methods.conformer_ms.model.csconv.kernels: \[4\] is even"),
+    ({"csconv": {"kernels": [1, 3, 5, 7, 9]}}, "csconv.hidden_ratio: 96 hidden channels do not split into 5 groups"),
+    ({"etrans": {"inner_dim": 100}}, "etrans.inner_dim: 100 does not split into 3 heads x 4 parts"),
+    ({"mfuc": {"heads": 5}}, r"mfuc.heads: 5 do not divide D = 192 \(conformer_cpu\)"),
+])
+def test_conformer_ms_refuses_shapes_that_do_not_split_in_one_line(model, message):
+    with pytest.raises(ParamsError, match=message):
+        conformer_ms(**model)
 
 
 def test_conformer_ms_raw_maps_bring_the_stride_32_cam_to_the_token_grid():

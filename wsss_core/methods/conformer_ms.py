@@ -5,10 +5,12 @@ efficient attention (keys and values pooled by r = 2, q/k/v split in s = 4) and 
 alphas, each switchable on its own (`model.csconv.enabled`, `model.etrans.enabled`, `model.mfuc.enabled`), so
 the paper's Table 1 is a set of `-S` overrides: all three off is TransCAM's network (the "Standard" row), Etrans
 alone its second row, all on the paper's method. Loss, export and refinement are `transcam`'s: the CAM logits
-(upsampled from stride 32 to the token grid, spec 2.7 step 3) times the head-, split- and block-averaged
-attention, whose pooled key columns are spread evenly back over the patches they pooled (step 2). The MFUCs'
-mean |alpha_x| and |alpha_c| are logged. Spec: ../shared/methods/conformer.md; every section-7 gap is a param
-at its recommended default.
+(upsampled from stride 32 to the token grid, spec 2.7 step 3) times the attention averaged over heads and splits
+and summed over the blocks (TransCAM's sum; the spec's mean differs by the factor 12, which min-max removes),
+whose pooled key columns are spread evenly back over the patches they pooled (step 2). The MFUCs' mean |alpha_x|
+and |alpha_c| are logged. Spec: ../shared/methods/conformer.md; the section-7 gaps of the network are params at
+their recommended defaults, except the CSConv normalisation and activation (BN + GELU), the pyramid widths and
+the fusion (resize to the 1/32 grid, sum, BN), which are fixed.
 """
 from __future__ import annotations
 
@@ -18,9 +20,11 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from wsss_core.config import ClsParams, Fraction, PositiveInt, Section
+from wsss_core.config import ClsParams, Fraction, Params, PositiveInt, Section
+from wsss_core.errors import ParamsError
 from wsss_core.methods.base import register_method
 from wsss_core.methods.transcam import TransCAMMethod, TransCAMModelParams, TransCAMParams
+from wsss_core.models.conformer import CONFORMER_SIZES
 from wsss_core.models.conformer_ms import MFUC, build_conformer_ms
 
 
@@ -52,7 +56,10 @@ class MFUCParams(Section):
     heads: PositiveInt = 6
     points: PositiveInt = 4
     ffn_ratio: Fraction = 0.25  # ConvFFN hidden width / D
-    every: PositiveInt = 1  # an MFUC before blocks 2, 2 + every, ...; 3: ViT-CoMer's layout
+    every: PositiveInt = 1  # an MFUC before blocks start, start + every, ...; 3: ViT-CoMer's layout
+    start: Annotated[int, Field(ge=2, le=12)] = 2  # the first block with an MFUC (the paper: from the second)
+    alpha_init: float = 0.0  # 0: the coupling starts as the identity (pretrained branches undisturbed)
+    separate_alpha: bool = True  # alpha_x (eq. 9) and alpha_c (eq. 10) apart; false: the paper's single alpha
 
 
 class ConformerMSModelParams(TransCAMModelParams):
@@ -73,11 +80,25 @@ class ConformerMSMethod(TransCAMMethod):
     name = "conformer_ms"
     Params = ConformerMSParams
 
-    @property
-    def input_multiple(self) -> int:
-        """32 for the pyramid network (every level exact), 16 for TransCAM's."""
-        model = self.params.model
-        return 32 if model.csconv.enabled or model.mfuc.enabled else 16
+    def check(self, params: Params) -> None:
+        super().check(params)
+        model, size = self.params.model, CONFORMER_SIZES[params.cls.backbone]
+        dim, heads, path = size["embed_dim"], size["num_heads"], f"methods.{self.name}.model"
+        even = [kernel for kernel in model.csconv.kernels if kernel % 2 == 0]
+        inner = model.etrans.inner_dim or dim
+        hidden = int(dim * model.csconv.hidden_ratio)
+        faults = [
+            (model.csconv.enabled and even, f"csconv.kernels: {even[:1]} is even; depthwise kernels must be odd"),
+            (model.csconv.enabled and hidden % len(model.csconv.kernels),
+             f"csconv.hidden_ratio: {hidden} hidden channels do not split into {len(model.csconv.kernels)} groups"),
+            (model.etrans.enabled and inner % (heads * (model.etrans.splits if model.etrans.split_mode == "channel"
+                                                         else 1)),
+             f"etrans.inner_dim: {inner} does not split into {heads} heads x {model.etrans.splits} parts"),
+            (model.mfuc.enabled and dim % model.mfuc.heads, f"mfuc.heads: {model.mfuc.heads} do not divide D = {dim}"),
+        ]
+        for fault, message in faults:
+            if fault:
+                raise ParamsError(f"{path}.{message} ({params.cls.backbone})")
 
     def network(self, cls: ClsParams, num_classes: int) -> nn.Module:
         """Return the ablation row's network (`build_conformer_ms`) with K + 1 outputs per head."""
@@ -92,7 +113,8 @@ class ConformerMSMethod(TransCAMMethod):
             cam_stride=model.cam_stride or None, cam_head_kernel=model.head_kernel, drop_path=model.drop_path,
             csconv_kernels=tuple(model.csconv.kernels), csconv_hidden_ratio=model.csconv.hidden_ratio,
             csconv_residual=model.csconv.residual, mfuc_heads=model.mfuc.heads, mfuc_points=model.mfuc.points,
-            mfuc_ffn_ratio=model.mfuc.ffn_ratio, mfuc_every=model.mfuc.every)
+            mfuc_ffn_ratio=model.mfuc.ffn_ratio, mfuc_every=model.mfuc.every, mfuc_start=model.mfuc.start,
+            mfuc_alpha_init=model.mfuc.alpha_init, mfuc_separate_alpha=model.mfuc.separate_alpha)
 
     def learned_values(self, model) -> dict[str, float]:
         """Return the mean |alpha_x| and |alpha_c| over the MFUCs (0 at initialisation), when there are any."""

@@ -13,7 +13,7 @@ and min-max normalises per class as TransCAM's infer script does.
 Deviations from TransCAM's code (github.com/liruiwen/TransCAM): the `cam` export ReLUs each pass before
 merging (the stages' contract: non-negative maps; TransCAM clamps the sum), and images are resized on
 tensors (bicubic for the squares, TransCAM resizes the PIL image); its normalisation sets pixels below
-min + 1e-5 to (-1e-5) / range, ours to 0. Spec: ../shared/methods/conformer.md, sections 2.1, 2.7, 4.2.
+min + 1e-5 to (-min - 1e-5) / (max - min + 1e-5), ours to 0. Spec: ../shared/methods/conformer.md, sections 2.1, 2.7, 4.2.
 """
 from __future__ import annotations
 
@@ -32,8 +32,6 @@ from wsss_core.methods.base import ExportParams, Method, MethodParams, ModelPara
     chosen_blocks, register_method, sum_blocks
 from wsss_core.models.conformer import CONFORMER_DEPTH, build_conformer, load_conformer_weights
 from wsss_core.refine.attention import TRANSCAM_MODES, attention_refine
-
-PATCH_STRIDE = 16  # the transformer's token stride in every Conformer size
 
 
 class TransCAMModelParams(ModelParams):
@@ -100,7 +98,7 @@ class TransCAMMethod(Method):
     Params = TransCAMParams
     refines = True
     backbones = CONFORMER_BACKBONES
-    input_multiple: int = 16  # input sides must be multiples of this (Conformer: its patch size)
+    input_multiple: int = 16  # input sides must be multiples of this: the token stride of every Conformer size
 
     def check(self, params: Params) -> None:
         super().check(params)
@@ -153,11 +151,8 @@ class TransCAMMethod(Method):
     def raw_maps(self, model, images: torch.Tensor) -> dict[str, RawMap]:
         maps = {}
         for size in self.params.export.sizes:
-            fitted = fit_input(images, self.input_multiple, size)
-            cam_logits, attention = model.cam_and_attention(fitted)
-            grid, label = tuple(side // PATCH_STRIDE for side in fitted.shape[-2:]), size_label(size)
-            if cam_logits.shape[-2:] != grid:  # a stride-32 CAM: to the token grid (spec 2.7, step 3)
-                cam_logits = F.interpolate(cam_logits, grid, mode="bilinear", align_corners=False)
+            cam_logits, attention = model.cam_and_attention(fit_input(images, self.input_multiple, size))
+            grid, label = tuple(cam_logits.shape[-2:]), size_label(size)  # the token grid (a stride-32 CAM resized)
             maps[f"cam_logits_{label}"] = RawMap(cam_logits[:, 1:], "classes,height,width", grid)
             maps[f"attention_{label}"] = (RawMap(attention.transpose(0, 1), "layers,tokens,tokens", grid)
                                           if self.params.export.attention == "layers"

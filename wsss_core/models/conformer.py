@@ -28,7 +28,7 @@ Additions for the improved Conformer (../shared/methods/conformer.md, 2.5; `mode
   recorded with the keys expanded back to the token grid (`ExpandedAttentionRecorder`), so `cam_and_attention`
   keeps its shapes.
 * `CONFORMER_SIZES` (the official tiny/small/base and a CPU size) and `build_conformer` (TransCAM at a size),
-  `mean`/`std`/`cam_stride`/`input_multiple`, `parameter_groups` and `load_conformer_weights` (a checkpoint file,
+  `mean`/`std`/`cam_stride`, `parameter_groups` and `load_conformer_weights` (a checkpoint file,
   the 1000-class heads left out).
 Not carried over from the official code: `num_med_block` (0 in every released model, so no `med_block` keys),
 dropout and attention dropout (0 in Conformer-S and TransCAM), and `num_classes=0` (no head).
@@ -295,10 +295,24 @@ def run_block(block: nn.Module, tokens: torch.Tensor, grid: tuple[int, int]) -> 
 
 class ExpandedAttentionRecorder(AttentionRecorder):
     """`AttentionRecorder` for `EfficientAttention` modules: `maps` gets each call's `attention_map`
-    [B, 1 + N, 1 + N] (mean over the maps, keys expanded back to the token grid)."""
+    [B, 1 + N, 1 + N] (always the mean over the maps, keys expanded back to the token grid; `reduce` is unused)."""
 
     def _record(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
         self.maps.append(module.attention_map(*args[:2]))
+
+
+@torch.no_grad()
+def cam_and_attention(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (CAM logits on the token grid [B, C, H/16, W/16] (bilinear, to size, where the CAM stride is 32),
+    head-averaged attention of every transformer block [L, B, 1 + N, 1 + N], float32) of a Conformer or
+    ConformerMS; token 0 is the cls token, then the patches row-major; efficient attention's compressed keys are
+    expanded back to the patches (`EfficientAttention.expand_keys`)."""
+    with attention_recorder(model.transformer_blocks) as recorder:
+        cam_logits = model(images)[2]
+    grid = (images.shape[-2] // model.patch_size, images.shape[-1] // model.patch_size)
+    if tuple(cam_logits.shape[-2:]) != grid:
+        cam_logits = F.interpolate(cam_logits, size=grid, mode="bilinear", align_corners=False)
+    return cam_logits, torch.stack(recorder.maps)
 
 
 def attention_recorder(blocks: list[nn.Module]) -> AttentionRecorder:
@@ -365,7 +379,6 @@ class Conformer(nn.Module):
                           attention=attention)
         self.mean, self.std = tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
         self.cam_stride = patch_size * last_fusion_stride  # of the CAM logits, in input pixels
-        self.input_multiple = patch_size  # H and W must be multiples of it
 
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.conv1 = nn.Conv2d(3, STEM_CHANNELS, 7, stride=2, padding=3, bias=False)
@@ -421,14 +434,9 @@ class Conformer(nn.Module):
         cam_logits = self.cam_logits(cnn_map)
         return cam_logits.mean((2, 3)), self.trans_cls_head(tokens[:, 0]), cam_logits
 
-    @torch.no_grad()
     def cam_and_attention(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (CAM logits [B, C, h, w], head-averaged attention of every block [L, B, 1 + N, 1 + N], float32);
-        token 0 is the cls token, then the patches row-major; efficient attention's compressed keys are expanded
-        back to the patches (`EfficientAttention.expand_keys`)."""
-        with attention_recorder(self.transformer_blocks) as recorder:
-            cam_logits = self(images)[2]
-        return cam_logits, torch.stack(recorder.maps)
+        """Return `cam_and_attention(self, images)`."""
+        return cam_and_attention(self, images)
 
     def parameter_groups(self, new_layer_lr_mult: float) -> list[ParamGroup]:
         """Return the groups of `conformer_parameter_groups`."""

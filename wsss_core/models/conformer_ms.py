@@ -14,10 +14,11 @@ CAM stride (`cam_stride` 32: the 1/8 and 1/16 levels resized to the 1/32 grid; 1
 the CAM logits.
 
 The switches (Table 1 of the paper has rows for all off, Etrans only and all on):
-* csconv on, mfuc on: the paper's network; before blocks 2..depth (every `mfuc_every`-th) an MFUC
+* csconv on, mfuc on: the paper's network; before blocks 2..depth (`mfuc_start`, every `mfuc_every`-th) an MFUC
   (`conv_trans_{i}.mfuc`) couples the branches: O = FFN(MSDeformAttn(LN(F'))) over the pyramid with the patch
   tokens added to the 1/16 level (F'), then tokens += alpha_x * O aligned to 1/16 and pyramid += alpha_c * O
-  (eqs. 8-10; alpha_x, alpha_c per channel, 0 at initialisation, so a new network equals its uncoupled branches).
+  (eqs. 8-10; alpha_x, alpha_c per channel, 0 at initialisation by default, so a new network equals its uncoupled
+  branches).
 * csconv on, mfuc off: the branches are coupled as Conformer's FCUs would be: FCU-down (`squeeze_block`: 1x1 conv
   of the 1/16 level, LayerNorm, GELU) is added to the patch tokens before the transformer block (the cls token
   enters twice, as in Conformer), FCU-up (`expand_block`: 1x1 conv of the new patch tokens, BN, ReLU) is added
@@ -30,7 +31,8 @@ The switches (Table 1 of the paper has rows for all off, Etrans only and all on)
 Deviations from the paper, which leaves them open (spec section 7): the pyramid generator, CSConv internals, MFUC
 configuration and the fusion to stride 32 follow the spec's [R] recommendations (after ViT-CoMer's MRFP and CTI);
 CSConv has an identity skip (`csconv_residual`, not in eq. 1); no ImageNet pre-training of the new modules.
-Inputs: H and W must be multiples of 32 (`input_multiple`), so every pyramid level is exact.
+Inputs: H and W must be multiples of 16 (the token stride): the 1/8 and 1/16 levels are then exact and on the
+token grid, the 1/32 level rounds up (ceil) and every resize between levels is "to size".
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ from torch import nn
 
 from wsss_core.models.conformer import (
     CONFORMER_SIZES, STEM_CHANNELS, BatchNorm, CouplingDown, CouplingUp, EfficientAttention, LayerNorm,
-    _init_weights, attention_recorder, build_conformer, conformer_parameter_groups, run_block, transformer_block,
+    _init_weights, build_conformer, cam_and_attention, conformer_parameter_groups, run_block, transformer_block,
 )
 from wsss_core.training import ParamGroup
 
@@ -232,18 +234,20 @@ class MFUC(nn.Module):
 
     F' = the pyramid with the patch tokens added to its 1/16 level; A = MSDeformAttn(LN(F')) with every token a
     query at its own pixel centre and LN(F') the values; O = A + ConvFFN(LN(A)); patch tokens += alpha_x * (O_8 and
-    O_32 resized to 1/16, + O_16) (eq. 9); pyramid += alpha_c * O (eq. 10). alpha_x, alpha_c: per channel, 0 at
-    initialisation. The cls token is left alone.
+    O_32 resized to 1/16, + O_16) (eq. 9); pyramid += alpha_c * O (eq. 10). alpha_x, alpha_c: per channel, at
+    alpha_init (0: a new network equals its uncoupled branches); separate_alpha False: one alpha for both
+    equations (the paper writes a single alpha). The cls token is left alone.
     """
 
-    def __init__(self, dim: int, *, heads: int = 6, points: int = 4, ffn_ratio: float = 0.25):
+    def __init__(self, dim: int, *, heads: int = 6, points: int = 4, ffn_ratio: float = 0.25, alpha_init: float = 0.0,
+                 separate_alpha: bool = True):
         super().__init__()
         self.norm = LayerNorm(dim)
         self.attn = DeformableAttention(dim, heads=heads, points=points)
         self.ffn_norm = LayerNorm(dim)
         self.ffn = ConvFFN(dim, int(dim * ffn_ratio))
-        self.alpha_x = nn.Parameter(torch.zeros(dim))
-        self.alpha_c = nn.Parameter(torch.zeros(dim))
+        self.alpha_x = nn.Parameter(torch.full((dim,), alpha_init))
+        self.alpha_c = nn.Parameter(torch.full((dim,), alpha_init)) if separate_alpha else self.alpha_x
 
     def coupling(self, patches: torch.Tensor, pyramid: torch.Tensor, shapes: list[tuple[int, int]]
                  ) -> torch.Tensor:
@@ -299,9 +303,10 @@ class ConformerMS(nn.Module):
     """forward(images [B, 3, H, W]) -> (conv logits [B, C], transformer logits [B, C], CAM logits [B, C, h, w]).
 
     (h, w) = (H, W) / cam_stride; the conv logits are the spatial mean of the CAM logits, the transformer logits
-    `trans_cls_head` on the final-LayerNorm'd cls token. H and W must be multiples of 32. Switches and options:
-    see the module docstring; csconv_* configure `CSConv`, mfuc_* `MFUC` (mfuc_every k: an MFUC before blocks
-    2, 2 + k, 2 + 2k, ...), pyramid_channels the `PyramidGenerator`. Options of a switched-off module are unused.
+    `trans_cls_head` on the final-LayerNorm'd cls token. H and W must be multiples of 16. Switches and options:
+    see the module docstring; csconv_* configure `CSConv`, mfuc_* `MFUC` (an MFUC before blocks mfuc_start,
+    mfuc_start + mfuc_every, ...; 2 and 1: before every block from the second), pyramid_channels the
+    `PyramidGenerator`. Options of a switched-off module are unused.
     """
 
     def __init__(self, *, num_classes: int, embed_dim: int = 384, num_heads: int = 6, depth: int = 12,
@@ -309,21 +314,24 @@ class ConformerMS(nn.Module):
                  etrans: dict | None = None, mfuc: bool = True, cam_stride: int = 32, cam_head_kernel: int = 3,
                  csconv_kernels: tuple[int, ...] = (3, 5), csconv_hidden_ratio: float = 0.5,
                  csconv_residual: bool = True, mfuc_heads: int = 6, mfuc_points: int = 4,
-                 mfuc_ffn_ratio: float = 0.25, mfuc_every: int = 1,
+                 mfuc_ffn_ratio: float = 0.25, mfuc_every: int = 1, mfuc_start: int = 2,
+                 mfuc_alpha_init: float = 0.0, mfuc_separate_alpha: bool = True,
                  pyramid_channels: tuple[int, int, int] = (128, 256, 256)):
         super().__init__()
         if not (csconv or mfuc):
             raise ValueError("ConformerMS needs csconv or mfuc; without both it is a Conformer (build_conformer_ms)")
-        if cam_stride not in (16, 32) or mfuc_every < 1:
-            raise ValueError(f"cam_stride must be 16 or 32 and mfuc_every >= 1, got {cam_stride}, {mfuc_every}")
+        if cam_stride not in (16, 32) or mfuc_every < 1 or mfuc_start < 2:
+            raise ValueError(f"cam_stride must be 16 or 32, mfuc_every >= 1 and mfuc_start >= 2, got {cam_stride}, "
+                             f"{mfuc_every}, {mfuc_start}")
         self.depth, self.num_classes = depth, num_classes
         self.mean, self.std = tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
-        self.cam_stride, self.input_multiple = cam_stride, 32
+        self.cam_stride, self.patch_size = cam_stride, 16  # CAM stride; token stride (the patch projection's)
         self.narrow_attention = etrans is not None and etrans.get("inner_dim") not in (None, embed_dim)
         drop_paths = torch.linspace(0, drop_path_rate, depth).tolist()
         csconv_options = dict(kernels=tuple(csconv_kernels), hidden_ratio=csconv_hidden_ratio,
                               residual=csconv_residual) if csconv else None
-        mfuc_options = dict(heads=mfuc_heads, points=mfuc_points, ffn_ratio=mfuc_ffn_ratio)
+        mfuc_options = dict(heads=mfuc_heads, points=mfuc_points, ffn_ratio=mfuc_ffn_ratio, alpha_init=mfuc_alpha_init,
+                            separate_alpha=mfuc_separate_alpha)
 
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.conv1 = nn.Conv2d(3, STEM_CHANNELS, 7, stride=2, padding=3, bias=False)
@@ -334,7 +342,8 @@ class ConformerMS(nn.Module):
                                          drop_path=drop_paths[0], attention=etrans)
         self.csconv_1 = None if csconv_options is None else CSConv(embed_dim, **csconv_options)
         for index in range(2, depth + 1):
-            coupling = ("mfuc" if (index - 2) % mfuc_every == 0 else None) if mfuc else "fcu"
+            coupled = index >= mfuc_start and (index - mfuc_start) % mfuc_every == 0
+            coupling = ("mfuc" if coupled else None) if mfuc else "fcu"
             self.add_module(f"conv_trans_{index}", MSBlock(
                 embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path=drop_paths[index - 1],
                 attention=etrans, csconv=csconv_options, coupling=coupling, mfuc=mfuc_options))
@@ -364,8 +373,8 @@ class ConformerMS(nn.Module):
 
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (fused CNN map [B, D, H/cam_stride, W/cam_stride], normalised tokens [B, 1 + N, D])."""
-        if images.shape[-2] % 32 or images.shape[-1] % 32:
-            raise ValueError(f"input size {tuple(images.shape[-2:])} is not a multiple of 32")
+        if images.shape[-2] % 16 or images.shape[-1] % 16:
+            raise ValueError(f"input size {tuple(images.shape[-2:])} is not a multiple of 16")
         stem = F.max_pool2d(F.relu(self.bn1(self.conv1(images))), 3, stride=2, padding=1)  # [B, 64, H/4, W/4]
         patches = self.trans_patch_conv(stem).flatten(2).transpose(1, 2)  # [B, N, D]
         pyramid, shapes = self.pyramid(stem)  # [B, N_c, D]
@@ -388,12 +397,7 @@ class ConformerMS(nn.Module):
         """Return (CAM logits on the token grid [B, C, H/16, W/16] (bilinear from stride 32), head-averaged
         attention of every transformer block [L, B, 1 + N, 1 + N], float32, compressed keys expanded back);
         MFUC's deformable attention is not included."""
-        with attention_recorder(self.transformer_blocks) as recorder:
-            cam_logits = self(images)[2]
-        grid = (images.shape[-2] // 16, images.shape[-1] // 16)
-        if tuple(cam_logits.shape[-2:]) != grid:
-            cam_logits = F.interpolate(cam_logits, size=grid, mode="bilinear", align_corners=False)
-        return cam_logits, torch.stack(recorder.maps)
+        return cam_and_attention(self, images)
 
     def parameter_groups(self, new_layer_lr_mult: float) -> list[ParamGroup]:
         """Return the groups of `conformer_parameter_groups`; the level embedding is not decayed either."""
