@@ -21,6 +21,8 @@ VIT_BACKBONES = ("deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_p
 """timm ViTs a transformer method's classifier (MCTformer-V2) can be built on."""
 CONFORMER_BACKBONES = ("conformer_cpu", "conformer_tiny_patch16", "conformer_small_patch16", "conformer_base_patch16")
 """Conformer sizes (models/conformer.py: the official three and a CPU size) for `transcam` and `conformer_ms`."""
+VGG_BACKBONES = ("vgg16",)
+"""VGG-16 as DeepLab-LargeFOV (models/agen.py), AGEN's classification branch."""
 
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -124,8 +126,8 @@ class TrainRecipe(Section):
 
 class ClsParams(TrainRecipe):
     # A CNN of BACKBONES, a ViT of VIT_BACKBONES or a Conformer of CONFORMER_BACKBONES for the transformer
-    # methods (each method says which it takes).
-    backbone: Literal[BACKBONES + VIT_BACKBONES + CONFORMER_BACKBONES] = "resnet18"
+    # methods, VGG-16 for AGEN (each method says which it takes).
+    backbone: Literal[BACKBONES + VIT_BACKBONES + CONFORMER_BACKBONES + VGG_BACKBONES] = "resnet18"
     # Local state-dict path, "efficientnet_lite0" (weights from the lite0 package) or "" (random init).
     pretrained: str = ""
     output_stride: Literal[8, 16, 32] = 16

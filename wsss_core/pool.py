@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import os
 import sys
-from multiprocessing import Pool
-from typing import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import Pool, get_context
+from typing import Callable, Iterable, Iterator, Sequence
 
 from tqdm import tqdm
 
@@ -50,3 +51,32 @@ def _pool_results(function: Callable, jobs: Iterable, workers: int, total: int |
             for result in pool.imap(function, jobs, chunksize=chunksize):
                 progress.update()
                 yield result
+
+
+class WorkerPool:
+    """Worker processes kept across calls, for small batches of jobs many times over (a training step's CRFs):
+    workers as in run_pool (0: one per core; 1: this process), at most one per job, started at the first map
+    from a fork server (the training process's threads and CUDA state are not forked); a worker that dies
+    raises BrokenProcessPool instead of hanging."""
+
+    def __init__(self, workers: int):
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
+        self.workers = workers or len(os.sched_getaffinity(0))
+        self._executor: ProcessPoolExecutor | None = None
+
+    def map(self, function: Callable, jobs: Sequence) -> list:
+        """Return [function(job) for job in jobs], in order, the jobs split evenly over the workers."""
+        workers = min(self.workers, len(jobs))
+        if workers <= 1:
+            return [function(job) for job in jobs]
+        if self._executor is None:
+            self._executor = ProcessPoolExecutor(self.workers, mp_context=get_context("forkserver"),
+                                                 initializer=_single_threaded_worker)
+        return list(self._executor.map(function, jobs, chunksize=-(-len(jobs) // self.workers)))
+
+    def close(self) -> None:
+        """Stop the workers (a later map starts new ones)."""
+        if self._executor is not None:
+            self._executor.shutdown(cancel_futures=True)
+            self._executor = None

@@ -1,0 +1,62 @@
+"""Online seeds from class maps, as DSRG / AGEN draw them during training (spec agen.md, Eqs. 2-4).
+
+`seed_probabilities` turns raw class maps into P = [M_bg, M_1..M_K] in [0, 1] (ReLU, resize, the image's
+classes only, max-normalised, background (1 - max M)^alpha); `threshold_seeds` keeps a pixel as a seed of
+channel j where exactly one channel passes the threshold rule, and ignores it (255) otherwise.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from wsss_core.data.palette import VOID
+
+SEED_MODES = ("value", "topk_frac", "range_top")
+NORMALISER_EPSILON = 1e-5
+
+
+@torch.no_grad()
+def seed_probabilities(class_maps: torch.Tensor, labels: torch.Tensor, size: tuple[int, int], *, alpha: float,
+                       restrict_to_labels: bool = True, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Return P [B, K+1, H, W] in [0, 1]: channel 0 the background (1 - max_k M_k)^alpha, channel k the
+    class map ReLU(Z_k) bilinearly resized to size = (H, W) and divided by its maximum (+1e-5).
+
+    class_maps: raw Z [B, K, h, w]; labels: multi-hot [B, K]. restrict_to_labels zeroes the classes an
+    image is not labelled with before the normalisation and the background (spec G3); valid (bool
+    [B, H, W], False on padding) zeroes the maps outside the photo, so padding never sets the maximum.
+    """
+    maps = F.relu(class_maps.float())
+    if tuple(maps.shape[-2:]) != tuple(size):
+        maps = F.interpolate(maps, size, mode="bilinear", align_corners=False)
+    if valid is not None:
+        maps = maps * valid[:, None]
+    if restrict_to_labels:
+        maps = maps * labels.to(maps.dtype)[:, :, None, None]
+    maps = maps / (maps.flatten(2).amax(2)[..., None, None] + NORMALISER_EPSILON)
+    background = (1 - maps.amax(1, keepdim=True)).clamp(min=0) ** alpha
+    return torch.cat([background, maps], 1)
+
+
+@torch.no_grad()
+def threshold_seeds(probabilities: torch.Tensor, valid: torch.Tensor, threshold: float, mode: str = "value"
+                    ) -> torch.Tensor:
+    """Return seeds int64 [B, H, W]: j where channel j alone passes the rule, 255 where none or several do
+    and outside `valid` (bool [B, H, W], False on padding).
+
+    mode 'value': P_j > threshold (the paper's reading); 'range_top': P_j >= 1 - threshold; 'topk_frac':
+    P_j among the top `threshold` fraction of the image's valid pixels of channel j (and above 0).
+    """
+    if mode == "value":
+        passing = probabilities > threshold
+    elif mode == "range_top":
+        passing = probabilities >= 1 - threshold
+    elif mode == "topk_frac":
+        batch, channels = probabilities.shape[:2]
+        inside = probabilities.masked_fill(~valid[:, None], float("nan")).flatten(2)  # [B, C, H*W]
+        cut = torch.nanquantile(inside, 1 - threshold, dim=2)  # [B, C]
+        passing = (probabilities >= cut[..., None, None]) & (probabilities > 0)
+    else:
+        raise ValueError(f"seed mode {mode!r} is not one of: {', '.join(SEED_MODES)}")
+    count = passing.sum(1)
+    seeds = passing.to(torch.uint8).argmax(1)
+    return torch.where((count == 1) & valid, seeds, torch.full_like(seeds, VOID)).long()

@@ -1,0 +1,195 @@
+"""`agen`: AGEN (Zhang et al., Chinese Journal of Electronics 2023), classification and segmentation trained
+jointly in one step from image-level labels.
+
+The network is `models.agen.AGENNet`. Each training step (spec section 3) draws seeds online from every
+class map (branch A's Z^top for branch B, each AGM's CoAM-enhanced map for its own segmentation head),
+with the threshold rule of `cams/seeds.py`, and sums
+  - a multi-label BCE (summed over classes, batch mean) per class map (Eqs. 10-11),
+  - DSRG's balanced seeding loss per segmentation head (Eqs. 12-13),
+  - SEC's constrain-to-boundary loss on branch B: KL(R || S^B) with R the dense CRF of S^B at the output
+    stride, run per image over a process pool with no gradient (Eq. 14).
+In the staged DAG the classifier stage trains it; export stores branch A's CAMs (`cam`) and, through
+`segmenter`, branch B's probabilities (`seg`); `pseudo.source: export` makes branch B's argmax the pseudo
+masks (the paper's two-step variant) and evaluate scores branch B itself as the one-step result.
+Spec: ../shared/methods/agen.md; no code was released.
+"""
+from __future__ import annotations
+
+import time
+import weakref
+from typing import Annotated, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from wsss_core.cams.seeds import SEED_MODES, seed_probabilities, threshold_seeds
+from wsss_core.config import ClsParams, CrfParams, NonNegativeFloat, NonNegativeInt, Params, PositiveFloat, \
+    PositiveInt, Section
+from wsss_core.errors import ParamsError
+from wsss_core.methods.base import Method, MethodParams, ModelParams, register_method
+from wsss_core.models.agen import AGEN_CLS_BACKBONES, AGEN_SEG_BACKBONES, AGM_STAGES, STAGE1_STRIDE, AGENNet
+from wsss_core.pool import WorkerPool
+from wsss_core.seg.losses import balanced_seed_loss, boundary_loss
+
+Stage = Literal[AGM_STAGES]
+
+
+class BoundaryCrfParams(Section):
+    """The CRF of the boundary loss (spec section 4: SEC/DSRG's settings at the output stride)."""
+
+    iterations: PositiveInt = 10
+    scale_factor: PositiveFloat = 12.0  # the kernels' xy widths are divided by it (the image is that much smaller)
+    bilateral_compat: NonNegativeFloat = 10.0
+    bilateral_xy: PositiveFloat = 80.0
+    bilateral_rgb: PositiveFloat = 13.0
+    gaussian_compat: NonNegativeFloat = 3.0
+    gaussian_xy: PositiveFloat = 3.0
+    min_prob: Annotated[float, Field(gt=0.0, lt=0.01)] = 1e-4  # S and R are clipped to it and renormalised
+    # Processes for a step's CRFs (0: one per core, 1: the training process). A speed knob that changes no
+    # number, but it sits in the model section, so changing it re-runs train_cls.
+    workers: NonNegativeInt = 0
+
+    def crf_params(self) -> CrfParams:
+        """Return the kernels as the shared CRF takes them (xy widths divided by scale_factor)."""
+        return CrfParams(iterations=self.iterations, gaussian_sxy=self.gaussian_xy / self.scale_factor,
+                         gaussian_compat=self.gaussian_compat, bilateral_sxy=self.bilateral_xy / self.scale_factor,
+                         bilateral_srgb=self.bilateral_rgb, bilateral_compat=self.bilateral_compat)
+
+
+class AGENModelParams(ModelParams):
+    """AGEN's network and losses; each default is the paper's or, where it is silent, the spec's (section 7)."""
+
+    seg_backbone: Literal[AGEN_SEG_BACKBONES] = "resnet38d"  # branch B (branch A: cls.backbone)
+    seg_pretrained: str = ""  # branch B's weights: a PSA ResNet-38d file, "efficientnet_lite0" or "" (random)
+    width: PositiveFloat = 1.0  # channel multiplier of VGG-16 / ResNet-38d (1: the paper's; tests use less)
+    shared_stem: Literal["conv1_conv2", "conv1"] = "conv1_conv2"  # G1: the stages both branches share
+    agm_stages: list[Stage] = [3, 4, 5]  # the paper's ablation switches (Table 2): [] is the baseline
+    coam_stages: list[Stage] = [3, 4, 5]  # Table 3: a subset of agm_stages, chained top-down
+    coam_impl: Literal["sdpa", "explicit"] = "sdpa"
+    cls_head_channels: PositiveInt = 1024  # branch A's two 3x3 convs
+    agm_cls_channels: PositiveInt = 256
+    agm_seg_channels: PositiveInt = 512
+    seg_head_channels: PositiveInt = 512  # branch B's head: RRM's two 3x3 convs at dilation seg_head_dilation
+    seg_head_dilation: PositiveInt = 12
+    agm_lr_mult: PositiveFloat = 10.0  # the AGMs' lr over cls.lr (paper: 0.01 vs 0.001)
+    alpha: PositiveFloat = 8.0  # background exponent (Eq. 4)
+    delta_top: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.3  # seed threshold of Z^top (supervising S^B)
+    delta_agm5: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.3
+    delta_agm4: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.4
+    delta_agm3: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.4
+    seed_mode: Literal[SEED_MODES] = "value"  # G2
+    restrict_to_labels: bool = True  # G3: CAMs of classes the image lacks are zeroed
+    # G7: seeds and S at the crop size, or at each map's own grid (the CAM resized there, not the seeds subsampled)
+    seed_resolution: Literal["input", "feature"] = "input"
+    cls_weight: NonNegativeFloat = 1.0
+    seg_weight: NonNegativeFloat = 1.0
+    boundary_weight: NonNegativeFloat = 1.0  # 0 skips the CRF
+    crf: BoundaryCrfParams = BoundaryCrfParams()
+
+
+class AGENParams(MethodParams):
+    model: AGENModelParams = AGENModelParams()
+
+
+def padding_mask(images: torch.Tensor) -> torch.Tensor:
+    """Return bool [B, H, W], False where the crop was padded: TrainAugment pads the normalised image with 0
+    in all three channels, which no photo pixel normalises to (the means are not multiples of 1/255)."""
+    return images.ne(0).any(1)
+
+
+class _SegmentationBranch(nn.Module):
+    """Branch B as a segmenter: images [B, 3, H, W] -> logits [B, K+1, H/8, W/8]."""
+
+    def __init__(self, model: AGENNet):
+        super().__init__()
+        self.model, self.mean, self.std = model, model.mean, model.std
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Return branch B's logits [B, K+1, H/8, W/8]."""
+        return self.model.segment(images)
+
+
+@register_method
+class AGENMethod(Method):
+    name = "agen"
+    Params = AGENParams
+    has_segmenter = True
+    backbones = AGEN_CLS_BACKBONES
+
+    def __init__(self, params: AGENParams | None = None):
+        super().__init__(params)
+        self._crf_pool = WorkerPool(self.params.model.crf.workers)
+        weakref.finalize(self, self._crf_pool.close)
+
+    def check(self, params: Params) -> None:
+        super().check(params)
+        model = self.params.model
+        if len(set(model.agm_stages)) < len(model.agm_stages) or len(set(model.coam_stages)) < len(model.coam_stages):
+            raise ParamsError("methods.agen.model.agm_stages / coam_stages: a stage is named twice")
+        if not set(model.coam_stages) <= set(model.agm_stages):
+            raise ParamsError(f"methods.agen.model.coam_stages {model.coam_stages}: a CoAM needs the AGM of its "
+                              f"stage (agm_stages {model.agm_stages})")
+        if model.shared_stem == "conv1" and STAGE1_STRIDE[params.cls.backbone] != STAGE1_STRIDE[model.seg_backbone]:
+            raise ParamsError(f"methods.agen.model.shared_stem conv1: cls.backbone {params.cls.backbone} and "
+                              f"seg_backbone {model.seg_backbone} end stage 1 at different strides (use conv1_conv2)")
+
+    def build_classifier(self, cls: ClsParams, num_classes: int, *, pretrained: bool = True) -> AGENNet:
+        model = self.params.model
+        return AGENNet(num_classes, cls_backbone=cls.backbone, seg_backbone=model.seg_backbone,
+                       cls_pretrained=cls.pretrained if pretrained else "",
+                       seg_pretrained=model.seg_pretrained if pretrained else "", width=model.width,
+                       shared_stem=model.shared_stem, agm_stages=tuple(model.agm_stages),
+                       coam_stages=tuple(model.coam_stages), coam_impl=model.coam_impl,
+                       cls_head_channels=model.cls_head_channels, agm_cls_channels=model.agm_cls_channels,
+                       agm_seg_channels=model.agm_seg_channels, seg_head_channels=model.seg_head_channels,
+                       seg_head_dilation=model.seg_head_dilation, agm_lr_mult=model.agm_lr_mult)
+
+    def _threshold(self, key: str | int) -> float:
+        """Return the seed threshold delta of a class map ('top' or an AGM stage)."""
+        model = self.params.model
+        return model.delta_top if key == "top" else getattr(model, f"delta_agm{key}")
+
+    def training_loss(self, model: AGENNet, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Return (L_cls + L_seg + L_bnd weighted, parts): cls_*, seed_* per head ('top' and agmN), boundary and
+        crf_ms (the step's CRF wall time)."""
+        settings = self.params.model
+        images, labels = batch["images"], batch["labels"]
+        outputs = model.outputs(images)
+        valid = padding_mask(images)
+        parts: dict[str, torch.Tensor] = {}
+        for key, class_map in outputs.class_maps.items():
+            name = key if key == "top" else f"agm{key}"
+            parts[f"cls_{name}"] = F.binary_cross_entropy_with_logits(
+                class_map.mean((2, 3)).float(), labels, reduction="sum") / len(images)
+            logits = outputs.seg_logits[key]
+            size = tuple(images.shape[-2:]) if settings.seed_resolution == "input" else tuple(logits.shape[-2:])
+            mask = valid if size == tuple(images.shape[-2:]) else (
+                F.interpolate(valid[:, None].float(), size, mode="nearest")[:, 0].bool())
+            probabilities = seed_probabilities(class_map, labels, size, alpha=settings.alpha,
+                                               restrict_to_labels=settings.restrict_to_labels, valid=mask)
+            seeds = threshold_seeds(probabilities, mask, self._threshold(key), settings.seed_mode)
+            if tuple(logits.shape[-2:]) != size:
+                logits = F.interpolate(logits, size, mode="bilinear", align_corners=False)
+            parts[f"seed_{name}"] = balanced_seed_loss(logits, seeds)
+        loss = (settings.cls_weight * sum(v for k, v in parts.items() if k.startswith("cls_"))
+                + settings.seg_weight * sum(v for k, v in parts.items() if k.startswith("seed_")))
+        logged = {key: value.item() for key, value in parts.items()}
+        if settings.boundary_weight > 0:
+            started = time.perf_counter()
+            boundary = boundary_loss(outputs.seg_logits["top"], batch["rgb"], settings.crf.crf_params(),
+                                     settings.crf.min_prob, self._crf_pool.map)
+            logged["crf_ms"] = 1000 * (time.perf_counter() - started)
+            logged["boundary"] = boundary.item()
+            loss = loss + settings.boundary_weight * boundary
+        return loss, logged
+
+    def learned_values(self, model: AGENNet) -> dict[str, float]:
+        return {f"lambda_coam{stage}": gain for stage, gain in model.coam_gains().items()}
+
+    def cam_maps(self, model: AGENNet, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"cam": F.relu(model.class_map(images))}
+
+    def segmenter(self, model: AGENNet) -> nn.Module:
+        return _SegmentationBranch(model)
