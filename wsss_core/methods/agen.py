@@ -29,7 +29,8 @@ from wsss_core.config import ClsParams, CrfParams, NonNegativeFloat, NonNegative
     PositiveInt, Section
 from wsss_core.errors import ParamsError
 from wsss_core.methods.base import Method, MethodParams, ModelParams, register_method
-from wsss_core.models.agen import AGEN_CLS_BACKBONES, AGEN_SEG_BACKBONES, AGM_STAGES, STAGE1_STRIDE, AGENNet
+from wsss_core.models.agen import AGEN_CLS_BACKBONES, AGEN_SEG_BACKBONES, AGM_STAGES, NEW_LAYER_INITS, STAGE1_STRIDE, \
+    AGENNet
 from wsss_core.pool import WorkerPool
 from wsss_core.seg.losses import balanced_seed_loss, boundary_loss
 
@@ -74,6 +75,9 @@ class AGENModelParams(ModelParams):
     seg_head_channels: PositiveInt = 512  # branch B's head: RRM's two 3x3 convs at dilation seg_head_dilation
     seg_head_dilation: PositiveInt = 12
     agm_lr_mult: PositiveFloat = 10.0  # the AGMs' lr over cls.lr (paper: 0.01 vs 0.001)
+    # The new convolutions' init (the paper is silent): N(0, 0.01) as DeepLab and DSRG, or RRM's Xavier-uniform,
+    # whose unnormalised 3x3 stacks start the class maps at |Z| ~ 50 and diverged on Lite0 features here.
+    new_layer_init: Literal[NEW_LAYER_INITS] = "normal"
     alpha: PositiveFloat = 8.0  # background exponent (Eq. 4)
     delta_top: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.3  # seed threshold of Z^top (supervising S^B)
     delta_agm5: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.3
@@ -144,7 +148,8 @@ class AGENMethod(Method):
                        coam_stages=tuple(model.coam_stages), coam_impl=model.coam_impl,
                        cls_head_channels=model.cls_head_channels, agm_cls_channels=model.agm_cls_channels,
                        agm_seg_channels=model.agm_seg_channels, seg_head_channels=model.seg_head_channels,
-                       seg_head_dilation=model.seg_head_dilation, agm_lr_mult=model.agm_lr_mult)
+                       seg_head_dilation=model.seg_head_dilation, agm_lr_mult=model.agm_lr_mult,
+                       new_layer_init=model.new_layer_init)
 
     def _threshold(self, key: str | int) -> float:
         """Return the seed threshold delta of a class map ('top' or an AGM stage)."""

@@ -227,7 +227,7 @@ class AGENNet(nn.Module):
                  agm_stages: tuple[int, ...] = AGM_STAGES, coam_stages: tuple[int, ...] = AGM_STAGES,
                  coam_impl: str = "sdpa", cls_head_channels: int = 1024, agm_cls_channels: int = 256,
                  agm_seg_channels: int = 512, seg_head_channels: int = 512, seg_head_dilation: int = 12,
-                 agm_lr_mult: float = 10.0):
+                 agm_lr_mult: float = 10.0, new_layer_init: str = "normal"):
         super().__init__()
         if shared_stem not in SHARED_STEMS:
             raise ValueError(f"shared_stem {shared_stem!r} is not one of: {', '.join(SHARED_STEMS)}")
@@ -259,7 +259,7 @@ class AGENNet(nn.Module):
                                 num_classes + 1)
         self.coam = nn.ModuleDict({str(n): ContextAttention(coam_impl) for n in coam_stages})
         for module in (self.cls_head, self.seg_head, self.agm_cls, self.agm_seg, self.seg_adapter):
-            _xavier_init(module)
+            init_new_layers(module, new_layer_init)
         self.mean, self.std = branch_a.mean, branch_a.std  # branch B sees the same input
         self.cam_stride = CAM_STRIDE
         self.agm_lr_mult = agm_lr_mult
@@ -325,10 +325,19 @@ class AGENNet(nn.Module):
                 ParamGroup("new", new, new_layer_lr_mult), ParamGroup("gain", gains, new_layer_lr_mult, False)]
 
 
-def _xavier_init(module: nn.Module) -> None:
-    """Xavier-uniform weights and zero biases for the convolutions of a new module (RRM's init)."""
+NEW_LAYER_INITS = ("normal", "xavier")
+
+
+def init_new_layers(module: nn.Module, scheme: str) -> None:
+    """Initialise the convolutions of a new module, biases 0: 'normal' N(0, 0.01) (DeepLab/DSRG's), 'xavier'
+    Xavier-uniform (RRM's)."""
+    if scheme not in NEW_LAYER_INITS:
+        raise ValueError(f"new-layer init {scheme!r} is not one of: {', '.join(NEW_LAYER_INITS)}")
     for layer in module.modules():
         if isinstance(layer, nn.Conv2d):
-            nn.init.xavier_uniform_(layer.weight)
+            if scheme == "xavier":
+                nn.init.xavier_uniform_(layer.weight)
+            else:
+                nn.init.normal_(layer.weight, std=0.01)
             if layer.bias is not None:
                 nn.init.zeros_(layer.bias)
