@@ -68,6 +68,12 @@ class DeepLabV3Plus(nn.Module):
         """Return the backbone (lr x1) and ASPP + decoder (lr x new_layer_lr_mult), all with weight decay."""
         return backbone_and_new_groups(self.backbone, self, new_layer_lr_mult)
 
+    def stage_modules(self) -> list[nn.Module]:
+        """Return the backbone stages from stride 4 on (ResNet layer1..layer4), as timm's feature_info names
+        them; forward calls each, so forward hooks on them see (and may replace) every stage's output."""
+        info = self.backbone.body.feature_info
+        return [self.backbone.body.get_submodule(info[index]["module"]) for index in range(self.low_index, len(info))]
+
 
 class TorchvisionDeepLabV3(nn.Module):
     """torchvision's deeplabv3_resnet50/101 (output stride 8, no aux head) returning logits at input size."""
@@ -87,6 +93,10 @@ class TorchvisionDeepLabV3(nn.Module):
     def parameter_groups(self, new_layer_lr_mult: float) -> list[ParamGroup]:
         """Return the backbone (lr x1) and the DeepLab head (lr x new_layer_lr_mult), all with weight decay."""
         return backbone_and_new_groups(self.net.backbone, self, new_layer_lr_mult)
+
+    def stage_modules(self) -> list[nn.Module]:
+        """Return ResNet's layer1..layer4 (strides 4, 8, 8, 8)."""
+        return [getattr(self.net.backbone, f"layer{index}") for index in range(1, 5)]
 
 
 def build_segmenter(arch: str, backbone: str, num_classes: int, pretrained: str = "", output_stride: int = 16,
