@@ -32,6 +32,7 @@ PSEUDO_MASKS = Path("labels/pseudo")
 PSEUDO_METRICS = Path("metrics/pseudo.json")
 SEG_CHECKPOINT = Path("models/seg.pt")
 SEG_CURVES = Path("dvclive/train_seg")
+RWS_REPORT = Path("rws")
 SEG_METRICS = Path("metrics/seg.json")
 SEG_ONESTEP_METRICS = Path("metrics/seg_onestep.json")
 SEG_PER_CLASS_PLOT = Path("plots/seg_per_class.json")
@@ -52,7 +53,7 @@ OUTPUTS: dict[str, dict[Path, str]] = {
     "random_walk": {RW_STORE: "store", RW_METRICS: "metrics"},
     "dcrf": {CRF_LABELS: "folder", CRF_METRICS: "metrics"},
     "pseudo_masks": {PSEUDO_MASKS: "folder", PSEUDO_METRICS: "metrics"},
-    "train_seg": {SEG_CHECKPOINT: "checkpoint", SEG_CURVES: "curves"},
+    "train_seg": {SEG_CHECKPOINT: "checkpoint", SEG_CURVES: "curves", RWS_REPORT: "folder"},
     "evaluate": {SEG_METRICS: "metrics", SEG_ONESTEP_METRICS: "metrics", SEG_PER_CLASS_PLOT: "plot",
                  SEG_CONFUSION_PLOT: "plot", SEG_MONTAGE: "plot"},
 }

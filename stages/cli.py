@@ -4,7 +4,8 @@ from __future__ import annotations
 import typer
 
 from stages import (affinity_labels, compose, dcrf, eval_cams, evaluate, export_cams, inspect_cams, inspect_masks,
-                    predict, prepare, pseudo_masks, random_walk, refine, train_affinity, train_cls, train_seg)
+                    inspect_rws, predict, prepare, pseudo_masks, random_walk, refine, train_affinity, train_cls,
+                    train_seg)
 
 STAGE_MODULES = (prepare, train_cls, export_cams, eval_cams, refine, affinity_labels, train_affinity, random_walk,
                  dcrf, pseudo_masks, train_seg, evaluate)
@@ -19,6 +20,7 @@ app.command("predict", help="Segment new images with a trained checkpoint.")(pre
 app.command("compose", help="Write params.yaml from conf/ as `dvc exp run -S ...` would.")(compose.compose_params)
 app.add_typer(inspect_cams.app, name="cams")
 app.add_typer(inspect_masks.app, name="masks")
+app.add_typer(inspect_rws.app, name="rws")
 
 if __name__ == "__main__":
     app()

@@ -1,24 +1,27 @@
 """Stage `train_seg`: train the segmentation network on the pseudo masks; dvclive curves with val mIoU."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import typer
 
 from stages._common import load_params, log_epoch, reports_errors, single_command, training_curves
-from stages.artifacts import MANIFEST, PARAMS_FILE, PSEUDO_MASKS, SEG_CHECKPOINT, SEG_CURVES
+from stages.artifacts import MANIFEST, PARAMS_FILE, PSEUDO_MASKS, RWS_REPORT, SEG_CHECKPOINT, SEG_CURVES
 from wsss_core.checkpoint import save_checkpoint
 from wsss_core.data.dataset import Dataset
 from wsss_core.data.label_dir import check_label_dir
 from wsss_core.models.deeplab import build_segmenter
 from wsss_core.seg.infer import score_split
+from wsss_core.seg.rws_training import train_with_rws, write_rws_report
 from wsss_core.seg.training import SegmentationSet, train_segmenter
 from wsss_core.training import resolve_device, seed_everything
 
 
 @reports_errors
 def train_seg(params_file: Path = typer.Option(PARAMS_FILE, "--params", help="params.yaml to read")) -> None:
-    """Train DeepLab on labels/pseudo (255 ignored); writes models/seg.pt."""
+    """Train DeepLab on labels/pseudo (255 ignored), with RWS when seg.rws.enabled; writes models/seg.pt and
+    rws/ (RWS's thresholds, weak slices and a few heatmaps; with RWS off, the training time only)."""
     params = load_params(params_file)
     settings = params.seg
     dataset = Dataset.load(MANIFEST)
@@ -27,14 +30,21 @@ def train_seg(params_file: Path = typer.Option(PARAMS_FILE, "--params", help="pa
     device = resolve_device(params.device)
     model = build_segmenter(settings.arch, settings.backbone, len(dataset.class_names), settings.pretrained,
                             settings.output_stride, channels=settings.decoder_channels)
-    train_set = SegmentationSet(dataset, PSEUDO_MASKS, settings, model.mean, model.std, params.seed)
+    started = time.perf_counter()
     with training_curves(SEG_CURVES) as live:
 
         def log(epoch: int, means: dict) -> None:
             means["val_miou"] = score_split(model, dataset, "val", device).miou()
             log_epoch(live, epoch, means)
 
-        train_segmenter(model, train_set, settings, device=device, seed=params.seed, on_epoch_end=log)
+        if settings.rws.enabled:
+            rounds = train_with_rws(model, dataset, PSEUDO_MASKS, settings, device=device, seed=params.seed,
+                                    on_epoch_end=log)
+        else:
+            train_set = SegmentationSet(dataset, PSEUDO_MASKS, settings, model.mean, model.std, params.seed)
+            train_segmenter(model, train_set, settings, device=device, seed=params.seed, on_epoch_end=log)
+            rounds = None
+    write_rws_report(RWS_REPORT, rounds, time.perf_counter() - started, "seg.rws.enabled is false")
     save_checkpoint(SEG_CHECKPOINT, model.cpu(), params.method, {"seg": settings.model_dump()},
                     class_names=dataset.class_names)
     typer.echo(f"saved {SEG_CHECKPOINT}")

@@ -214,26 +214,41 @@ class PseudoParams(Section):
 
 
 class RwsParams(Section):
-    """RWS (refined weak slices) for the segmentation stage; defaults are the spec's recommendations."""
+    """RWS (refined weak slices) for the segmentation stage (seg/rws_training.py); defaults are the spec's
+    recommendations (../shared/methods/rws.md, sections 3 and 8)."""
 
     enabled: bool = False
-    layers: list[PositiveInt] = [1, 2, 3, 4]  # backbone stages whose Seg-Grad-CAM heatmaps are used
+    layers: list[Annotated[int, Field(ge=1, le=4)]] = [1, 2, 3, 4]  # the stages blended (Table III), 1 = stride 4
     slice_size: PositiveInt = 128
     slice_stride: PositiveInt = 64
     max_slices_per_image: PositiveInt = 16
-    select_rule: Literal["attention", "attention_and_iou"] = "attention"
+    select_rule: Literal["attention", "attention_and_iou"] = "attention"  # G3
+    threshold: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0  # T; 0: from the attention/IoU curve (Fig. 2)
     slope_bins: PositiveInt = 20
     slope_threshold: PositiveFloat = 0.02
     min_windows_per_bin: PositiveInt = 5
-    min_class_fraction: Fraction = 0.01
+    min_class_fraction: Fraction = 0.01  # windows where a class covers less are not scored for it
+    attention_region: Literal["class", "window"] = "class"  # G4: averaged over the class pixels or the window
+    cam_pixels: Literal["argmax", "all"] = "argmax"  # G2: Seg-Grad-CAM's target pixels for class c
+    epsilon: PositiveFloat = 1e-6  # eq. 5's omega > epsilon
+    use_omega: bool = True  # False: every pixel of a weak slice (Table I middle column)
+    use_lambda: bool = True  # False: lambda = lambda_constant (Table II)
+    lambda_constant: Fraction = 0.5
     rounds: Annotated[int, Field(ge=1, le=4)] = 1
+    # Shares of the seg.epochs budget: the global network trains for the rest, then per round the local
+    # network on the weak slices and the global network again with blending (the same total as without RWS).
     local_iteration_fraction: Fraction = 0.15
     retrain_iteration_fraction: Fraction = 0.4
+    show_images: NonNegativeInt = 4  # images whose heatmaps go to rws/ for `wsss rws show`
 
     @model_validator(mode="after")
-    def _not_available_yet(self) -> "RwsParams":
-        if self.enabled:
-            raise ValueError("seg.rws.enabled: RWS is not implemented yet (set seg.rws.enabled: false)")
+    def _budget_fits(self) -> "RwsParams":
+        if self.rounds * (self.local_iteration_fraction + self.retrain_iteration_fraction) >= 1:
+            raise ValueError(f"seg.rws: rounds x (local_iteration_fraction + retrain_iteration_fraction) = "
+                             f"{self.rounds * (self.local_iteration_fraction + self.retrain_iteration_fraction):g}"
+                             f" leaves no budget for the global network (must be < 1)")
+        if len(set(self.layers)) < len(self.layers):
+            raise ValueError(f"seg.rws.layers {self.layers} names a stage twice")
         return self
 
 

@@ -141,7 +141,7 @@ def _to_device(batch, device: torch.device):
 
 def fit(model: nn.Module, train_set: EpochSeededSet, batch_loss: Callable[..., tuple[torch.Tensor, dict[str, float]]],
         *, recipe: TrainRecipe, device: torch.device, seed: int, desc: str,
-        groups: list[ParamGroup] | None = None,
+        groups: list[ParamGroup] | None = None, steps: int | None = None,
         on_epoch_end: Callable[[int, dict[str, float]], None] = lambda epoch, means: None) -> None:
     """Train model with the recipe's optimizer and schedule on shuffled, seeded batches.
 
@@ -153,7 +153,8 @@ def fit(model: nn.Module, train_set: EpochSeededSet, batch_loss: Callable[..., t
     parameters frozen (IRN's FixedBatchNorm).
     batch_loss gets the batch (tensors on `device`, a list or a dict as the set returns them) and
     returns (loss, {name: float} parts); on_epoch_end gets the 1-based epoch and each part's mean
-    over the epoch, 'loss' included.
+    over the epoch, 'loss' included. steps: train this many steps instead of recipe.epochs epochs (the
+    schedule spans them; the last epoch may be partial).
     """
     if not len(train_set):
         raise DataError(f"{desc}: the training set is empty")
@@ -165,17 +166,20 @@ def fit(model: nn.Module, train_set: EpochSeededSet, batch_loss: Callable[..., t
                         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(seed))
     use_amp, amp_dtype = training_precision(device, recipe.amp)
     scaler = torch.amp.GradScaler(enabled=use_amp and amp_dtype == torch.float16)
-    epochs = recipe.epochs
-    total, step = epochs * len(loader), 0
+    total, step = (steps if steps is not None else recipe.epochs * len(loader)), 0
+    epochs = math.ceil(total / len(loader))
     place(model, device)
     for epoch in range(epochs):
         train_set.epoch = epoch
         model.train()
         freeze_batchnorm(frozen)
         sums: dict[str, float] = {}
+        batches = 0
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{epochs}", unit="batch")
         for batch in bar:
+            if step == total:
+                break
             set_lr(optimizer, lr_factor(step, total, len(loader), recipe))
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                 loss, parts = batch_loss(_to_device(batch, device))
@@ -184,6 +188,7 @@ def fit(model: nn.Module, train_set: EpochSeededSet, batch_loss: Callable[..., t
             scaler.step(optimizer)
             scaler.update()
             step += 1
+            batches += 1
             # The loss stays on the device (float64, as Python sums floats): reading it every step would make
             # the CPU wait for the GPU, so it is read for the progress bar every PROGRESS_EVERY steps only.
             loss_sum = loss_sum + loss.detach().double()
@@ -191,8 +196,8 @@ def fit(model: nn.Module, train_set: EpochSeededSet, batch_loss: Callable[..., t
                 sums[key] = sums.get(key, 0.0) + value
             if step % PROGRESS_EVERY == 0 or bar.n + 1 == len(loader):
                 bar.set_postfix(loss=f"{_finite(loss.item(), desc, epoch):.3f}")
-        means = {"loss": _finite(float(loss_sum) / len(loader), desc, epoch),
-                 **{key: value / len(loader) for key, value in sums.items()}}
+        means = {"loss": _finite(float(loss_sum) / batches, desc, epoch),
+                 **{key: value / batches for key, value in sums.items()}}
         on_epoch_end(epoch + 1, means)
 
 

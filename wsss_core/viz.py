@@ -22,6 +22,16 @@ def label_overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.6) -> 
     return (image * (1 - weight) + colours * weight).astype(np.uint8)
 
 
+def slice_boxes(image: np.ndarray, boxes: list[tuple[tuple[int, int, int, int], str]]) -> np.ndarray:
+    """Return uint8 [H, W, 3]: image with each (y0, x0, y1, x1) box outlined in red and its label written."""
+    canvas = Image.fromarray(np.ascontiguousarray(image))
+    draw = ImageDraw.Draw(canvas)
+    for (y0, x0, y1, x1), label in boxes:
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=(255, 0, 0), width=2)
+        draw.text((x0 + 3, y0 + 2), label, fill=(255, 0, 0))
+    return np.asarray(canvas)
+
+
 def captioned(tile: np.ndarray, caption: str) -> np.ndarray:
     """Return the tile [H, W, 3] with a caption bar of 14 px above it."""
     bar = Image.new("RGB", (tile.shape[1], 14), (255, 255, 255))

@@ -52,12 +52,24 @@ def _paste(tensor: torch.Tensor, size: int, windows: tuple[tuple[slice, slice], 
 def joint_crop(image: np.ndarray, labels: np.ndarray, size: int, rng: np.random.Generator
                ) -> tuple[np.ndarray, np.ndarray]:
     """Return a size x size crop of image [H,W,3] and labels [H,W], padding image with 0 and labels with 255."""
-    source, target = crop_windows(*labels.shape, size, rng)
+    image_out, labels_out, _ = _crop_all(image, labels, None, crop_windows(*labels.shape, size, rng), size)
+    return image_out, labels_out
+
+
+def _crop_all(image: np.ndarray, labels: np.ndarray, maps: np.ndarray | None,
+              windows: tuple[tuple[slice, slice], tuple[slice, slice]], size: int
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Return image, labels and maps [C, H, W] (or None) cropped to the windows: padding 0, labels 255."""
+    source, target = windows
     image_out = np.zeros((size, size, 3), image.dtype)
     labels_out = np.full((size, size), VOID, np.uint8)
     image_out[target] = image[source]
     labels_out[target] = labels[source]
-    return image_out, labels_out
+    maps_out = None
+    if maps is not None:
+        maps_out = np.zeros((len(maps), size, size), np.float32)
+        maps_out[(slice(None), *target)] = maps[(slice(None), *source)]
+    return image_out, labels_out, maps_out
 
 
 def augment_with_labels(image: np.ndarray, labels: np.ndarray, resize_long: tuple[int, int], crop_size: int,
@@ -66,12 +78,24 @@ def augment_with_labels(image: np.ndarray, labels: np.ndarray, resize_long: tupl
 
     Labels are resized with nearest neighbour; padding is 0 in the image and 255 in the labels.
     """
+    image, labels, _ = augment_with_maps(image, labels, None, resize_long, crop_size, rng)
+    return image, labels
+
+
+def augment_with_maps(image: np.ndarray, labels: np.ndarray, maps: np.ndarray | None, resize_long: tuple[int, int],
+                      crop_size: int, rng: np.random.Generator
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Return `augment_with_labels`'s (image, labels) and float maps [C, H, W] given the same transform
+    (resized bilinearly, padding 0; None stays None); the random draws are the same with or without maps."""
     long_side = int(rng.integers(resize_long[0], resize_long[1] + 1))
     image = resize_long_side(image, long_side)
     labels = resize_long_side(labels, long_side, resample=Image.NEAREST)
+    if maps is not None:
+        maps = np.stack([resize_long_side(np.asarray(channel, np.float32), long_side) for channel in maps])
     if rng.random() < 0.5:
         image, labels = image[:, ::-1], labels[:, ::-1]
-    return joint_crop(image, labels, crop_size, rng)
+        maps = None if maps is None else maps[:, :, ::-1]
+    return _crop_all(image, labels, maps, crop_windows(*labels.shape, crop_size, rng), crop_size)
 
 
 class TrainAugment:

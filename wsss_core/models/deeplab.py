@@ -74,6 +74,11 @@ class DeepLabV3Plus(nn.Module):
         info = self.backbone.body.feature_info
         return [self.backbone.body.get_submodule(info[index]["module"]) for index in range(self.low_index, len(info))]
 
+    def stage_strides(self) -> list[int]:
+        """Return each of stage_modules()' output strides (timm's reductions, capped at the output stride)."""
+        info = self.backbone.body.feature_info
+        return [info[index]["reduction"] for index in range(self.low_index, len(info))]
+
 
 class TorchvisionDeepLabV3(nn.Module):
     """torchvision's deeplabv3_resnet50/101 (output stride 8, no aux head) returning logits at input size."""
@@ -97,6 +102,10 @@ class TorchvisionDeepLabV3(nn.Module):
     def stage_modules(self) -> list[nn.Module]:
         """Return ResNet's layer1..layer4 (strides 4, 8, 8, 8)."""
         return [getattr(self.net.backbone, f"layer{index}") for index in range(1, 5)]
+
+    def stage_strides(self) -> list[int]:
+        """Return the strides of layer1..layer4 (dilated from layer3 on: output stride 8)."""
+        return [4, 8, 8, 8]
 
 
 def build_segmenter(arch: str, backbone: str, num_classes: int, pretrained: str = "", output_stride: int = 16,

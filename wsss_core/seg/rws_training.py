@@ -1,0 +1,284 @@
+"""RWS (Rao et al., "Refined Weak Slice") as a way to train the segmentation network (spec
+../shared/methods/rws.md, sections 3.1-3.8), over the tensor core in `seg/rws.py`.
+
+`train_with_rws` splits the stage's budget (seg.epochs x steps per epoch) into: the global network on the
+pseudo masks; then per round, Seg-Grad-CAM heatmaps of every train image and their windows, the threshold T,
+the weak slices, a local network (a copy of the global one) trained on the weak-slice crops, the local
+heatmaps and eqs. 5-7's blend strengths, and the global network trained again with each backbone stage's
+output blended with the frozen local network's. Pseudo masks play the role of the paper's ground truth
+(heatmap masking, slice IoU, the local labels).
+
+Deviation (stated in docs/methods/rws.md): during the retraining, F^s comes from the frozen local network
+run on the whole augmented crop (one forward per batch, the blend strengths transformed with the image like
+its labels), not on each slice alone as the spec's on-the-fly path would; the local network's receptive
+field then sees context outside the slice.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from wsss_core.config import RwsParams, SegParams
+from wsss_core.data.dataset import Dataset
+from wsss_core.data.label_dir import read_label_dir
+from wsss_core.data.palette import VOID
+from wsss_core.data.transforms import augment_with_maps, normalize
+from wsss_core.errors import DataError
+from wsss_core.io import atomic_path, write_json
+from wsss_core.seg.rws import (Box, StageRecorder, Threshold, WindowScore, attention_threshold, blend_weights,
+                               class_attention_maps, curve_iou, local_slices, pool_to_grid, select_weak_slices,
+                               sliding_windows, window_scores)
+from wsss_core.seg.training import SegmentationSet, segmentation_loss
+from wsss_core.training import EpochSeededSet, fit
+
+EpochCallback = Callable[[int, dict], None]
+
+
+def phase_steps(total: int, rws: RwsParams) -> tuple[int, int, int]:
+    """Return (global steps, local steps per round, retraining steps per round) that sum to `total` over
+    the rounds; the local and retraining shares are at least one step each."""
+    local = max(1, round(total * rws.local_iteration_fraction))
+    retrain = max(1, round(total * rws.retrain_iteration_fraction))
+    first = total - rws.rounds * (local + retrain)
+    if first < 1:
+        raise DataError(f"seg.rws: {total} training steps leave none for the global network after "
+                        f"{rws.rounds} round(s) of {local} local + {retrain} retraining steps (raise seg.epochs)")
+    return first, local, retrain
+
+
+@dataclass
+class RwsRound:
+    """What one round found: T (and per class), the windows scored, the weak slices and the time each part took."""
+
+    threshold: float
+    threshold_per_class: dict[int, float]
+    windows: int
+    weak_slices: list[WindowScore]
+    local_images: int
+    seconds: dict[str, float] = field(default_factory=dict)
+    curves: dict = field(default_factory=dict)  # {class: ClassCurve} of the automatic threshold
+    shown: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # {id: {attention, beta}} to draw
+
+
+class SliceSet(EpochSeededSet):
+    """The local network's data: (image [3, s, s], labels [s, s]) crops of the weak slices' windows, flipped
+    at random, padded to the slice size (image 0, labels 255) where an image is smaller than a window."""
+
+    def __init__(self, dataset: Dataset, label_dir: Path, slices: list[tuple[str, Box]], size: int, mean: tuple,
+                 std: tuple, seed: int):
+        super().__init__([image_id for image_id, _ in slices], seed)
+        self.dataset, self.label_dir, self.slices, self.size = dataset, label_dir, slices, size
+        self.mean, self.std = mean, std
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image_id, (y0, x0, y1, x1) = self.slices[index]
+        image = self.dataset.read_image(image_id)[y0:y1, x0:x1]
+        labels = read_label_dir(self.label_dir, image_id)[y0:y1, x0:x1]
+        if self.sample_rng(index).random() < 0.5:
+            image, labels = image[:, ::-1], labels[:, ::-1]
+        padded_image = np.zeros((self.size, self.size, 3), np.uint8)
+        padded_labels = np.full((self.size, self.size), VOID, np.uint8)
+        padded_image[:y1 - y0, :x1 - x0], padded_labels[:y1 - y0, :x1 - x0] = image, labels
+        return normalize(padded_image, self.mean, self.std), torch.from_numpy(padded_labels.astype("int64"))
+
+
+class BlendSet(SegmentationSet):
+    """SegmentationSet that also returns the blend strengths beta [l, S, S] transformed with the crop (zeros
+    for images without weak slices); the random draws equal SegmentationSet's."""
+
+    def __init__(self, dataset: Dataset, label_dir: Path, recipe: SegParams, mean: tuple, std: tuple, seed: int,
+                 betas: dict[str, np.ndarray], layers: int):
+        super().__init__(dataset, label_dir, recipe, mean, std, seed)
+        self.betas, self.layers = betas, layers
+
+    def __getitem__(self, index: int):
+        image_id = self.ids[index]
+        image, labels, beta = augment_with_maps(
+            self.dataset.read_image(image_id), read_label_dir(self.label_dir, image_id), self.betas.get(image_id),
+            self.resize_long, self.crop_size, self.sample_rng(index))
+        if beta is None:
+            beta = np.zeros((self.layers, self.crop_size, self.crop_size), np.float32)
+        return (normalize(image, self.mean, self.std), torch.from_numpy(labels.astype("int64")),
+                torch.from_numpy(beta))
+
+
+def _read(dataset: Dataset, label_dir: Path, image_id: str, model: nn.Module, device: torch.device
+          ) -> tuple[torch.Tensor, np.ndarray]:
+    """Return (normalised image [1, 3, H, W] on device, its pseudo mask [H, W] uint8)."""
+    image = normalize(dataset.read_image(image_id), model.mean, model.std)[None].to(device)
+    return image, read_label_dir(label_dir, image_id)
+
+
+def global_attention(model: nn.Module, dataset: Dataset, label_dir: Path, rws: RwsParams, device: torch.device
+                     ) -> tuple[list[WindowScore], dict[str, torch.Tensor]]:
+    """Return (every window's scores, {id: A [l, H, W] float16}) of the global network on the train images
+    at their own size (3.1-3.2): Seg-Grad-CAM per stage, restricted to each pixel's pseudo-mask class; a
+    window's attention is the last stage's."""
+    model.eval()
+    scores, attention = [], {}
+    for image_id in tqdm(dataset.ids("train"), desc="rws heatmaps", unit="img"):
+        image, labels = _read(dataset, label_dir, image_id, model, device)
+        maps, logits = class_attention_maps(model, image, torch.from_numpy(labels.astype("int64"))[None],
+                                            pixels=rws.cam_pixels)
+        windows = sliding_windows(*labels.shape, size=rws.slice_size, stride=rws.slice_stride)
+        scores += window_scores(image_id, maps[0, -1].cpu().numpy(), logits[0].argmax(0).cpu().numpy(), labels,
+                                windows, min_coverage=rws.min_class_fraction, region=rws.attention_region)
+        attention[image_id] = maps[0].half().cpu()
+    return scores, attention
+
+
+def local_attention(local: nn.Module, dataset: Dataset, label_dir: Path, weak: list[WindowScore], rws: RwsParams,
+                    device: torch.device) -> list[torch.Tensor]:
+    """Return the local network's A^s [l, h, w] on each weak slice alone, kept where the pseudo mask is the
+    slice's class (3.3 item 3)."""
+    local.eval()
+    maps = []
+    for score in tqdm(weak, desc="rws local heatmaps", unit="slice"):
+        (y0, x0, y1, x1), (image, labels) = score.box, _read(dataset, label_dir, score.image, local, device)
+        window = labels[y0:y1, x0:x1]
+        slice_maps, _ = class_attention_maps(local, image[..., y0:y1, x0:x1],
+                                             torch.from_numpy(window.astype("int64"))[None], pixels=rws.cam_pixels)
+        maps.append((slice_maps[0] * torch.from_numpy(window == score.cls).to(slice_maps.device)).cpu())
+    return maps
+
+
+def blend_strengths(attention: dict[str, torch.Tensor], weak: list[WindowScore], local_maps: list[torch.Tensor],
+                    rws: RwsParams) -> dict[str, np.ndarray]:
+    """Return {id: beta [l, H, W] float32} for the images with weak slices (eqs. 3-7 and the owner rule)."""
+    by_image: dict[str, list[int]] = {}
+    for index, score in enumerate(weak):
+        by_image.setdefault(score.image, []).append(index)
+    return {image_id: blend_weights(attention[image_id].float(), [weak[i].box for i in indices],
+                                    [local_maps[i] for i in indices], eps=rws.epsilon, no_omega=not rws.use_omega,
+                                    no_lambda=not rws.use_lambda, lambda_constant=rws.lambda_constant,
+                                    layers=rws.layers).beta.numpy()
+            for image_id, indices in by_image.items()}
+
+
+def blended_forward(model: nn.Module, local: nn.Module, images: torch.Tensor, beta: torch.Tensor,
+                    strides: list[int]) -> torch.Tensor:
+    """Return the model's logits with each stage's output F_i replaced by (1 - beta_i) F_i + beta_i F^s_i, beta
+    [B, l, H, W] averaged over each stage's stride blocks, F^s the frozen local network's on the same images."""
+    with torch.no_grad(), StageRecorder(local.stage_modules()) as recorder:
+        local(images)
+    local_features = recorder.features()
+
+    def blend(index: int, output: torch.Tensor) -> torch.Tensor:
+        strength = pool_to_grid(beta[:, index], strides[index], tuple(output.shape[-2:]))[:, None]  # [B, 1, h, w]
+        return (1 - strength) * output + strength * local_features[index]
+
+    with StageRecorder(model.stage_modules(), blend):
+        return model(images)
+
+
+def _curve_threshold(scores: list[WindowScore], rws: RwsParams) -> Threshold | None:
+    """Return the attention/IoU curves' threshold (Fig. 2), or None when rws.threshold sets T by hand and the
+    windows are too few for curves; a DataError when T must come from the curves and cannot."""
+    try:
+        return attention_threshold(scores, bins=rws.slope_bins, min_count=rws.min_windows_per_bin,
+                                   slope=rws.slope_threshold)
+    except ValueError as error:
+        if rws.threshold and rws.select_rule == "attention":
+            return None
+        raise DataError(f"seg.rws: {error}; set seg.rws.threshold to choose T by hand (select_rule: attention)"
+                        ) from None
+
+
+def train_with_rws(model: nn.Module, dataset: Dataset, label_dir: Path, recipe: SegParams, *, device: torch.device,
+                   seed: int, on_epoch_end: EpochCallback = lambda epoch, means: None) -> list[RwsRound]:
+    """Train `model` (a segmenter with stage_modules() and stage_strides()) with RWS on the pseudo masks in
+    label_dir within recipe.epochs epochs' worth of steps; return what each round found.
+
+    on_epoch_end gets the global epoch count across the phases (the local network's epochs are not reported).
+    """
+    rws = recipe.rws
+    train_set = SegmentationSet(dataset, label_dir, recipe, model.mean, model.std, seed)
+    steps_per_epoch = max(1, len(train_set) // recipe.batch_size) if len(train_set) > recipe.batch_size else 1
+    first, local_steps, retrain_steps = phase_steps(recipe.epochs * steps_per_epoch, rws)
+    epochs_done = [0]
+
+    def report(epoch: int, means: dict) -> None:
+        epochs_done[0] += 1
+        on_epoch_end(epochs_done[0], means)
+
+    def plain_loss(batch):
+        images, labels = batch
+        return segmentation_loss(model(images), labels), {}
+
+    fit(model, train_set, plain_loss, recipe=recipe, device=device, seed=seed, desc="rws global", steps=first,
+        on_epoch_end=report)
+    rounds = []
+    for round_index in range(rws.rounds):
+        started = time.perf_counter()
+        scores, attention = global_attention(model, dataset, label_dir, rws, device)
+        found = _curve_threshold(scores, rws)
+        threshold = rws.threshold or found.value
+        bounds = curve_iou(found, threshold) if rws.select_rule == "attention_and_iou" else None
+        weak = select_weak_slices(scores, threshold, rule=rws.select_rule, iou_bounds=bounds,
+                                  max_per_image=rws.max_slices_per_image)
+        heatmap_seconds = time.perf_counter() - started
+        round_record = RwsRound(threshold, found.per_class if found else {}, len(scores), weak,
+                                len({score.image for score in weak}), curves=found.curves if found else {})
+        rounds.append(round_record)
+        if not weak:
+            round_record.seconds = {"heatmaps": heatmap_seconds}
+            break
+        started = time.perf_counter()
+        local = copy.deepcopy(model)
+        slices = SliceSet(dataset, label_dir, local_slices(weak), rws.slice_size, model.mean, model.std, seed)
+        fit(local, slices, lambda batch: (segmentation_loss(local(batch[0]), batch[1]), {}), recipe=recipe,
+            device=device, seed=seed + round_index + 1, desc=f"rws local {round_index + 1}", steps=local_steps)
+        local_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        betas = blend_strengths(attention, weak, local_attention(local, dataset, label_dir, weak, rws, device), rws)
+        local.eval()
+        for parameter in local.parameters():
+            parameter.requires_grad_(False)
+        strides = model.stage_strides()
+        blend_set = BlendSet(dataset, label_dir, recipe, model.mean, model.std, seed, betas, len(strides))
+
+        def blended_loss(batch):
+            images, labels, beta = batch
+            return segmentation_loss(blended_forward(model, local, images, beta, strides), labels), {}
+
+        fit(model, blend_set, blended_loss, recipe=recipe, device=device, seed=seed + round_index + 1,
+            desc=f"rws retrain {round_index + 1}", steps=retrain_steps, on_epoch_end=report)
+        round_record.seconds = {"heatmaps": heatmap_seconds, "local": local_seconds,
+                                "retrain": time.perf_counter() - started}
+        round_record.shown = {image_id: {"attention": attention[image_id].numpy(), "beta": betas[image_id]}
+                              for image_id in list(betas)[:rws.show_images]}
+    return rounds
+
+
+def write_rws_report(folder: Path, rounds: list[RwsRound] | None, train_seconds: float, reason: str = "") -> None:
+    """Write the RWS folder atomically: report.json (per round T, T_c, window and weak-slice counts, seconds;
+    train_seconds, the whole training's time, with or without RWS), slices.json (the last round's weak
+    slices), curve.json (the last round's attention/IoU curves, a DVC plot) and heatmaps.npz ('<id>/attention'
+    [l, H, W] and '<id>/beta' [l, H, W] of a few images). rounds None: RWS was off (reason says why)."""
+    with atomic_path(folder, folder=True) as staging:
+        if rounds is None:
+            write_json(staging / "report.json", {"enabled": False, "skipped": reason, "train_seconds": train_seconds})
+            return
+        write_json(staging / "report.json", {"enabled": True, "train_seconds": train_seconds, "rounds": [
+            {"threshold": r.threshold, "threshold_per_class": {str(c): t for c, t in r.threshold_per_class.items()},
+             "windows": r.windows, "weak_slices": len(r.weak_slices), "images_with_weak_slices": r.local_images,
+             "seconds": r.seconds} for r in rounds]})
+        last = rounds[-1]
+        write_json(staging / "slices.json", {"threshold": last.threshold, "slices": [
+            {"image": w.image, "box": list(w.box), "class": w.cls, "attention": w.attention, "iou": w.iou}
+            for w in last.weak_slices]})
+        write_json(staging / "curve.json", {"curve": [
+            {"class": c, "attention": float(centre), "iou": float(iou), "windows": int(count)}
+            for c, curve in last.curves.items()
+            for centre, iou, count in zip(curve.centres, curve.mean_iou, curve.counts) if count]})
+        np.savez_compressed(staging / "heatmaps.npz", **{f"{image_id}/{name}": array.astype(np.float16)
+                                                         for image_id, maps in last.shown.items()
+                                                         for name, array in maps.items()})
