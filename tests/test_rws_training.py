@@ -6,16 +6,18 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 from typer.testing import CliRunner
 
 from stages.cli import app
 from tests.fixtures import make_dataset
 from wsss_core.config import RwsParams, SegParams, TrainRecipe
-from wsss_core.data.transforms import augment_with_labels, augment_with_maps
+from wsss_core.data.transforms import augment_with_labels, augment_with_maps, joint_crop, resize_long_side
 from wsss_core.errors import DataError
 from wsss_core.models.deeplab import build_segmenter
-from wsss_core.seg.rws_training import BlendSet, blended_forward, phase_steps, train_with_rws, write_rws_report
+from wsss_core.seg import rws_training
+from wsss_core.seg.rws_training import blended_forward, phase_steps, train_with_rws, write_rws_report
 from wsss_core.training import EpochSeededSet, ParamGroup, fit
 
 
@@ -61,19 +63,32 @@ def test_fit_by_steps_equals_fit_by_epochs_and_stops_mid_epoch():
     assert partial == [1, 2]
 
 
+def reference_augment(image, labels, resize_long, crop_size, rng):
+    """augment_with_labels as it was before maps joined it: rescale, flip, joint crop."""
+    long_side = int(rng.integers(resize_long[0], resize_long[1] + 1))
+    image = resize_long_side(image, long_side)
+    labels = resize_long_side(labels, long_side, resample=Image.NEAREST)
+    if rng.random() < 0.5:
+        image, labels = image[:, ::-1], labels[:, ::-1]
+    return joint_crop(image, labels, crop_size, rng)
+
+
 def test_augmenting_maps_draws_the_same_transform_as_the_labels_alone():
     rng = np.random.default_rng(1)
     image = rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)
     labels = np.zeros((40, 60), np.uint8)
     labels[10:30, 5:25] = 1
     maps = np.stack([(labels == 1).astype(np.float32), np.zeros((40, 60), np.float32)])
-    plain = augment_with_labels(image, labels, (50, 70), 48, np.random.default_rng(7))
-    with_maps = augment_with_maps(image, labels, maps, (50, 70), 48, np.random.default_rng(7))
-    np.testing.assert_array_equal(plain[0], with_maps[0])
-    np.testing.assert_array_equal(plain[1], with_maps[1])
-    inside, beta = with_maps[1] == 1, with_maps[2][0]
-    assert with_maps[2].shape == (2, 48, 48) and (with_maps[2][1] == 0).all()
-    assert ((beta > 0.5) == inside).mean() > 0.97  # the map moved with the labels (bilinear edges aside)
+    for seed in range(20):
+        reference = reference_augment(image, labels, (50, 70), 48, np.random.default_rng(seed))
+        plain = augment_with_labels(image, labels, (50, 70), 48, np.random.default_rng(seed))
+        with_maps = augment_with_maps(image, labels, maps, (50, 70), 48, np.random.default_rng(seed))
+        for expected, got, other in zip(reference, plain, with_maps):
+            np.testing.assert_array_equal(expected, got)
+            np.testing.assert_array_equal(expected, other)
+        inside, beta = with_maps[1] == 1, with_maps[2][0]
+        assert with_maps[2].shape == (2, 48, 48) and (with_maps[2][1] == 0).all()
+        assert ((beta > 0.5) == inside).mean() > 0.97  # the map moved with the labels (bilinear edges aside)
 
 
 @pytest.fixture(scope="module")
@@ -83,67 +98,89 @@ def segmenter():
 
 
 def test_blending_with_zero_strength_or_with_itself_leaves_the_output(segmenter):
-    images = torch.randn(2, 3, 64, 64)
+    images = torch.randn(2, 3, 64, 80)
     with torch.no_grad():
         plain = segmenter(images)
         strides = segmenter.stage_strides()
         assert strides == [4, 8, 16, 16]
-        zero = blended_forward(segmenter, copy.deepcopy(segmenter), images, torch.zeros(2, 4, 64, 64), strides)
-        itself = blended_forward(segmenter, copy.deepcopy(segmenter), images, torch.rand(2, 4, 64, 64), strides)
+        zero = blended_forward(segmenter, copy.deepcopy(segmenter), images, torch.zeros(2, 4, 64, 80), strides)
+        itself = blended_forward(segmenter, copy.deepcopy(segmenter), images, torch.rand(2, 4, 64, 80), strides)
     assert torch.equal(zero, plain) and torch.allclose(itself, plain, atol=1e-5)
 
 
-def test_full_strength_on_the_last_stage_feeds_the_local_network_features(segmenter):
-    images = torch.randn(1, 3, 64, 64)
+def test_a_blended_middle_stage_mixes_the_local_features_per_stride_block(segmenter):
+    torch.manual_seed(3)
+    images = torch.randn(1, 3, 64, 80)
     local = copy.deepcopy(segmenter)
     for parameter in local.backbone.parameters():
         parameter.data.mul_(1.5)
-    beta = torch.zeros(1, 4, 64, 64)
-    beta[:, 3] = 1.0
+    beta = torch.zeros(1, 4, 64, 80)
+    beta[0, 1, :24, 40:] = torch.rand(24, 40)  # stage 2 (stride 8): a varying strength in the top right
+    modules = segmenter.stage_modules()
     with torch.no_grad():
         blended = blended_forward(segmenter, local, images, beta, segmenter.stage_strides())
-        expected_high = local.backbone.body.forward_intermediates(images, indices=[4], intermediates_only=True)[0]
-        low = segmenter.backbone.body.forward_intermediates(images, indices=[1], intermediates_only=True)[0]
-        context = torch.nn.functional.interpolate(segmenter.aspp(expected_high), size=low.shape[-2:],
-                                                  mode="bilinear", align_corners=False)
-        fused = segmenter.decoder(torch.cat([context, segmenter.low_project(low)], 1))
-        expected = torch.nn.functional.interpolate(segmenter.classifier(fused), size=(64, 64), mode="bilinear",
-                                                   align_corners=False)
-    assert torch.allclose(blended, expected, atol=1e-5)
+        captured = {}
+        hook = local.stage_modules()[1].register_forward_hook(lambda m, i, o: captured.setdefault("local", o))
+        local(images)
+        hook.remove()
+        strength = torch.nn.functional.avg_pool2d(beta[:, 1:2], 8)  # [1, 1, 8, 10]
+        mix = modules[1].register_forward_hook(lambda m, i, o: (1 - strength) * o + strength * captured["local"])
+        expected = segmenter(images)
+        mix.remove()
+    assert torch.allclose(blended, expected, atol=1e-5) and not torch.allclose(blended, segmenter(images))
 
 
 def tiny_recipe(**rws) -> SegParams:
     return SegParams(epochs=3, batch_size=2, crop_size=48, resize_long=[48, 64], decoder_channels=16,
                      pretrained="", rws=RwsParams(enabled=True, slice_size=32, slice_stride=16, threshold=0.99,
-                                                  show_images=2, **rws))
+                                                  show_images=2, cam_pixels="all", **rws))
 
 
-def test_a_tiny_rws_run_finds_weak_slices_writes_its_report_and_draws_them(tmp_path, monkeypatch):
+def tiny_run(tmp_path, recipe):
     dataset = make_dataset(tmp_path, sizes=((64, 72), (64, 72), (48, 56)))
-    labels = dataset.root / "SegmentationClass"
     torch.manual_seed(0)
     model = build_segmenter("deeplabv3plus", "resnet18", 4, output_stride=16, channels=16)
     epochs = []
-    rounds = train_with_rws(model, dataset, labels, tiny_recipe(), device=torch.device("cpu"), seed=0,
-                            on_epoch_end=lambda epoch, means: epochs.append(epoch))
+    rounds = train_with_rws(model, dataset, dataset.root / "SegmentationClass", recipe, device=torch.device("cpu"),
+                            seed=0, on_epoch_end=lambda epoch, means: epochs.append(epoch))
+    return dataset, rounds, epochs
+
+
+def test_a_tiny_rws_run_finds_weak_slices_writes_its_report_and_draws_them(tmp_path):
+    dataset, rounds, epochs = tiny_run(tmp_path, tiny_recipe())
     assert epochs == [1, 2]  # one global and one retraining epoch of one step each (3 images, batch 2)
     found = rounds[0]
-    assert found.threshold == 0.99 and found.windows > 0
+    assert found.threshold == 0.99 and found.windows > 0 and found.plain_steps == 0
     assert found.weak_slices and all(s.attention < 0.99 for s in found.weak_slices)
     assert set(found.seconds) == {"heatmaps", "local", "retrain"}
+    assert any(maps["beta"].max() > 0 for maps in found.shown.values())  # some features were blended
+    assert 0 <= found.attention["global_mean"] <= 1 and 0 <= found.attention["local_mean"] <= 1
     write_rws_report(tmp_path / "rws", rounds, 12.5)
     report = json.loads((tmp_path / "rws/report.json").read_text())
     assert report["enabled"] and report["train_seconds"] == 12.5
     assert report["rounds"][0]["weak_slices"] == len(found.weak_slices)
     slices = json.loads((tmp_path / "rws/slices.json").read_text())["slices"]
     assert len(slices) == len(found.weak_slices) and all(len(s["box"]) == 4 for s in slices)
-    shown = next(iter(found.shown))
-    monkeypatch.chdir(tmp_path)
     dataset.save(tmp_path / "dataset.json")
-    result = CliRunner().invoke(app, ["rws", "show", shown, "--rws", str(tmp_path / "rws"), "--dataset",
-                                      str(tmp_path / "dataset.json"), "--out", str(tmp_path / "show.png")])
+    result = CliRunner().invoke(app, ["rws", "show", next(iter(found.shown)), "--rws", str(tmp_path / "rws"),
+                                      "--dataset", str(tmp_path / "dataset.json"), "--out", str(tmp_path / "show.png")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "show.png").is_file()
+
+
+def test_a_round_without_weak_slices_trains_the_rest_of_the_budget_plainly(tmp_path, monkeypatch):
+    monkeypatch.setattr(rws_training, "select_weak_slices", lambda *args, **kwargs: [])
+    _, rounds, epochs = tiny_run(tmp_path, tiny_recipe())
+    assert len(rounds) == 1 and not rounds[0].weak_slices and rounds[0].plain_steps == 2
+    assert epochs == [1, 2, 3]  # 1 global step, then the 2 steps left, one a (one-step) epoch
+
+
+def test_a_round_finding_as_many_slices_as_the_last_stops_rws_within_the_budget(tmp_path):
+    recipe = tiny_recipe(rounds=2, local_iteration_fraction=0.1, retrain_iteration_fraction=0.2)
+    _, rounds, epochs = tiny_run(tmp_path, recipe.model_copy(update={"epochs": 7}))
+    assert len(rounds) == 2 and len(rounds[1].weak_slices) > 0.95 * len(rounds[0].weak_slices)
+    assert rounds[0].plain_steps == 0 and rounds[1].plain_steps == 2
+    assert epochs == [1, 2, 3, 4, 5, 6]  # 3 global, 1 retraining (+1 local, unreported), 2 plain: 7 steps
 
 
 def test_rws_off_writes_only_the_training_time(tmp_path):

@@ -235,6 +235,7 @@ class RwsParams(Section):
     use_lambda: bool = True  # False: lambda = lambda_constant (Table II)
     lambda_constant: Fraction = 0.5
     rounds: Annotated[int, Field(ge=1, le=4)] = 1
+    stop_fraction: Fraction = 0.05  # a round whose weak-slice count fell by less than this ends RWS (3.8)
     # Shares of the seg.epochs budget: the global network trains for the rest, then per round the local
     # network on the weak slices and the global network again with blending (the same total as without RWS).
     local_iteration_fraction: Fraction = 0.15

@@ -7,8 +7,8 @@ Spec: shared/methods/rws.md. Defaults are the spec's [REC] choices; each is a ke
 * Windows and their scores (3.2, G4, G5): `sliding_windows`, `slice_iou`, `window_scores`.
 * The threshold T (3.2 item 3, G6): `attention_threshold`, `curve_iou`.
 * Weak slices (3.2 item 4, 3.3 item 1, G3): `select_weak_slices`, `local_slices`.
-* Selection, lambda and the owner rule (eqs. 3-7, 3.4, 3.5, G10): `blend_weights`; on the feature grid
-  (3.4 item 4): `pool_to_grid`, `paste_slice`, `blend_features`.
+* Selection, lambda and the owner rule (eqs. 3-7, 3.4, 3.5, G10): `blend_weights`; blend strengths on a
+  stage's grid (3.4 item 4): `pool_to_grid`.
 
 Boxes are (y0, x0, y1, x1) in pixels, ends exclusive. Layers are numbered 1..l where the spec does
 (`layers`), and indexed 0..l-1 in tensors.
@@ -394,44 +394,3 @@ def pool_to_grid(beta: torch.Tensor, stride: int, size: tuple[int, int]) -> torc
         raise ValueError(f"a {height}x{width} image at stride {stride} does not give the grid {tuple(size)}")
     pooled = F.avg_pool2d(beta.float().reshape(-1, 1, height, width), stride, stride, ceil_mode=True)
     return pooled.reshape(*beta.shape[:-2], *size)
-
-
-def paste_slice(slice_features: torch.Tensor, box: Box, stride: int, size: tuple[int, int]) -> torch.Tensor:
-    """Return a zero canvas [C, h, w] holding slice_features [C, hs, ws] at the box's cells (rows
-    y0 // stride .. ceil(y1 / stride), columns likewise); features of another size (a box off the stride
-    grid) are first resized bilinearly to those cells (3.4 item 5, G9)."""
-    y0, x0, y1, x1 = box
-    rows, columns = (y0 // stride, math.ceil(y1 / stride)), (x0 // stride, math.ceil(x1 / stride))
-    if slice_features.dim() != 3 or not (0 <= y0 < y1 and 0 <= x0 < x1) or rows[1] > size[0] or columns[1] > size[1]:
-        raise ValueError(f"need slice features [C, hs, ws] and box {tuple(box)} inside the grid {tuple(size)} "
-                         f"at stride {stride}")
-    cells = (rows[1] - rows[0], columns[1] - columns[0])
-    block = slice_features if slice_features.shape[-2:] == cells else F.interpolate(
-        slice_features[None], size=cells, mode="bilinear", align_corners=False)[0]
-    canvas = slice_features.new_zeros(slice_features.shape[0], *size)
-    canvas[:, rows[0]:rows[1], columns[0]:columns[1]] = block
-    return canvas
-
-
-def blend_features(features: torch.Tensor, beta: torch.Tensor, owner: torch.Tensor,
-                   slice_features: Sequence[torch.Tensor], boxes: Sequence[Box], stride: int) -> torch.Tensor:
-    """Return F_hat [C, h, w] = (1 - pool(beta)) * F + sum_s pool(beta * [owner = s]) * paste(F^s_s) for one
-    image's stage feature F [C, h, w] (3.4 item 4; with one slice, (1 - beta_bar) F + beta_bar F^s).
-
-    beta, owner [H, W]: this layer's `blend_weights` on the image grid; slice_features: this layer's local
-    features per slice (indexed like owner, detached: constants); stride: the stage's. Returns features
-    itself where no pixel is owned.
-    """
-    if features.dim() != 3 or beta.shape != owner.shape or beta.dim() != 2:
-        raise ValueError(f"need features [C, h, w] and beta, owner [H, W], got {tuple(features.shape)}, "
-                         f"{tuple(beta.shape)}, {tuple(owner.shape)}")
-    beta, owner = beta.to(features.device), owner.to(features.device)
-    owners = torch.unique(owner[owner >= 0]).tolist()
-    if not owners:
-        return features
-    size = tuple(features.shape[-2:])
-    blended = (1.0 - pool_to_grid(beta, stride, size)) * features
-    for index in owners:
-        share = pool_to_grid(torch.where(owner == index, beta, 0.0), stride, size)
-        blended = blended + share * paste_slice(slice_features[index].detach(), boxes[index], stride, size)
-    return blended.to(features.dtype)

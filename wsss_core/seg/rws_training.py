@@ -31,7 +31,7 @@ from wsss_core.data.dataset import Dataset
 from wsss_core.data.label_dir import read_label_dir
 from wsss_core.data.palette import VOID
 from wsss_core.data.transforms import augment_with_maps, normalize
-from wsss_core.errors import DataError
+from wsss_core.errors import DataError, ParamsError
 from wsss_core.io import atomic_path, write_json
 from wsss_core.seg.rws import (Box, StageRecorder, Threshold, WindowScore, attention_threshold, blend_weights,
                                class_attention_maps, curve_iou, local_slices, pool_to_grid, select_weak_slices,
@@ -56,16 +56,35 @@ def phase_steps(total: int, rws: RwsParams) -> tuple[int, int, int]:
 
 @dataclass
 class RwsRound:
-    """What one round found: T (and per class), the windows scored, the weak slices and the time each part took."""
+    """What one round found: T (and per class), the windows scored, the weak slices, the mean global and local
+    attention on the weak slices' class pixels (spec G1: per-slice normalisation inflates the local one), the
+    seconds each part took, and the steps trained without blending when the round stopped RWS."""
 
     threshold: float
     threshold_per_class: dict[int, float]
     windows: int
     weak_slices: list[WindowScore]
-    local_images: int
+    attention: dict[str, float] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    plain_steps: int = 0
     curves: dict = field(default_factory=dict)  # {class: ClassCurve} of the automatic threshold
     shown: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # {id: {attention, beta}} to draw
+
+
+@dataclass
+class BlendMap:
+    """An image's blend strengths beta [l, y1 - y0, x1 - x0] (float16) inside `box`, the union of its weak
+    slices (0 outside it)."""
+
+    box: Box
+    beta: np.ndarray
+
+    def full(self, height: int, width: int) -> np.ndarray:
+        """Return beta [l, height, width] float32, zero outside the box."""
+        y0, x0, y1, x1 = self.box
+        beta = np.zeros((len(self.beta), height, width), np.float32)
+        beta[:, y0:y1, x0:x1] = self.beta
+        return beta
 
 
 class SliceSet(EpochSeededSet):
@@ -95,15 +114,16 @@ class BlendSet(SegmentationSet):
     for images without weak slices); the random draws equal SegmentationSet's."""
 
     def __init__(self, dataset: Dataset, label_dir: Path, recipe: SegParams, mean: tuple, std: tuple, seed: int,
-                 betas: dict[str, np.ndarray], layers: int):
+                 blend_maps: dict[str, BlendMap], layers: int):
         super().__init__(dataset, label_dir, recipe, mean, std, seed)
-        self.betas, self.layers = betas, layers
+        self.blend_maps, self.layers = blend_maps, layers
 
     def __getitem__(self, index: int):
         image_id = self.ids[index]
-        image, labels, beta = augment_with_maps(
-            self.dataset.read_image(image_id), read_label_dir(self.label_dir, image_id), self.betas.get(image_id),
-            self.resize_long, self.crop_size, self.sample_rng(index))
+        image, labels = self.dataset.read_image(image_id), read_label_dir(self.label_dir, image_id)
+        blend = self.blend_maps.get(image_id)
+        image, labels, beta = augment_with_maps(image, labels, blend.full(*labels.shape) if blend else None,
+                                                self.resize_long, self.crop_size, self.sample_rng(index))
         if beta is None:
             beta = np.zeros((self.layers, self.crop_size, self.crop_size), np.float32)
         return (normalize(image, self.mean, self.std), torch.from_numpy(labels.astype("int64")),
@@ -117,63 +137,82 @@ def _read(dataset: Dataset, label_dir: Path, image_id: str, model: nn.Module, de
     return image, read_label_dir(label_dir, image_id)
 
 
-def global_attention(model: nn.Module, dataset: Dataset, label_dir: Path, rws: RwsParams, device: torch.device
-                     ) -> tuple[list[WindowScore], dict[str, torch.Tensor]]:
-    """Return (every window's scores, {id: A [l, H, W] float16}) of the global network on the train images
-    at their own size (3.1-3.2): Seg-Grad-CAM per stage, restricted to each pixel's pseudo-mask class; a
-    window's attention is the last stage's."""
+def _attention(model: nn.Module, image: torch.Tensor, labels: np.ndarray, rws: RwsParams
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (A [l, H, W] float32 on the CPU, logits [K, H, W]) of one image (`class_attention_maps`)."""
+    maps, logits = class_attention_maps(model, image, torch.from_numpy(labels.astype("int64"))[None],
+                                        pixels=rws.cam_pixels)
+    return maps[0].float().cpu(), logits[0]
+
+
+def window_records(model: nn.Module, dataset: Dataset, label_dir: Path, rws: RwsParams, device: torch.device
+                   ) -> list[WindowScore]:
+    """Return every window's scores (3.1-3.2) of the global network on the train images at their own size: the
+    last stage's Seg-Grad-CAM on each class's pixels of the window, and the window IoU."""
     model.eval()
-    scores, attention = [], {}
+    scores = []
     for image_id in tqdm(dataset.ids("train"), desc="rws heatmaps", unit="img"):
         image, labels = _read(dataset, label_dir, image_id, model, device)
-        maps, logits = class_attention_maps(model, image, torch.from_numpy(labels.astype("int64"))[None],
-                                            pixels=rws.cam_pixels)
+        attention, logits = _attention(model, image, labels, rws)
         windows = sliding_windows(*labels.shape, size=rws.slice_size, stride=rws.slice_stride)
-        scores += window_scores(image_id, maps[0, -1].cpu().numpy(), logits[0].argmax(0).cpu().numpy(), labels,
-                                windows, min_coverage=rws.min_class_fraction, region=rws.attention_region)
-        attention[image_id] = maps[0].half().cpu()
-    return scores, attention
+        scores += window_scores(image_id, attention[-1].numpy(), logits.argmax(0).cpu().numpy(), labels, windows,
+                                min_coverage=rws.min_class_fraction, region=rws.attention_region)
+    return scores
 
 
-def local_attention(local: nn.Module, dataset: Dataset, label_dir: Path, weak: list[WindowScore], rws: RwsParams,
-                    device: torch.device) -> list[torch.Tensor]:
-    """Return the local network's A^s [l, h, w] on each weak slice alone, kept where the pseudo mask is the
-    slice's class (3.3 item 3)."""
+def blend_maps(model: nn.Module, local: nn.Module, dataset: Dataset, label_dir: Path, weak: list[WindowScore],
+               rws: RwsParams, device: torch.device) -> tuple[dict[str, BlendMap], dict, dict[str, float]]:
+    """Return ({id: BlendMap} of the images with weak slices, {id: {attention, beta}} of the first
+    rws.show_images of them, the mean global and local attention on the slices' class pixels).
+
+    Per image: the global network's A (float32) again, the local network's A^s on each weak slice alone for
+    the slice's class only (3.3 item 3), then eqs. 3-7 and the owner rule (`blend_weights`).
+    """
+    model.eval()
     local.eval()
-    maps = []
-    for score in tqdm(weak, desc="rws local heatmaps", unit="slice"):
-        (y0, x0, y1, x1), (image, labels) = score.box, _read(dataset, label_dir, score.image, local, device)
-        window = labels[y0:y1, x0:x1]
-        slice_maps, _ = class_attention_maps(local, image[..., y0:y1, x0:x1],
-                                             torch.from_numpy(window.astype("int64"))[None], pixels=rws.cam_pixels)
-        maps.append((slice_maps[0] * torch.from_numpy(window == score.cls).to(slice_maps.device)).cpu())
-    return maps
-
-
-def blend_strengths(attention: dict[str, torch.Tensor], weak: list[WindowScore], local_maps: list[torch.Tensor],
-                    rws: RwsParams) -> dict[str, np.ndarray]:
-    """Return {id: beta [l, H, W] float32} for the images with weak slices (eqs. 3-7 and the owner rule)."""
-    by_image: dict[str, list[int]] = {}
-    for index, score in enumerate(weak):
-        by_image.setdefault(score.image, []).append(index)
-    return {image_id: blend_weights(attention[image_id].float(), [weak[i].box for i in indices],
-                                    [local_maps[i] for i in indices], eps=rws.epsilon, no_omega=not rws.use_omega,
-                                    no_lambda=not rws.use_lambda, lambda_constant=rws.lambda_constant,
-                                    layers=rws.layers).beta.numpy()
-            for image_id, indices in by_image.items()}
+    by_image: dict[str, list[WindowScore]] = {}
+    for score in weak:
+        by_image.setdefault(score.image, []).append(score)
+    maps, shown, sums = {}, {}, np.zeros(3)
+    for image_id, slices in tqdm(by_image.items(), desc="rws blend maps", unit="img"):
+        image, labels = _read(dataset, label_dir, image_id, model, device)
+        attention, _ = _attention(model, image, labels, rws)
+        local_maps = []
+        for score in slices:
+            y0, x0, y1, x1 = score.box
+            window = labels[y0:y1, x0:x1]
+            only_class = np.where(window == score.cls, window, VOID)
+            local_maps.append(_attention(local, image[..., y0:y1, x0:x1], only_class, rws)[0])
+            inside = torch.from_numpy(window == score.cls)
+            sums += [attention[-1, y0:y1, x0:x1][inside].sum(), local_maps[-1][-1][inside].sum(), inside.sum()]
+        beta = blend_weights(attention, [score.box for score in slices], local_maps, eps=rws.epsilon,
+                             no_omega=not rws.use_omega, no_lambda=not rws.use_lambda,
+                             lambda_constant=rws.lambda_constant, layers=rws.layers).beta.numpy()
+        union = (min(s.box[0] for s in slices), min(s.box[1] for s in slices), max(s.box[2] for s in slices),
+                 max(s.box[3] for s in slices))
+        maps[image_id] = BlendMap(union, beta[:, union[0]:union[2], union[1]:union[3]].astype(np.float16))
+        if len(shown) < rws.show_images:
+            shown[image_id] = {"attention": attention.numpy(), "beta": beta}
+    pixels = max(sums[2], 1)
+    return maps, shown, {"global_mean": float(sums[0] / pixels), "local_mean": float(sums[1] / pixels)}
 
 
 def blended_forward(model: nn.Module, local: nn.Module, images: torch.Tensor, beta: torch.Tensor,
                     strides: list[int]) -> torch.Tensor:
     """Return the model's logits with each stage's output F_i replaced by (1 - beta_i) F_i + beta_i F^s_i, beta
-    [B, l, H, W] averaged over each stage's stride blocks, F^s the frozen local network's on the same images."""
+    [B, l, H, W] averaged over each stage's stride blocks, F^s the frozen local network's on the same images;
+    a plain forward where beta is 0 throughout."""
+    if not beta.any():
+        return model(images)
     with torch.no_grad(), StageRecorder(local.stage_modules()) as recorder:
         local(images)
     local_features = recorder.features()
 
     def blend(index: int, output: torch.Tensor) -> torch.Tensor:
+        if not beta[:, index].any():
+            return output
         strength = pool_to_grid(beta[:, index], strides[index], tuple(output.shape[-2:]))[:, None]  # [B, 1, h, w]
-        return (1 - strength) * output + strength * local_features[index]
+        return ((1 - strength) * output + strength * local_features[index]).to(output.dtype)
 
     with StageRecorder(model.stage_modules(), blend):
         return model(images)
@@ -197,12 +236,18 @@ def train_with_rws(model: nn.Module, dataset: Dataset, label_dir: Path, recipe: 
     """Train `model` (a segmenter with stage_modules() and stage_strides()) with RWS on the pseudo masks in
     label_dir within recipe.epochs epochs' worth of steps; return what each round found.
 
-    on_epoch_end gets the global epoch count across the phases (the local network's epochs are not reported).
+    A round that finds no weak slice, or whose count fell by less than rws.stop_fraction from the previous
+    round's (3.8), ends RWS: the steps left train the global network without blending. on_epoch_end gets the
+    global network's epochs counted across its phases (the local network's are not reported).
     """
     rws = recipe.rws
+    strides = model.stage_strides()
+    if max(rws.layers) > len(strides):
+        raise ParamsError(f"seg.rws.layers {rws.layers}: the segmenter has {len(strides)} stages")
     train_set = SegmentationSet(dataset, label_dir, recipe, model.mean, model.std, seed)
     steps_per_epoch = max(1, len(train_set) // recipe.batch_size) if len(train_set) > recipe.batch_size else 1
     first, local_steps, retrain_steps = phase_steps(recipe.epochs * steps_per_epoch, rws)
+    steps_left = recipe.epochs * steps_per_epoch - first
     epochs_done = [0]
 
     def report(epoch: int, means: dict) -> None:
@@ -215,63 +260,68 @@ def train_with_rws(model: nn.Module, dataset: Dataset, label_dir: Path, recipe: 
 
     fit(model, train_set, plain_loss, recipe=recipe, device=device, seed=seed, desc="rws global", steps=first,
         on_epoch_end=report)
-    rounds = []
+    rounds: list[RwsRound] = []
     for round_index in range(rws.rounds):
+        round_seed = seed + round_index + 1
         started = time.perf_counter()
-        scores, attention = global_attention(model, dataset, label_dir, rws, device)
+        scores = window_records(model, dataset, label_dir, rws, device)
         found = _curve_threshold(scores, rws)
         threshold = rws.threshold or found.value
         bounds = curve_iou(found, threshold) if rws.select_rule == "attention_and_iou" else None
         weak = select_weak_slices(scores, threshold, rule=rws.select_rule, iou_bounds=bounds,
                                   max_per_image=rws.max_slices_per_image)
-        heatmap_seconds = time.perf_counter() - started
-        round_record = RwsRound(threshold, found.per_class if found else {}, len(scores), weak,
-                                len({score.image for score in weak}), curves=found.curves if found else {})
-        rounds.append(round_record)
-        if not weak:
-            round_record.seconds = {"heatmaps": heatmap_seconds}
+        found_round = RwsRound(threshold, found.per_class if found else {}, len(scores), weak,
+                               curves=found.curves if found else {},
+                               seconds={"heatmaps": time.perf_counter() - started})
+        rounds.append(found_round)
+        previous = len(rounds[-2].weak_slices) if len(rounds) > 1 else None
+        if not weak or (previous is not None and len(weak) > (1 - rws.stop_fraction) * previous):
+            found_round.plain_steps = steps_left
+            fit(model, SegmentationSet(dataset, label_dir, recipe, model.mean, model.std, round_seed), plain_loss,
+                recipe=recipe, device=device, seed=round_seed, desc="rws plain", steps=steps_left,
+                on_epoch_end=report)
             break
         started = time.perf_counter()
         local = copy.deepcopy(model)
-        slices = SliceSet(dataset, label_dir, local_slices(weak), rws.slice_size, model.mean, model.std, seed)
+        slices = SliceSet(dataset, label_dir, local_slices(weak), rws.slice_size, model.mean, model.std, round_seed)
         fit(local, slices, lambda batch: (segmentation_loss(local(batch[0]), batch[1]), {}), recipe=recipe,
-            device=device, seed=seed + round_index + 1, desc=f"rws local {round_index + 1}", steps=local_steps)
-        local_seconds = time.perf_counter() - started
+            device=device, seed=round_seed, desc=f"rws local {round_index + 1}", steps=local_steps)
+        found_round.seconds["local"] = time.perf_counter() - started
         started = time.perf_counter()
-        betas = blend_strengths(attention, weak, local_attention(local, dataset, label_dir, weak, rws, device), rws)
-        local.eval()
+        maps, found_round.shown, found_round.attention = blend_maps(model, local, dataset, label_dir, weak, rws,
+                                                                    device)
         for parameter in local.parameters():
             parameter.requires_grad_(False)
-        strides = model.stage_strides()
-        blend_set = BlendSet(dataset, label_dir, recipe, model.mean, model.std, seed, betas, len(strides))
+        blend_set = BlendSet(dataset, label_dir, recipe, model.mean, model.std, round_seed, maps, len(strides))
 
         def blended_loss(batch):
             images, labels, beta = batch
             return segmentation_loss(blended_forward(model, local, images, beta, strides), labels), {}
 
-        fit(model, blend_set, blended_loss, recipe=recipe, device=device, seed=seed + round_index + 1,
+        fit(model, blend_set, blended_loss, recipe=recipe, device=device, seed=round_seed,
             desc=f"rws retrain {round_index + 1}", steps=retrain_steps, on_epoch_end=report)
-        round_record.seconds = {"heatmaps": heatmap_seconds, "local": local_seconds,
-                                "retrain": time.perf_counter() - started}
-        round_record.shown = {image_id: {"attention": attention[image_id].numpy(), "beta": betas[image_id]}
-                              for image_id in list(betas)[:rws.show_images]}
+        found_round.seconds["retrain"] = time.perf_counter() - started
+        steps_left -= local_steps + retrain_steps
     return rounds
 
 
 def write_rws_report(folder: Path, rounds: list[RwsRound] | None, train_seconds: float, reason: str = "") -> None:
-    """Write the RWS folder atomically: report.json (per round T, T_c, window and weak-slice counts, seconds;
-    train_seconds, the whole training's time, with or without RWS), slices.json (the last round's weak
-    slices), curve.json (the last round's attention/IoU curves, a DVC plot) and heatmaps.npz ('<id>/attention'
-    [l, H, W] and '<id>/beta' [l, H, W] of a few images). rounds None: RWS was off (reason says why)."""
+    """Write the RWS folder atomically: report.json (per round T, T_c, window and weak-slice counts, the mean
+    attention on them, the steps trained without blending, seconds; train_seconds, the whole training's time,
+    with or without RWS), and of the last round that blended: slices.json (its weak slices), curve.json (its
+    attention/IoU curves, a DVC plot) and heatmaps.npz ('<id>/attention' [l, H, W] and '<id>/beta' [l, H, W] of
+    a few images). rounds None: RWS was off (reason says why)."""
     with atomic_path(folder, folder=True) as staging:
         if rounds is None:
             write_json(staging / "report.json", {"enabled": False, "skipped": reason, "train_seconds": train_seconds})
             return
         write_json(staging / "report.json", {"enabled": True, "train_seconds": train_seconds, "rounds": [
             {"threshold": r.threshold, "threshold_per_class": {str(c): t for c, t in r.threshold_per_class.items()},
-             "windows": r.windows, "weak_slices": len(r.weak_slices), "images_with_weak_slices": r.local_images,
+             "windows": r.windows, "weak_slices": len(r.weak_slices),
+             "images_with_weak_slices": len({w.image for w in r.weak_slices}),
+             "attention_on_weak_slices": r.attention, "steps_without_blending": r.plain_steps,
              "seconds": r.seconds} for r in rounds]})
-        last = rounds[-1]
+        last = next((r for r in reversed(rounds) if not r.plain_steps), rounds[-1])  # the last round that blended
         write_json(staging / "slices.json", {"threshold": last.threshold, "slices": [
             {"image": w.image, "box": list(w.box), "class": w.cls, "attention": w.attention, "iou": w.iou}
             for w in last.weak_slices]})
