@@ -166,6 +166,12 @@ def test_a_tiny_rws_run_finds_weak_slices_writes_its_report_and_draws_them(tmp_p
                                       "--dataset", str(tmp_path / "dataset.json"), "--out", str(tmp_path / "show.png")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "show.png").is_file()
+    listed = CliRunner().invoke(app, ["rws", "ls", "--rws", str(tmp_path / "rws")])
+    assert listed.exit_code == 0 and f"{len(found.weak_slices)} weak slices" in listed.output
+    assert f"heatmaps: {' '.join(sorted(found.shown))}" in listed.output
+    unknown = CliRunner().invoke(app, ["rws", "show", "nope", "--rws", str(tmp_path / "rws"), "--dataset",
+                                       str(tmp_path / "dataset.json")])
+    assert unknown.exit_code == 2 and "no heatmaps of 'nope' (see `wsss rws ls`)" in unknown.output
 
 
 def test_a_round_without_weak_slices_trains_the_rest_of_the_budget_plainly(tmp_path, monkeypatch):
