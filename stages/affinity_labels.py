@@ -12,6 +12,7 @@ from wsss_core.cams.store import CamStore
 from wsss_core.data.dataset import Dataset
 from wsss_core.data.label_dir import LabelDirWriter
 from wsss_core.io import write_json
+from wsss_core.metrics import describe_miou
 from wsss_core.refine.label_jobs import affinity_label_job, map_jobs
 
 
@@ -32,7 +33,7 @@ def affinity_labels(params_file: Path = typer.Option(PARAMS_FILE, "--params", he
             writer.write(image_id, labels)
     report = writer.report()
     write_json(AFFINITY_LABEL_METRICS, report)
-    typer.echo(f"affinity labels: mIoU {report['miou']:.4f} on the {report['coverage']:.1%} of pixels labelled")
+    typer.echo(f"affinity labels: {describe_miou(report)} (of the pixels labelled)")
 
 
 app = single_command(affinity_labels)

@@ -12,6 +12,7 @@ from wsss_core.cams.store import CamStore
 from wsss_core.data.dataset import Dataset
 from wsss_core.data.label_dir import LabelDirWriter
 from wsss_core.io import write_json
+from wsss_core.metrics import describe_miou
 from wsss_core.refine.label_jobs import crf_job, map_jobs
 
 
@@ -30,7 +31,7 @@ def dcrf(params_file: Path = typer.Option(PARAMS_FILE, "--params", help="params.
             writer.write(image_id, labels)
     report = writer.report()
     write_json(CRF_METRICS, report)
-    typer.echo(f"dense CRF: mIoU {report['miou']:.4f} -> {CRF_LABELS}")
+    typer.echo(f"dense CRF: {describe_miou(report)} -> {CRF_LABELS}")
 
 
 app = single_command(dcrf)

@@ -19,7 +19,8 @@ def eval_cams(params_file: Path = typer.Option(PARAMS_FILE, "--params", help="pa
     report = score_cam_store(CAM_STORE, Dataset.load(MANIFEST), params.cams, params.data)
     write_json(CAM_METRICS, report)
     sweep = report["sweep"]
-    write_json(CAM_SWEEP_PLOT, {"sweep": [{"bg_threshold": t, "miou": m} for t, m in zip(sweep["thresholds"], sweep["miou"])]})
+    write_json(CAM_SWEEP_PLOT, {"sweep": [{"bg_threshold": t, "miou": m}
+                                          for t, m in zip(sweep.get("thresholds", []), sweep.get("miou", []))]})
     typer.echo(describe_report("CAM", report))
 
 

@@ -18,7 +18,7 @@ from wsss_core.data.dataset import Dataset
 from wsss_core.errors import DataError
 from wsss_core.io import atomic_path, save_image, write_json
 from wsss_core.methods import get_method
-from wsss_core.metrics import ConfusionMatrix, iou_report
+from wsss_core.metrics import ConfusionMatrix, describe_miou, scored_report
 from wsss_core.seg.infer import SEG_CHECKPOINT_KEYS, iterate_segmentations, segmenter_from_checkpoint
 from wsss_core.training import resolve_device
 from wsss_core.viz import prediction_row, save_confusion_heatmap, vstack
@@ -26,17 +26,21 @@ from wsss_core.viz import prediction_row, save_confusion_heatmap, vstack
 
 def score_val(model: nn.Module, dataset: Dataset, ids: list[str], settings: SegParams, crf: CrfParams | None,
               device: torch.device, desc: str) -> tuple[dict, np.ndarray, list[np.ndarray]]:
-    """Return (report with miou, per_class, pixel_accuracy and protocol; confusion matrix; montage rows)."""
-    matrix, rows = ConfusionMatrix(len(dataset.class_names)), []
+    """Return (report with miou, per_class, scored_images, pixel_accuracy and protocol; confusion matrix; montage
+    rows). Images without a ground-truth mask are drawn but not scored (miou None when none has one)."""
+    matrix, rows, scored = ConfusionMatrix(len(dataset.class_names)), [], 0
     for image_id, image, labels in iterate_segmentations(model.to(device), dataset, ids, device,
                                                          settings.eval_scales, settings.eval_flip, crf, desc):
-        truth = dataset.read_mask(image_id)
-        matrix.update(labels, truth)
+        truth = dataset.read_mask(image_id) if dataset.has_mask(image_id) else None
+        if truth is not None:
+            matrix.update(labels, truth)
+            scored += 1
         if len(rows) < settings.montage_images:
             rows.append(prediction_row(image, labels, truth, image_id))
-    report = iou_report(matrix.matrix, dataset.class_names)
-    report["pixel_accuracy"] = float(np.trace(matrix.matrix) / max(matrix.matrix.sum(), 1))
-    report["protocol"] = {"split": "val", "images": len(ids), "scales": settings.eval_scales,
+    report = scored_report(matrix.matrix, dataset.class_names, scored)
+    if scored:
+        report["pixel_accuracy"] = float(np.trace(matrix.matrix) / max(matrix.matrix.sum(), 1))
+    report["protocol"] = {"split": "val", "images": scored, "scales": settings.eval_scales,
                           "flip": settings.eval_flip, "crf": settings.eval_crf}
     return report, matrix.matrix, rows
 
@@ -65,13 +69,13 @@ def evaluate(params_file: Path = typer.Option(PARAMS_FILE, "--params", help="par
         save_confusion_heatmap(matrix, dataset.class_names, temporary)
     if rows:
         save_image(SEG_MONTAGE, vstack(rows))
-    typer.echo(f"val mIoU {report['miou']:.4f} over {len(ids)} images (scales {settings.eval_scales}, "
-               f"flip {settings.eval_flip}, crf {settings.eval_crf})")
+    typer.echo(f"val {describe_miou(report)} over {report['protocol']['images']} of {len(ids)} images (scales "
+               f"{settings.eval_scales}, flip {settings.eval_flip}, crf {settings.eval_crf})")
 
     if method.has_segmenter:
         branch = method.segmenter(method.load_classifier(CLS_CHECKPOINT, params.cls, dataset.num_classes))
         onestep, _, _ = score_val(branch, dataset, ids, settings, crf, device, "evaluate one-step")
-        typer.echo(f"one-step (the method's segmentation branch): val mIoU {onestep['miou']:.4f}")
+        typer.echo(f"one-step (the method's segmentation branch): val {describe_miou(onestep)}")
     else:
         onestep = {"miou": None, "per_class": {}, "skipped": f"method {params.method!r} has no segmentation branch"}
     write_json(SEG_ONESTEP_METRICS, onestep)

@@ -54,7 +54,8 @@ def show_cams(
             for name in maps:
                 cam, keys = store.read(image_id, name)
                 rows.append(cam_panel(dataset.read_image(image_id), cam, keys, store.class_names,
-                                      dataset.read_mask(image_id), title=f"{image_id} {name}"))
+                                      dataset.read_mask(image_id) if dataset.has_mask(image_id) else None,
+                                      title=f"{image_id} {name}"))
     out = out or Path(f"cams_{image_ids[0]}.png")
     save_image(out, vstack(rows))
     typer.echo(f"wrote {out}")

@@ -58,10 +58,11 @@ def show_masks(
             stages.append(("pseudo mask", read_label_dir(PSEUDO_MASKS, image_id)))
             if segmenter is not None:
                 stages.append(("DeepLab", segment(segmenter, image, torch.device("cpu"))))
-            stages.append(("ground truth", dataset.read_mask(image_id)))
-            if labels_only:
-                tiles = [captioned(colorize(labels), name) for name, labels in stages[1:-1]]
+            if labels_only:  # the pipeline's labels alone, in label colours: no photo, no ground truth
+                tiles = [captioned(colorize(labels), name) for name, labels in stages[1:]]
             else:
+                if dataset.has_mask(image_id):
+                    stages.append(("ground truth", dataset.read_mask(image_id)))
                 tiles = [captioned(image if labels is None else label_overlay(image, labels), name)
                          for name, labels in stages]
             rows.append(hstack(tiles))

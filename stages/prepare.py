@@ -8,7 +8,9 @@ import typer
 from stages._common import load_params, reports_errors, single_command
 from stages.artifacts import MANIFEST, PARAMS_FILE
 from wsss_core.data.synthetic import SyntheticSpec, generate_synthetic
+from wsss_core.data.tags import read_tags
 from wsss_core.data.voc import read_voc
+from wsss_core.errors import ParamsError
 from wsss_core.io import atomic_path
 
 
@@ -23,6 +25,12 @@ def prepare(params_file: Path = typer.Option(PARAMS_FILE, "--params", help="para
             class_names = generate_synthetic(staging / "synthetic", spec)
             dataset = read_voc(staging / "synthetic", val_list="ImageSets/Segmentation/val.txt",
                                class_names=class_names, max_pixels=data.max_pixels)
+        elif data.name == "tags":
+            tags = data.tags
+            if not tags.root:
+                raise ParamsError("data.tags.root: give the folder holding images/ and the labels file")
+            dataset = read_tags(tags.root, tags.labels, tags.classes, tags.val_list, tags.val_fraction, data.seed,
+                                max_pixels=data.max_pixels)
         else:
             voc = data.voc
             dataset = read_voc(voc.root, voc.train_list, voc.val_list, voc.val_fraction, data.seed, voc.use_aug,

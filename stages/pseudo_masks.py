@@ -11,6 +11,7 @@ from stages.artifacts import (CAM_STORE, CRF_LABELS, MANIFEST, PARAMS_FILE, PSEU
 from wsss_core.data.dataset import Dataset
 from wsss_core.data.label_dir import LabelDirWriter
 from wsss_core.io import write_json
+from wsss_core.metrics import describe_miou
 from wsss_core.refine.pseudo import PseudoMaskSources
 
 
@@ -28,7 +29,7 @@ def pseudo_masks(params_file: Path = typer.Option(PARAMS_FILE, "--params", help=
             writer.write(image_id, sources.labels(image_id))
     report = writer.report()
     write_json(PSEUDO_METRICS, report)
-    typer.echo(f"pseudo masks ({settings.source}): mIoU {report['miou']:.4f}, coverage {report['coverage']:.1%}")
+    typer.echo(f"pseudo masks ({settings.source}): {describe_miou(report)}")
 
 
 app = single_command(pseudo_masks)

@@ -11,7 +11,7 @@ from wsss_core.cams.store import CamStore, CamStoreWriter
 from wsss_core.checkpoint import load_checkpoint
 from wsss_core.data.dataset import Dataset
 from wsss_core.io import write_json
-from wsss_core.metrics import ConfusionMatrix, iou_report
+from wsss_core.metrics import ConfusionMatrix, describe_miou, scored_report
 from wsss_core.models.affinity_net import AffinityNet
 from wsss_core.refine.propagate import iterate_random_walk
 from wsss_core.refine.pseudo import argmax_labels
@@ -40,10 +40,11 @@ def random_walk(params_file: Path = typer.Option(PARAMS_FILE, "--params", help="
             for image_id, scores, keys in iterate_random_walk(model, store, dataset, ids, rw,
                                                               device=resolve_device(params.device)):
                 writer.write(image_id, scores[1:], keys, {"background": scores[0]})
-                confusion.update(argmax_labels(scores, keys), dataset.read_mask(image_id))
-    report = iou_report(confusion.matrix, dataset.class_names)
+                if dataset.has_mask(image_id):
+                    confusion.update(argmax_labels(scores, keys), dataset.read_mask(image_id))
+    report = scored_report(confusion.matrix, dataset.class_names, len(dataset.scored_ids(ids)))
     write_json(RW_METRICS, report)
-    typer.echo(f"random walk: mIoU {report['miou']:.4f} -> {RW_STORE}")
+    typer.echo(f"random walk: {describe_miou(report)} -> {RW_STORE}")
 
 
 app = single_command(random_walk)

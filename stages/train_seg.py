@@ -33,8 +33,11 @@ def train_seg(params_file: Path = typer.Option(PARAMS_FILE, "--params", help="pa
     started = time.perf_counter()
     with training_curves(SEG_CURVES) as live:
 
+        scored_val = bool(dataset.scored_ids(dataset.ids("val")))
+
         def log(epoch: int, means: dict) -> None:
-            means["val_miou"] = score_split(model, dataset, "val", device).miou()
+            if scored_val:  # a tag-only val split has nothing to score
+                means["val_miou"] = score_split(model, dataset, "val", device).miou()
             log_epoch(live, epoch, means)
 
         if settings.rws.enabled:

@@ -39,7 +39,7 @@ def test_every_composition_validates(method, data, profile):
     composed = yaml.safe_load(compose([f"method={method}", f"data={data}", f"profile={profile}"], REPO / "conf"))
     params = parse(composed)
     assert (params.method, params.profile) == (method, profile)
-    assert params.data.name == ("synthetic" if data == "synthetic" else "voc")
+    assert params.data.name == {"synthetic": "synthetic", "tags": "tags"}.get(data, "voc")
     assert "${" not in yaml.safe_dump(composed)  # every interpolation resolved
 
 
@@ -109,7 +109,7 @@ def test_unknown_method_lists_registered_ones():
 
 
 def test_unknown_choice_lists_allowed():
-    with pytest.raises(ParamsError, match=r"data\.name: .*'synthetic' or 'voc'"):
+    with pytest.raises(ParamsError, match=r"data\.name: .*'synthetic', 'voc' or 'tags'"):
         parse({"data": {"name": "coco"}})
 
 

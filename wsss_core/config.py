@@ -83,13 +83,25 @@ class VocParams(Section):
     use_aug: bool = False
 
 
+class TagsParams(Section):
+    """Your own images with image-level tags (wsss_core/data/tags.py has the layout)."""
+
+    root: str = ""  # the folder holding images/ and the labels file; relative paths are from the repo root
+    labels: str = "labels.csv"  # CSV `id,labels` or JSON {id: [names]}, relative to root
+    classes: str = "classes.txt"  # read when it exists; else the labels file's names in first-seen order
+    # Empty: carve `val_fraction` of the ids (seeded) as val.
+    val_list: str = ""
+    val_fraction: Fraction = 0.2
+
+
 class DataParams(Section):
-    name: Literal["synthetic", "voc"] = "synthetic"
+    name: Literal["synthetic", "voc", "tags"] = "synthetic"
     seed: NonNegativeInt = 0
     # Images with more pixels (width x height) are refused with one line (wsss_core.data.images).
     max_pixels: PositiveInt = DEFAULT_MAX_PIXELS
     synthetic: SyntheticParams = SyntheticParams()
     voc: VocParams = VocParams()
+    tags: TagsParams = TagsParams()
 
 
 class TrainRecipe(Section):

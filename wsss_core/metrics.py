@@ -86,6 +86,25 @@ def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> tuple[flo
     return mean_iou(per_class), per_class
 
 
+NO_MASKS = "no ground-truth masks"
+
+
+def scored_report(matrix: np.ndarray, class_names: list[str], scored_images: int) -> dict:
+    """Return iou_report plus 'scored_images', or, when no image had a mask to score against,
+    {'miou': None, 'per_class': {}, 'scored_images': 0, 'reason': 'no ground-truth masks'}."""
+    if not scored_images:
+        return {"miou": None, "per_class": {}, "scored_images": 0, "reason": NO_MASKS}
+    return {**iou_report(matrix, class_names), "scored_images": scored_images}
+
+
+def describe_miou(report: dict) -> str:
+    """Return 'mIoU 0.1234' (with the coverage where the report has one), or 'not scored (<reason>)'."""
+    if report["miou"] is None:
+        return f"not scored ({report['reason']})"
+    coverage = f", coverage {report['coverage']:.1%}" if report.get("coverage") is not None else ""
+    return f"mIoU {report['miou']:.4f}{coverage}"
+
+
 def iou_report(matrix: np.ndarray, class_names: list[str]) -> dict:
     """Return {'miou', 'per_class': {name: iou or None}} with IoU as fractions in [0, 1]."""
     per_class = iou_from_confusion(matrix)

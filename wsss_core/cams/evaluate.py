@@ -11,7 +11,7 @@ from wsss_core.cams.store import CamStore
 from wsss_core.config import CamsParams, DataParams
 from wsss_core.data.dataset import Dataset
 from wsss_core.data.synthetic import SyntheticSpec
-from wsss_core.metrics import ConfusionMatrix, iou_report
+from wsss_core.metrics import NO_MASKS, ConfusionMatrix, iou_report, scored_report
 
 
 def cam_peaks(cam: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -53,20 +53,29 @@ def sweep_cams(store: CamStore, dataset: Dataset, ids: list[str], thresholds: li
 
 def cam_metrics(store: CamStore, dataset: Dataset, ids: list[str], *, seed_bg_threshold: float,
                 sweep: list[float], synthetic_spec: SyntheticSpec | None = None) -> dict:
-    """Return {'miou', 'per_class', 'seed_bg_threshold', 'sweep': {...}} with mIoU in [0, 1].
+    """Return {'miou', 'per_class', 'scored_images', 'seed_bg_threshold', 'sweep': {...}} with mIoU in [0, 1],
+    over the ids that have a ground-truth mask (miou None and the sweep skipped when none has).
 
     The sweep's best threshold is tuned on ground truth, as papers' seed numbers usually are.
     With the synthetic set's spec, 'synthetic_activation' says how partial the CAMs are (mean CAM on
     parts, bodies and background: the point of the synthetic set).
     """
+    scored = dataset.scored_ids(ids)
+    if not scored:  # tag-only images: nothing to score, nor to tune the threshold on
+        report = {**scored_report(None, dataset.class_names, 0), "seed_bg_threshold": seed_bg_threshold,
+                  "sweep": {"skipped": NO_MASKS}}
+        if synthetic_spec is not None:
+            report["synthetic_activation"] = part_body_activation(store, synthetic_spec, ids)
+        return report
     thresholds = sorted(set(threshold_grid(*sweep)) | {round(seed_bg_threshold, 4)})
-    matrices = sweep_cams(store, dataset, ids, thresholds)
+    matrices = sweep_cams(store, dataset, scored, thresholds)
     reports = [iou_report(matrix, dataset.class_names) for matrix in matrices]
     configured = reports[thresholds.index(round(seed_bg_threshold, 4))]
     best = int(np.nanargmax([report["miou"] for report in reports]))
     report = {
         "miou": configured["miou"],
         "per_class": configured["per_class"],
+        "scored_images": len(scored),
         "seed_bg_threshold": seed_bg_threshold,
         "sweep": {
             "note": "best background threshold tuned on ground truth",
@@ -96,6 +105,8 @@ def score_cam_store(path: Path, dataset: Dataset, cams: CamsParams, data: DataPa
 
 def describe_report(name: str, report: dict) -> str:
     """Return a CAM report's mIoU at the configured and the best threshold (and the calibration) as text."""
+    if report["miou"] is None:
+        return f"{name}: not scored ({report['reason']})"
     sweep = report["sweep"]
     text = (f"{name} mIoU {report['miou']:.4f} at threshold {report['seed_bg_threshold']}; "
             f"best {sweep['best_miou']:.4f} at {sweep['best_threshold']} (tuned on GT)")

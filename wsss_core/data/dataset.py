@@ -46,6 +46,7 @@ class Dataset:
     labels: dict[str, list[int]]
     mask_dirs: tuple[str, ...] = ("SegmentationClass",)
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused (see wsss_core.data.images)
+    images: dict[str, str] | None = None  # {id: path under root}; None: JPEGImages/<id>.jpg (VOC layout)
 
     @property
     def num_classes(self) -> int:
@@ -59,7 +60,18 @@ class Dataset:
         return self.splits[split]
 
     def image_path(self, image_id: str) -> Path:
+        """Return the image file of an id."""
+        if self.images is not None:
+            return self.root / self.images[image_id]
         return self.root / "JPEGImages" / f"{image_id}.jpg"
+
+    def has_mask(self, image_id: str) -> bool:
+        """Return whether the image has a ground-truth mask (a tags dataset may have none, or some)."""
+        return self.mask_path(image_id).is_file()
+
+    def scored_ids(self, ids: list[str]) -> list[str]:
+        """Return the ids (in order) that have a ground-truth mask: the ones a score can use."""
+        return [image_id for image_id in ids if self.has_mask(image_id)]
 
     def mask_path(self, image_id: str) -> Path:
         """Return the first existing mask among `mask_dirs` (the last one if none exists)."""
@@ -98,6 +110,7 @@ class Dataset:
             "splits": self.splits,
             "labels": self.labels,
             "max_pixels": self.max_pixels,
+            **({"images": self.images} if self.images is not None else {}),
         }
         with atomic_path(path) as temporary:
             temporary.write_text(json.dumps(manifest, indent=1))
@@ -117,11 +130,16 @@ class Dataset:
                 labels={k: [int(c) for c in v] for k, v in manifest["labels"].items()},
                 mask_dirs=tuple(manifest["mask_dirs"]),
                 max_pixels=int(manifest.get("max_pixels", DEFAULT_MAX_PIXELS)),
+                images=dict(manifest["images"]) if "images" in manifest else None,
             )
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as err:
             raise DataError(f"{path}: not a valid dataset manifest ({err})") from None
         for image_id in [*dataset.labels, *(i for ids in dataset.splits.values() for i in ids)]:
             check_image_id(image_id, str(path))
+        for image_id, file in (dataset.images or {}).items():
+            check_image_id(image_id, str(path))
+            if not re.fullmatch(r"images/" + re.escape(image_id) + r"\.(jpg|jpeg|png)", file):
+                raise DataError(f"{path}: image {file!r} of {image_id!r} is not images/<id>.jpg|jpeg|png")
         return dataset
 
 

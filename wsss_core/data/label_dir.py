@@ -9,15 +9,15 @@ from wsss_core.data.dataset import Dataset
 from wsss_core.data.palette import read_label_png, write_label_png
 from wsss_core.errors import DataError
 from wsss_core.io import atomic_path
-from wsss_core.metrics import ConfusionMatrix, iou_report
+from wsss_core.metrics import ConfusionMatrix, iou_report, scored_report
 
 
 class LabelDirWriter:
     """`with LabelDirWriter(folder, dataset) as out: out.write(id, labels)`; then `out.report()`.
 
     PNGs go to `<folder>.tmp/` which replaces `folder` only when the block ends without error.
-    Each written map is scored against the dataset's ground truth (GT 255 ignored) both ways: with
-    the map's uncertain (255) pixels dropped (reported with the coverage), and with them counted as
+    Each written map of an image with a ground-truth mask is scored against it (GT 255 ignored) both ways:
+    with the map's uncertain (255) pixels dropped (reported with the coverage), and with them counted as
     background (IRN's evaluation of its pseudo labels).
     """
 
@@ -26,7 +26,7 @@ class LabelDirWriter:
         self.dataset = dataset
         self.confusion = ConfusionMatrix(dataset.num_classes + 1)
         self.void_as_background = ConfusionMatrix(dataset.num_classes + 1)
-        self.labelled_pixels = self.valid_pixels = 0
+        self.labelled_pixels = self.valid_pixels = self.scored_images = 0
 
     def __enter__(self) -> "LabelDirWriter":
         self._atomic = atomic_path(self.folder, folder=True)  # also removes a staging folder left by a killed run
@@ -36,6 +36,9 @@ class LabelDirWriter:
     def write(self, image_id: str, labels: np.ndarray) -> None:
         """Save uint8 [H, W] labels (0..K, 255) as a VOC palette PNG and score the non-255 pixels."""
         write_label_png(self.staging / f"{image_id}.png", labels)
+        if not self.dataset.has_mask(image_id):
+            return
+        self.scored_images += 1
         target = self.dataset.read_mask(image_id)
         labelled = labels != 255
         self.confusion.update(np.where(labelled, labels, 0), np.where(labelled, target, 255))
@@ -44,13 +47,16 @@ class LabelDirWriter:
         self.valid_pixels += int((target != 255).sum())
 
     def report(self) -> dict:
-        """Return {'miou', 'per_class', 'coverage', 'void_as_background': {'miou', 'per_class'}}.
+        """Return {'miou', 'per_class', 'scored_images', 'coverage', 'void_as_background': {'miou', 'per_class'}}.
 
         miou/per_class: IoU over the labelled (non-255) pixels, whose share of the valid GT pixels is
         coverage (in [0, 1]); void_as_background: IoU with the unlabelled pixels predicted as background.
+        Without any mask: miou None and the reason (metrics.scored_report).
         """
-        return {**iou_report(self.confusion.matrix, self.dataset.class_names),
-                "coverage": self.labelled_pixels / max(self.valid_pixels, 1),
+        report = scored_report(self.confusion.matrix, self.dataset.class_names, self.scored_images)
+        if not self.scored_images:
+            return report
+        return {**report, "coverage": self.labelled_pixels / max(self.valid_pixels, 1),
                 "void_as_background": iou_report(self.void_as_background.matrix, self.dataset.class_names)}
 
     def __exit__(self, exc_type, exc, traceback) -> None:

@@ -49,13 +49,13 @@ def carve_val(ids: list[str], fraction: float, seed: int) -> tuple[list[str], li
     return train, val
 
 
-def _check_image(path: Path, max_pixels: int) -> tuple[int, int]:
+def check_image_file(path: Path, max_pixels: int) -> tuple[int, int]:
     """Decode the image (at reduced scale for JPEG) and return its upright (width, height)."""
     read_rgb(path, max_pixels, draft=True)
     return image_size(path, max_pixels)
 
 
-def _mask_classes(path: Path, image_size: tuple[int, int], num_classes: int) -> list[int]:
+def mask_classes(path: Path, image_size: tuple[int, int], num_classes: int) -> list[int]:
     """Validate a mask against its image and return its foreground classes (sorted, 1..K)."""
     try:
         with Image.open(path) as mask_image:
@@ -125,11 +125,11 @@ def read_voc(
                       splits={"train": train_ids, "val": val_ids}, labels={}, mask_dirs=mask_dirs,
                       max_pixels=max_pixels)
     for image_id in tqdm(train_ids + val_ids, desc="checking dataset", unit="img", disable=not progress):
-        size = _check_image(dataset.image_path(image_id), max_pixels)
+        size = check_image_file(dataset.image_path(image_id), max_pixels)
         mask_path = dataset.mask_path(image_id)
         xml_path = root / "Annotations" / f"{image_id}.xml"
         if mask_path.is_file():
-            classes = _mask_classes(mask_path, size, len(class_names) - 1)
+            classes = mask_classes(mask_path, size, len(class_names) - 1)
         elif not xml_path.is_file():
             raise DataError(f"{mask_path}: mask not found (and no {xml_path.name} for labels)")
         if xml_path.is_file():

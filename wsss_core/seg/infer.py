@@ -71,10 +71,11 @@ def iterate_segmentations(model: nn.Module, dataset: Dataset, ids: list[str], de
 def score_split(model: nn.Module, dataset: Dataset, split: str, device: torch.device,
                 scales: Sequence[float] = (1.0,), flip: bool = False, crf: CrfParams | None = None
                 ) -> ConfusionMatrix:
-    """Return the confusion matrix of the model's predictions against a split's ground truth (255 ignored)."""
+    """Return the confusion matrix of the model's predictions against a split's ground truth (255 ignored), over
+    the images that have a mask (all zeros when none has)."""
     matrix = ConfusionMatrix(len(dataset.class_names))
-    for image_id, _, labels in iterate_segmentations(model, dataset, dataset.ids(split), device, scales, flip,
-                                                     crf, desc=f"score {split}"):
+    for image_id, _, labels in iterate_segmentations(model, dataset, dataset.scored_ids(dataset.ids(split)), device,
+                                                     scales, flip, crf, desc=f"score {split}"):
         matrix.update(labels, dataset.read_mask(image_id))
     return matrix
 
