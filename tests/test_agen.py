@@ -11,6 +11,7 @@ from wsss_core.cams.seeds import seed_probabilities, threshold_seeds
 from wsss_core.config import CrfParams, parse_params
 from wsss_core.errors import ParamsError
 from wsss_core.methods import get_method, method_params
+from wsss_core.methods import agen as agen_method
 from wsss_core.methods.agen import AGENMethod, AGENParams, padding_mask
 from wsss_core.models.agen import AGENNet, AGENOutputs, ContextAttention, coam_attention
 from wsss_core.pool import WorkerPool
@@ -229,7 +230,7 @@ def test_clipped_distribution_floors_and_renormalises():
     assert np.allclose(clipped[:, 0], [1 / 1.01, 0.01 / 1.01])
 
 
-def zero_outputs(stages=(5, 4, 3), classes=K, size=33):
+def zero_outputs(stages=(5, 4, 3), classes=K):
     maps = {"top": torch.zeros(2, classes, 5, 5, requires_grad=True)}
     logits = {"top": torch.zeros(2, classes + 1, 5, 5, requires_grad=True)}
     for stage in stages:
@@ -424,10 +425,21 @@ def test_the_boundary_crf_scales_the_kernel_widths():
     assert crf.bilateral_compat == 10 and crf.gaussian_compat == 3 and crf.bilateral_srgb == 13
 
 
-def test_feature_resolution_seeds_run_at_each_map_grid():
+def test_feature_resolution_seeds_run_at_each_map_grid(monkeypatch):
+    grids = []
+
+    def recording(logits, seeds):
+        assert logits.shape[-2:] == seeds.shape[-2:]
+        grids.append(tuple(seeds.shape[-2:]))
+        return balanced_seed_loss(logits, seeds)
+
+    monkeypatch.setattr(agen_method, "balanced_seed_loss", recording)
     _, parts = tiny_method(seed_resolution="feature").training_loss(FixedOutputs(zero_outputs()), batch())
+    assert grids == [(5, 5), (5, 5), (5, 5), (9, 9)]  # top, AGM-5, AGM-4, AGM-3 at their own grids
+    grids.clear()
     _, at_input = tiny_method().training_loss(FixedOutputs(zero_outputs()), batch())
-    assert set(parts) == set(at_input) and all(math.isfinite(v) for v in parts.values())
+    assert grids == [(33, 33)] * 4 and set(parts) == set(at_input)
+    assert all(math.isfinite(v) for v in parts.values())
 
 
 def test_topk_fraction_counts_only_the_photo_and_padding_stays_void():
