@@ -6,6 +6,7 @@ matrix (the straightforward reference). One run; run it alone on the machine.
 
     python bench/agen_step.py --batch 16 --crop 160      # the synthetic default
     python bench/agen_step.py --batch 16 --crop 256      # voc12-mini
+    python bench/agen_step.py --device cuda --amp        # a GPU, bfloat16 autocast as train_cls runs it
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from step_timing import median_step_seconds
 
 from wsss_core.config import parse_params
 from wsss_core.methods import get_method, method_params
-from wsss_core.training import build_optimizer
+from wsss_core.training import build_optimizer, memory_format, training_precision
 
 CPU_MODEL = {"seg_backbone": "tf_efficientnet_lite0", "cls_head_channels": 256, "agm_cls_channels": 64,
              "agm_seg_channels": 128, "seg_head_channels": 128}
@@ -38,17 +39,22 @@ def step_seconds(model: dict, args: argparse.Namespace) -> tuple[float, float]:
                            "methods": {"agen": {"model": {**CPU_MODEL, **model}}}}, method_params())
     method = get_method(params)
     torch.manual_seed(0)
+    device = torch.device(args.device)
     network = method.build_classifier(params.cls, args.classes, pretrained=False).train()
+    network.to(device, memory_format=memory_format(device))
+    use_amp, amp_dtype = training_precision(device, args.amp)
     optimizer = build_optimizer(network.parameter_groups(10.0), params.cls)
     generator = np.random.default_rng(0)
     labels = torch.zeros(args.batch, args.classes)
     labels[torch.arange(args.batch), torch.from_numpy(generator.integers(0, args.classes, args.batch))] = 1
-    batch = {"images": torch.randn(args.batch, 3, args.crop, args.crop), "labels": labels,
-             "rgb": torch.from_numpy(generator.integers(0, 256, (args.batch, args.crop, args.crop, 3), np.uint8))}
+    batch = {"images": torch.randn(args.batch, 3, args.crop, args.crop).to(device, memory_format=memory_format(device)),
+             "labels": labels.to(device),
+             "rgb": torch.from_numpy(generator.integers(0, 256, (args.batch, args.crop, args.crop, 3), np.uint8)).to(device)}
     crf_ms = []
 
     def loss() -> torch.Tensor:
-        value, parts = method.training_loss(network, batch)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+            value, parts = method.training_loss(network, batch)
         crf_ms.append(parts.get("crf_ms", 0.0))
         return value
 
@@ -62,9 +68,12 @@ def main() -> None:
     parser.add_argument("--crop", type=int, default=160)
     parser.add_argument("--classes", type=int, default=20)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA (train_cls's cls.amp)")
     args = parser.parse_args()
-    print(f"AGEN cpu profile, batch {args.batch} at {args.crop} px, {args.classes} classes, "
-          f"{torch.get_num_threads()} threads")
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    print(f"AGEN cpu profile, batch {args.batch} at {args.crop} px, {args.classes} classes, {where}, "
+          f"amp {args.amp}")
     baseline = None
     for name, model in ROWS.items():
         started = time.perf_counter()

@@ -10,7 +10,8 @@ import torch
 
 def median_step_seconds(loss_of_batch: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer, steps: int,
                         warmup: int = 2) -> float:
-    """Return the median seconds of forward (loss_of_batch), backward and an optimizer step, after warm-up steps."""
+    """Return the median seconds of forward (loss_of_batch), backward and an optimizer step, after warm-up steps
+    (CUDA synchronised before each reading)."""
     times = []
     for _ in range(steps + warmup):
         start = time.perf_counter()
@@ -18,5 +19,7 @@ def median_step_seconds(loss_of_batch: Callable[[], torch.Tensor], optimizer: to
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times[warmup:])
