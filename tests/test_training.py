@@ -4,10 +4,11 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from wsss_core.config import ClsParams, TrainRecipe
 from wsss_core.errors import ParamsError
-from wsss_core.training import EpochSeededSet, ParamGroup, build_optimizer, fit, lr_factor
+from wsss_core.training import EpochSeededSet, ParamGroup, batches_per_epoch, build_optimizer, fit, lr_factor
 
 
 def test_poly_cosine_step_and_warmup_factors_by_hand():
@@ -94,3 +95,9 @@ def test_a_diverging_loss_stops_training_with_one_line():
         fit(model, Batches(), loss, recipe=ClsParams(epochs=2, batch_size=4), device=torch.device("cpu"), seed=0,
             desc="train_x", on_epoch_end=lambda epoch, means: epochs_done.append(epoch))
     assert epochs_done == []
+
+
+def test_batches_per_epoch_is_the_length_of_fits_loader():
+    for count, expected in ((1, 1), (7, 1), (8, 1), (9, 1), (17, 2), (300, 37)):
+        assert batches_per_epoch(count, 8) == expected == len(DataLoader(range(count), batch_size=8,
+                                                                         drop_last=count > 8))

@@ -139,6 +139,12 @@ def _to_device(batch, device: torch.device):
     return [move(tensor) for tensor in batch]
 
 
+def batches_per_epoch(count: int, batch_size: int) -> int:
+    """Return fit's batches per epoch over `count` samples: whole batches only, or one batch of them all when
+    they fit in one."""
+    return count // batch_size if count > batch_size else 1
+
+
 def fit(model: nn.Module, train_set: EpochSeededSet, batch_loss: Callable[..., tuple[torch.Tensor, dict[str, float]]],
         *, recipe: TrainRecipe, device: torch.device, seed: int, desc: str,
         groups: list[ParamGroup] | None = None, steps: int | None = None,

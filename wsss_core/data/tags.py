@@ -127,7 +127,8 @@ def read_tags(root: str | Path, labels: str = "labels.csv", classes: str = "clas
         missing = [image_id for image_id in val_ids if image_id not in tags]
         if missing:
             raise DataError(f"{root / val_list}: id {missing[0]!r} has no tags in {root / labels}")
-        train_ids = [image_id for image_id in ids if image_id not in set(val_ids)]
+        held_out = set(val_ids)
+        train_ids = [image_id for image_id in ids if image_id not in held_out]
     else:
         train_ids, val_ids = carve_val(ids, val_fraction, seed)
     if not train_ids:

@@ -52,14 +52,15 @@ def _paste(tensor: torch.Tensor, size: int, windows: tuple[tuple[slice, slice], 
 def joint_crop(image: np.ndarray, labels: np.ndarray, size: int, rng: np.random.Generator
                ) -> tuple[np.ndarray, np.ndarray]:
     """Return a size x size crop of image [H,W,3] and labels [H,W], padding image with 0 and labels with 255."""
-    image_out, labels_out, _ = _crop_all(image, labels, None, crop_windows(*labels.shape, size, rng), size)
+    image_out, labels_out, _ = crop_all(image, labels, None, crop_windows(*labels.shape, size, rng), size)
     return image_out, labels_out
 
 
-def _crop_all(image: np.ndarray, labels: np.ndarray, maps: np.ndarray | None,
+def crop_all(image: np.ndarray, labels: np.ndarray, maps: np.ndarray | None,
               windows: tuple[tuple[slice, slice], tuple[slice, slice]], size: int
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Return image, labels and maps [C, H, W] (or None) cropped to the windows: padding 0, labels 255."""
+    """Return image, labels and maps [C, H, W] (or None) cropped to the windows (source, target) on a size x size
+    canvas: padding 0, labels 255."""
     source, target = windows
     image_out = np.zeros((size, size, 3), image.dtype)
     labels_out = np.full((size, size), VOID, np.uint8)
@@ -95,7 +96,7 @@ def augment_with_maps(image: np.ndarray, labels: np.ndarray, maps: np.ndarray | 
     if rng.random() < 0.5:
         image, labels = image[:, ::-1], labels[:, ::-1]
         maps = None if maps is None else maps[:, :, ::-1]
-    return _crop_all(image, labels, maps, crop_windows(*labels.shape, crop_size, rng), crop_size)
+    return crop_all(image, labels, maps, crop_windows(*labels.shape, crop_size, rng), crop_size)
 
 
 class TrainAugment:

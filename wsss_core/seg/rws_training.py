@@ -30,14 +30,14 @@ from wsss_core.config import RwsParams, SegParams
 from wsss_core.data.dataset import Dataset
 from wsss_core.data.label_dir import read_label_dir
 from wsss_core.data.palette import VOID
-from wsss_core.data.transforms import augment_with_maps, normalize
+from wsss_core.data.transforms import augment_with_maps, crop_all, normalize
 from wsss_core.errors import DataError, ParamsError
 from wsss_core.io import atomic_path, write_json
 from wsss_core.seg.rws import (Box, StageRecorder, Threshold, WindowScore, attention_threshold, blend_weights,
                                class_attention_maps, curve_iou, local_slices, pool_to_grid, select_weak_slices,
                                sliding_windows, window_scores)
 from wsss_core.seg.training import SegmentationSet, segmentation_loss
-from wsss_core.training import EpochSeededSet, fit
+from wsss_core.training import EpochSeededSet, batches_per_epoch, fit
 
 EpochCallback = Callable[[int, dict], None]
 
@@ -103,9 +103,9 @@ class SliceSet(EpochSeededSet):
         labels = read_label_dir(self.label_dir, image_id)[y0:y1, x0:x1]
         if self.sample_rng(index).random() < 0.5:
             image, labels = image[:, ::-1], labels[:, ::-1]
-        padded_image = np.zeros((self.size, self.size, 3), np.uint8)
-        padded_labels = np.full((self.size, self.size), VOID, np.uint8)
-        padded_image[:y1 - y0, :x1 - x0], padded_labels[:y1 - y0, :x1 - x0] = image, labels
+        whole = (slice(None), slice(None))
+        padded_image, padded_labels, _ = crop_all(image, labels, None, (whole, (slice(0, y1 - y0), slice(0, x1 - x0))),
+                                                  self.size)
         return normalize(padded_image, self.mean, self.std), torch.from_numpy(padded_labels.astype("int64"))
 
 
@@ -245,9 +245,9 @@ def train_with_rws(model: nn.Module, dataset: Dataset, label_dir: Path, recipe: 
     if max(rws.layers) > len(strides):
         raise ParamsError(f"seg.rws.layers {rws.layers}: the segmenter has {len(strides)} stages")
     train_set = SegmentationSet(dataset, label_dir, recipe, model.mean, model.std, seed)
-    steps_per_epoch = max(1, len(train_set) // recipe.batch_size) if len(train_set) > recipe.batch_size else 1
-    first, local_steps, retrain_steps = phase_steps(recipe.epochs * steps_per_epoch, rws)
-    steps_left = recipe.epochs * steps_per_epoch - first
+    total = recipe.epochs * batches_per_epoch(len(train_set), recipe.batch_size)
+    first, local_steps, retrain_steps = phase_steps(total, rws)
+    steps_left = total - first
     epochs_done = [0]
 
     def report(epoch: int, means: dict) -> None:
