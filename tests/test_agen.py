@@ -272,6 +272,19 @@ def test_the_baseline_logs_one_term_of_each_kind_with_the_boundary():
     assert parts["boundary"] >= 0
 
 
+def test_warm_up_steps_train_the_classification_terms_alone_then_every_term_joins():
+    method = AGENMethod(AGENParams.model_validate({"model": {"agm_stages": [], "coam_stages": [],
+                                                             "seg_warmup_steps": 2, "crf": {"workers": 1}}}))
+    outputs = zero_outputs(stages=())
+    losses = [method.training_loss(FixedOutputs(outputs), batch()) for _ in range(3)]
+    for loss, parts in losses[:2]:
+        assert parts["seed_top"] == parts["boundary"] == parts["crf_ms"] == 0.0
+        assert loss.item() == pytest.approx(parts["cls_top"], rel=1e-6) == K * math.log(2)
+    loss, parts = losses[2]
+    assert parts["seed_top"] > 0 and parts["crf_ms"] > 0
+    assert loss.item() == pytest.approx(parts["cls_top"] + parts["seed_top"] + parts["boundary"], rel=1e-5)
+
+
 def test_the_classification_loss_falls_as_a_labelled_class_map_rises():
     model, method = tiny_net(agm_stages=(), coam_stages=()), tiny_method(agm_stages=[], coam_stages=[])
     data = batch()

@@ -53,6 +53,16 @@ def test_groups_override_the_base_and_each_other():
     assert one_value.cls.lr == 0.5 and one_value.cls.backbone == "tf_efficientnet_lite0"
 
 
+@pytest.mark.parametrize("overrides, source", [
+    ([], "conf/data/synthetic.yaml"), (["data=voc12-mini"], "../shared/data/voc12-mini"),
+    (["data=voc", "data.voc.root=/d/VOC2012"], "/d/VOC2012"), (["data=tags"], "data/tags"),
+    (["data=tags", "data.tags.root=mine"], "mine")])
+def test_each_data_preset_makes_its_root_the_prepare_stages_dependency(overrides, source):
+    params = parse(yaml.safe_load(compose(overrides, REPO / "conf")))
+    assert params.data.source == source
+    assert "${data.source}" in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["prepare"]["deps"]
+
+
 def test_multisa_recipe_per_profile_and_data_preset():
     def composed(*overrides: str):
         return parse(yaml.safe_load(compose(["method=multisa", *overrides], REPO / "conf")))

@@ -86,7 +86,7 @@ class VocParams(Section):
 class TagsParams(Section):
     """Your own images with image-level tags (wsss_core/data/tags.py has the layout)."""
 
-    root: str = ""  # the folder holding images/ and the labels file; relative paths are from the repo root
+    root: str = "data/tags"  # the folder holding images/ and the labels file; relative paths are from the repo root
     labels: str = "labels.csv"  # CSV `id,labels` or JSON {id: [names]}, relative to root
     classes: str = "classes.txt"  # read when it exists; else the labels file's names in first-seen order
     # Empty: carve `val_fraction` of the ids (seeded) as val.
@@ -96,6 +96,9 @@ class TagsParams(Section):
 
 class DataParams(Section):
     name: Literal["synthetic", "voc", "tags"] = "synthetic"
+    # The folder (or file) the raw data come from, relative to the repo root: the prepare stage depends on it,
+    # so new photos, labels or masks there re-run it. Each preset sets it (voc, tags: their root).
+    source: str = "conf/data/synthetic.yaml"
     seed: NonNegativeInt = 0
     # Images with more pixels (width x height) are refused with one line (wsss_core.data.images).
     max_pixels: PositiveInt = DEFAULT_MAX_PIXELS

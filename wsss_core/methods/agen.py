@@ -90,6 +90,10 @@ class AGENModelParams(ModelParams):
     cls_weight: NonNegativeFloat = 1.0
     seg_weight: NonNegativeFloat = 1.0
     boundary_weight: NonNegativeFloat = 1.0  # 0 skips the CRF
+    # Training steps with the classification losses alone before the seeding and boundary losses join (a
+    # deviation: the paper trains every loss from the first step, 0 here). Seeds from class maps that do not
+    # yet classify teach branch B the background prior, and on a short run its ReLU features die on it.
+    seg_warmup_steps: NonNegativeInt = 0
     crf: BoundaryCrfParams = BoundaryCrfParams()
 
 
@@ -125,6 +129,7 @@ class AGENMethod(Method):
     def __init__(self, params: AGENParams | None = None):
         super().__init__(params)
         self._crf_pool = WorkerPool(self.params.model.crf.workers)
+        self._steps_trained = 0  # training_loss calls so far (seg_warmup_steps counts them)
         weakref.finalize(self, self._crf_pool.close)
 
     def check(self, params: Params) -> None:
@@ -158,8 +163,11 @@ class AGENMethod(Method):
 
     def training_loss(self, model: AGENNet, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """Return (L_cls + L_seg + L_bnd weighted, parts): cls_*, seed_* per head ('top' and agmN), boundary and
-        crf_ms (the step's CRF wall time)."""
+        crf_ms (the step's CRF wall time). During the first seg_warmup_steps calls the seeding and boundary
+        parts are 0 and not computed."""
         settings = self.params.model
+        warming_up = self._steps_trained < settings.seg_warmup_steps
+        self._steps_trained += 1
         images, labels = batch["images"], batch["labels"]
         outputs = model.outputs(images)
         valid = padding_mask(images)
@@ -168,6 +176,9 @@ class AGENMethod(Method):
             name = key if key == "top" else f"agm{key}"
             parts[f"cls_{name}"] = F.binary_cross_entropy_with_logits(
                 class_map.mean((2, 3)).float(), labels, reduction="sum") / len(images)
+            if warming_up:
+                parts[f"seed_{name}"] = torch.zeros((), device=images.device)
+                continue
             logits = outputs.seg_logits[key]
             size = tuple(images.shape[-2:]) if settings.seed_resolution == "input" else tuple(logits.shape[-2:])
             mask = valid if size == tuple(images.shape[-2:]) else (
@@ -181,7 +192,9 @@ class AGENMethod(Method):
         loss = (settings.cls_weight * sum(v for k, v in parts.items() if k.startswith("cls_"))
                 + settings.seg_weight * sum(v for k, v in parts.items() if k.startswith("seed_")))
         logged = {key: value.item() for key, value in parts.items()}
-        if settings.boundary_weight > 0:
+        if settings.boundary_weight > 0 and warming_up:
+            logged["crf_ms"], logged["boundary"] = 0.0, 0.0
+        elif settings.boundary_weight > 0:
             started = time.perf_counter()
             boundary = boundary_loss(outputs.seg_logits["top"], batch["rgb"], settings.crf.crf_params(),
                                      settings.crf.min_prob, self._crf_pool.map)
