@@ -13,7 +13,7 @@ from wsss_core.errors import ParamsError
 from wsss_core.methods import get_method, method_params
 from wsss_core.methods import agen as agen_method
 from wsss_core.methods.agen import AGENMethod, AGENParams, padding_mask
-from wsss_core.models.agen import AGENNet, AGENOutputs, ContextAttention, coam_attention
+from wsss_core.models.agen import AGENNet, AGENOutputs, ContextAttention, coam_attention, init_new_layers
 from wsss_core.pool import WorkerPool
 from wsss_core.seg.losses import balanced_seed_loss, boundary_loss, clipped_distribution
 from wsss_core.training import batchnorm_layers
@@ -297,6 +297,17 @@ def test_the_classification_loss_falls_as_a_labelled_class_map_rises():
 
 
 # The network (tests 16-20)
+
+@pytest.mark.parametrize("scheme, hidden_std", [("normal", 0.01), ("kaiming", math.sqrt(2 / (64 * 9)))])
+def test_new_layer_init_gives_the_hidden_and_the_output_convolutions_their_scales(scheme, hidden_std):
+    torch.manual_seed(0)
+    head = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Conv2d(64, 128, 3), torch.nn.ReLU(True)),
+                               torch.nn.Conv2d(128, 21, 1))
+    init_new_layers(head, scheme)
+    assert head[0][0].weight.std().item() == pytest.approx(hidden_std, rel=0.02)  # He: sqrt(2 / fan_in)
+    assert head[1].weight.std().item() == pytest.approx(0.01, rel=0.05)
+    assert head[0][0].bias.abs().max() == head[1].bias.abs().max() == 0
+
 
 @pytest.mark.parametrize("size, grids", [(65, (17, 9)), (61, (16, 8))])
 def test_every_head_has_its_shape_for_odd_inputs(size, grids):

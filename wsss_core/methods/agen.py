@@ -75,8 +75,9 @@ class AGENModelParams(ModelParams):
     seg_head_channels: PositiveInt = 512  # branch B's head: RRM's two 3x3 convs at dilation seg_head_dilation
     seg_head_dilation: PositiveInt = 12
     agm_lr_mult: PositiveFloat = 10.0  # the AGMs' lr over cls.lr (paper: 0.01 vs 0.001)
-    # The new convolutions' init (the paper is silent): N(0, 0.01) as DeepLab and DSRG, or RRM's Xavier-uniform,
-    # whose unnormalised 3x3 stacks start the class maps at |Z| ~ 50 and diverged on Lite0 features here.
+    # The new convolutions' init (the paper is silent): N(0, 0.01) as DeepLab and DSRG, RRM's Xavier-uniform,
+    # whose unnormalised 3x3 stacks start the class maps at |Z| ~ 50 and diverged on Lite0 features here, or
+    # kaiming (He-normal hidden convolutions, N(0, 0.01) outputs).
     new_layer_init: Literal[NEW_LAYER_INITS] = "normal"
     alpha: PositiveFloat = 8.0  # background exponent (Eq. 4)
     delta_top: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.3  # seed threshold of Z^top (supervising S^B)
@@ -90,9 +91,8 @@ class AGENModelParams(ModelParams):
     cls_weight: NonNegativeFloat = 1.0
     seg_weight: NonNegativeFloat = 1.0
     boundary_weight: NonNegativeFloat = 1.0  # 0 skips the CRF
-    # Training steps with the classification losses alone before the seeding and boundary losses join (a
-    # deviation: the paper trains every loss from the first step, 0 here). Seeds from class maps that do not
-    # yet classify teach branch B the background prior, and on a short run its ReLU features die on it.
+    # Training steps with the classification losses alone before the seeding and boundary losses join (0: the
+    # paper's, every loss from the first step; docs/methods/agen.md has what 36 did on the CPU budget).
     seg_warmup_steps: NonNegativeInt = 0
     crf: BoundaryCrfParams = BoundaryCrfParams()
 

@@ -325,12 +325,13 @@ class AGENNet(nn.Module):
                 ParamGroup("new", new, new_layer_lr_mult), ParamGroup("gain", gains, new_layer_lr_mult, False)]
 
 
-NEW_LAYER_INITS = ("normal", "xavier")
+NEW_LAYER_INITS = ("normal", "xavier", "kaiming")
 
 
 def init_new_layers(module: nn.Module, scheme: str) -> None:
     """Initialise the convolutions of a new module, biases 0: 'normal' N(0, 0.01) (DeepLab/DSRG's), 'xavier'
-    Xavier-uniform (RRM's)."""
+    Xavier-uniform (RRM's), 'kaiming' He-normal (fan in, ReLU gain) for each convolution a ReLU follows and
+    N(0, 0.01) for the output convolutions."""
     if scheme not in NEW_LAYER_INITS:
         raise ValueError(f"new-layer init {scheme!r} is not one of: {', '.join(NEW_LAYER_INITS)}")
     for layer in module.modules():
@@ -341,3 +342,9 @@ def init_new_layers(module: nn.Module, scheme: str) -> None:
                 nn.init.normal_(layer.weight, std=0.01)
             if layer.bias is not None:
                 nn.init.zeros_(layer.bias)
+    if scheme == "kaiming":
+        for block in module.modules():
+            if isinstance(block, nn.Sequential):
+                for conv, after in zip(block, list(block)[1:]):
+                    if isinstance(conv, nn.Conv2d) and isinstance(after, nn.ReLU):
+                        nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
