@@ -57,6 +57,11 @@ def test_json_labels_masks_for_some_images_and_the_manifest_round_trip(tmp_path)
     dataset.save(tmp_path / "prepared" / "dataset.json")
     loaded = Dataset.load(tmp_path / "prepared" / "dataset.json")
     assert loaded.images == dataset.images and loaded.read_mask("a")[10, 10] == 1
+    assert loaded.masked == {"a", "b"}
+    (root / "masks" / "a.png").rename(root / "masks" / "c.png")  # the manifest, not the folder, says who is scored
+    assert [loaded.has_mask(i) for i in "abcd"] == [True, True, False, False]
+    dataset.save(tmp_path / "again.json")
+    assert Dataset.load(tmp_path / "again.json").masked == {"b", "c"}  # a new manifest records the change
 
 
 BAD_INPUTS = [  # (rows, classes, files, masks, message)

@@ -47,6 +47,9 @@ class Dataset:
     mask_dirs: tuple[str, ...] = ("SegmentationClass",)
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused (see wsss_core.data.images)
     images: dict[str, str] | None = None  # {id: path under root}; None: JPEGImages/<id>.jpg (VOC layout)
+    # The ids that had a mask when the manifest was written (so a mask added later changes the manifest and
+    # re-scores); None: look for the file.
+    masked: frozenset[str] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -67,6 +70,8 @@ class Dataset:
 
     def has_mask(self, image_id: str) -> bool:
         """Return whether the image has a ground-truth mask (a tags dataset may have none, or some)."""
+        if self.masked is not None:
+            return image_id in self.masked
         return self.mask_path(image_id).is_file()
 
     def scored_ids(self, ids: list[str]) -> list[str]:
@@ -111,6 +116,7 @@ class Dataset:
             "labels": self.labels,
             "max_pixels": self.max_pixels,
             **({"images": self.images} if self.images is not None else {}),
+            "masked": sorted({image_id for ids in self.splits.values() for image_id in ids if self.has_mask(image_id)}),
         }
         with atomic_path(path) as temporary:
             temporary.write_text(json.dumps(manifest, indent=1))
@@ -131,10 +137,11 @@ class Dataset:
                 mask_dirs=tuple(manifest["mask_dirs"]),
                 max_pixels=int(manifest.get("max_pixels", DEFAULT_MAX_PIXELS)),
                 images=dict(manifest["images"]) if "images" in manifest else None,
+                masked=frozenset(manifest["masked"]) if "masked" in manifest else None,
             )
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as err:
             raise DataError(f"{path}: not a valid dataset manifest ({err})") from None
-        for image_id in [*dataset.labels, *(i for ids in dataset.splits.values() for i in ids)]:
+        for image_id in [*dataset.labels, *(i for ids in dataset.splits.values() for i in ids), *(dataset.masked or ())]:
             check_image_id(image_id, str(path))
         for image_id, file in (dataset.images or {}).items():
             check_image_id(image_id, str(path))
