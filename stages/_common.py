@@ -5,6 +5,8 @@ import contextlib
 import functools
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -16,6 +18,7 @@ from stages.artifacts import OUTPUTS, PARAMS_FILE
 from wsss_core.cams.store import write_placeholder_store
 from wsss_core.checkpoint import save_placeholder_checkpoint
 from wsss_core.config import Params, parse_params
+from wsss_core.distributed import is_main, launched_by_torchrun
 from wsss_core.errors import ParamsError, WsssError
 from wsss_core.io import atomic_path, write_json
 from wsss_core.methods import method_params
@@ -64,12 +67,32 @@ def single_command(function: Callable) -> typer.Typer:
     return app
 
 
+def ran_under_torchrun(module: str, nproc: int) -> bool:
+    """Return False when this process is to do the stage's work: nproc is 1, or torchrun started it.
+
+    Otherwise run `torchrun --standalone --nproc_per_node=nproc -m module` with this process's arguments,
+    wait for it and return True; a failed run is a WsssError (each rank has printed its own error).
+    """
+    if nproc == 1 or launched_by_torchrun():
+        return False
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", module, *sys.argv[1:]]
+    status = subprocess.run(command).returncode
+    if status:
+        raise WsssError(f"{module}: torchrun with dist.nproc={nproc} processes failed (exit status {status})")
+    return True
+
+
 @contextlib.contextmanager
-def training_curves(folder: str | Path) -> Iterator[Live]:
+def training_curves(folder: str | Path) -> Iterator[Live | None]:
     """Yield a dvclive Live writing into `<folder>.tmp`, which replaces `folder` when training succeeds.
 
-    A run that fails or is killed leaves the previous curves in place.
+    A run that fails or is killed leaves the previous curves in place. Ranks other than 0 of a torchrun
+    world get None: only rank 0 logs.
     """
+    if not is_main():
+        yield None
+        return
     with atomic_path(folder, folder=True) as staging, Live(str(staging), dvcyaml=None, save_dvc_exp=False) as live:
         yield live
 

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import typer
 
-from stages._common import load_params, log_epoch, reports_errors, single_command, training_curves
+from stages._common import load_params, log_epoch, ran_under_torchrun, reports_errors, single_command, training_curves
 from stages.artifacts import CLS_CHECKPOINT, CLS_CURVES, CLS_METRICS, MANIFEST, PARAMS_FILE
 from wsss_core.cams.classifier import train_classifier
 from wsss_core.checkpoint import save_checkpoint
 from wsss_core.data.dataset import Dataset
+from wsss_core.distributed import is_main, process_group
 from wsss_core.io import write_json
 from wsss_core.methods import get_method
 from wsss_core.training import resolve_device, seed_everything
@@ -19,20 +20,26 @@ from wsss_core.training import resolve_device, seed_everything
 @reports_errors
 def train_cls(params_file: Path = typer.Option(PARAMS_FILE, "--params", help="params.yaml to read")) -> None:
     """Train the classifier of `method` on the prepared train split; writes models/cls.pt and, in
-    metrics/train_cls.json, the last epoch's val mAP and the method's learned scalars (e.g. gates)."""
+    metrics/train_cls.json, the last epoch's val mAP and the method's learned scalars (e.g. gates).
+    With dist.nproc > 1 it trains under torchrun (DDP, cls.batch_size the global batch); rank 0 writes."""
     params = load_params(params_file)
+    if ran_under_torchrun("stages.train_cls", params.dist.nproc):
+        return
     dataset = Dataset.load(MANIFEST)
     method = get_method(params)
     seed_everything(params.seed)
     model = method.build_classifier(params.cls, dataset.num_classes)
     last: dict[str, float] = {}
-    with training_curves(CLS_CURVES) as live:
-        def on_epoch_end(epoch: int, values: dict[str, float]) -> None:
-            last.update(values, **method.learned_values(model))
-            log_epoch(live, epoch, last)
+    with process_group(resolve_device(params.device), params.dist.backend) as device:
+        with training_curves(CLS_CURVES) as live:
+            def on_epoch_end(epoch: int, values: dict[str, float]) -> None:
+                last.update(values, **method.learned_values(model))
+                log_epoch(live, epoch, last)
 
-        train_classifier(model, partial(method.training_loss, model), partial(method.class_scores, model), dataset,
-                         params.cls, device=resolve_device(params.device), seed=params.seed, on_epoch_end=on_epoch_end)
+            train_classifier(model, partial(method.training_loss, model), partial(method.class_scores, model),
+                             dataset, params.cls, device=device, seed=params.seed, on_epoch_end=on_epoch_end)
+        if not is_main():
+            return
     save_checkpoint(CLS_CHECKPOINT, model.cpu(), params.method, method.checkpoint_params(params.cls),
                     class_names=dataset.class_names)
     val_map = last.get("val_map", float("nan"))

@@ -289,12 +289,21 @@ class SegParams(TrainRecipe):
     montage_images: NonNegativeInt = 8
 
 
+class DistParams(Section):
+    """Processes per training or per-image stage (torchrun starts them when nproc > 1; 1 runs plain Python)."""
+
+    nproc: PositiveInt = 1
+    # auto: NCCL on CUDA, gloo on the CPU.
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
 class Params(Section):
     method: str = "cam"
     # The conf/ profile params.yaml was composed with (cpu: sizes for a 2-core machine; paper: the papers').
     profile: str = "cpu"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: NonNegativeInt = 0
+    dist: DistParams = DistParams()
     data: DataParams = DataParams()
     cls: ClsParams = ClsParams()
     # Each method's own section {model: {...}, refine: {...}}, validated by its registered model.

@@ -13,6 +13,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from wsss_core.config import TrainRecipe
+from wsss_core.distributed import (RankSlices, data_parallel, global_batches, is_main, mean_over_ranks, per_rank_batch,
+                                   sync_batchnorm, world)
 from wsss_core.errors import DataError, ParamsError
 
 
@@ -145,6 +147,32 @@ def batches_per_epoch(count: int, batch_size: int) -> int:
     return count // batch_size if count > batch_size else 1
 
 
+class StepLoss(nn.Module):
+    """batch_loss as a module's forward, so that DistributedDataParallel sees every step (its gradient
+    averaging arms in forward); the model is a submodule, so its parameters are the ones averaged."""
+
+    def __init__(self, model: nn.Module, batch_loss: Callable[..., tuple[torch.Tensor, dict[str, float]]]):
+        super().__init__()
+        self.model, self.batch_loss = model, batch_loss
+
+    def forward(self, batch):
+        return self.batch_loss(batch)
+
+
+def training_loader(train_set: EpochSeededSet, recipe: TrainRecipe, seed: int, device: torch.device) -> DataLoader:
+    """Return the loader of this rank's share of the seeded, shuffled global batches of recipe.batch_size.
+
+    One process gets whole global batches, in the order DataLoader(shuffle=True) draws them with a
+    generator seeded by `seed`; N processes (torchrun) each get a contiguous 1/N of every one of them.
+    """
+    rank, size = world()
+    per_rank_batch(recipe.batch_size)  # refuses a global batch that the processes do not divide
+    generator = torch.Generator().manual_seed(seed)
+    batches = RankSlices(global_batches(len(train_set), recipe.batch_size, generator), rank, size)
+    return DataLoader(train_set, batch_sampler=batches, num_workers=recipe.num_workers,
+                      pin_memory=device.type == "cuda", generator=generator)
+
+
 def fit(model: nn.Module, train_set: EpochSeededSet, batch_loss: Callable[..., tuple[torch.Tensor, dict[str, float]]],
         *, recipe: TrainRecipe, device: torch.device, seed: int, desc: str,
         groups: list[ParamGroup] | None = None, steps: int | None = None,
@@ -161,34 +189,40 @@ def fit(model: nn.Module, train_set: EpochSeededSet, batch_loss: Callable[..., t
     returns (loss, {name: float} parts); on_epoch_end gets the 1-based epoch and each part's mean
     over the epoch, 'loss' included. steps: train this many steps instead of recipe.epochs epochs (the
     schedule spans them; the last epoch may be partial).
+
+    Under torchrun (wsss_core.distributed): recipe.batch_size is the global batch, split over the processes,
+    whose gradients DistributedDataParallel averages; the epoch means are averaged over them too, and only
+    rank 0 calls on_epoch_end. With a loss that is a mean over its batch this is one process's training,
+    but for BatchNorm on the CPU (statistics per process) and losses normalised per process (e.g. over
+    the labelled pixels of each slice).
     """
     if not len(train_set):
         raise DataError(f"{desc}: the training set is empty")
     groups = groups or model.parameter_groups(recipe.new_layer_lr_mult)
     optimizer = build_optimizer(groups, recipe)
-    frozen = batchnorm_layers(model, groups, "backbone") if recipe.freeze_bn else []
-    loader = DataLoader(train_set, batch_size=recipe.batch_size, shuffle=True,
-                        drop_last=len(train_set) > recipe.batch_size, num_workers=recipe.num_workers,
-                        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(seed))
+    loader = training_loader(train_set, recipe, seed, device)
     use_amp, amp_dtype = training_precision(device, recipe.amp)
     scaler = torch.amp.GradScaler(enabled=use_amp and amp_dtype == torch.float16)
     total, step = (steps if steps is not None else recipe.epochs * len(loader)), 0
     epochs = math.ceil(total / len(loader))
-    place(model, device)
+    place(sync_batchnorm(model, device), device)
+    frozen = batchnorm_layers(model, groups, "backbone") if recipe.freeze_bn else []
+    freeze_batchnorm(frozen)  # before DistributedDataParallel, which averages the trainable parameters only
+    step_loss = data_parallel(StepLoss(model, batch_loss), device)
     for epoch in range(epochs):
         train_set.epoch = epoch
-        model.train()
+        step_loss.train()
         freeze_batchnorm(frozen)
         sums: dict[str, float] = {}
         batches = 0
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{epochs}", unit="batch")
+        bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{epochs}", unit="batch", disable=not is_main())
         for batch in bar:
             if step == total:
                 break
             set_lr(optimizer, lr_factor(step, total, len(loader), recipe))
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                loss, parts = batch_loss(_to_device(batch, device))
+                loss, parts = step_loss(_to_device(batch, device))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -202,9 +236,11 @@ def fit(model: nn.Module, train_set: EpochSeededSet, batch_loss: Callable[..., t
                 sums[key] = sums.get(key, 0.0) + value
             if step % PROGRESS_EVERY == 0 or bar.n + 1 == len(loader):
                 bar.set_postfix(loss=f"{_finite(loss.item(), desc, epoch):.3f}")
-        means = {"loss": _finite(float(loss_sum) / batches, desc, epoch),
-                 **{key: value / batches for key, value in sums.items()}}
-        on_epoch_end(epoch + 1, means)
+        means = mean_over_ranks({"loss": float(loss_sum) / batches,
+                                 **{key: value / batches for key, value in sums.items()}}, device)
+        _finite(means["loss"], desc, epoch)
+        if is_main():
+            on_epoch_end(epoch + 1, means)
 
 
 def _finite(loss: float, desc: str, epoch: int) -> float:

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from wsss_core.cams.store import CamStoreWriter, RawArray
 from wsss_core.data.dataset import Dataset, size_batches
 from wsss_core.data.transforms import normalize
+from wsss_core.distributed import shard_of
 from wsss_core.training import memory_format
 
 CamMaps = Callable[[torch.Tensor], dict[str, torch.Tensor]]  # images [B,3,h,w] -> {name: [B, K, h', w'] >= 0}
@@ -107,19 +108,22 @@ class _BatchReader(torch.utils.data.Dataset):
 
 def iterate_cams(cam_maps: CamMaps, dataset: Dataset, ids: list[str], *, mean: tuple, std: tuple,
                  scales: list[float], flip: bool, batch_size: int, device: torch.device, num_workers: int = 0,
-                 raw_maps: RawMaps | None = None, segment: SegmentLogits | None = None
+                 raw_maps: RawMaps | None = None, segment: SegmentLogits | None = None, shard: tuple[int, int] = (0, 1)
                  ) -> Iterator[tuple[str, np.ndarray, np.ndarray, dict[str, np.ndarray], dict[str, RawArray]]]:
     """Yield (id, cam float32 [k, H, W] in [0, 1], keys [k], extras, raw) per image, in size-batch order.
+
+    shard (index, count): only every count-th size batch from `index`. Shards are whole batches of the
+    one-process run, so each image is computed in the very batch it would be without shards.
 
     Only the image's ground-truth classes are kept (the standard protocol). extras: the other class
     maps of cam_maps ([k, H, W], normalised like the CAM) and, with `segment`, 'seg': its probabilities
     for [background, keys] ([k+1, H, W]); raw: raw_maps at scale 1 with the flip view stacked. On CUDA:
     float16 autocast and channels_last images (place the model with training.place).
     """
-    batches = size_batches(dataset, ids, batch_size)
+    batches = shard_of(size_batches(dataset, ids, batch_size), *shard)
     loader = torch.utils.data.DataLoader(_BatchReader(dataset, batches, mean, std), batch_size=None,
                                          num_workers=num_workers)
-    bar = tqdm(total=len(ids), desc="export_cams", unit="img")
+    bar = tqdm(total=sum(map(len, batches)), desc="export_cams", unit="img")
     for batch_ids, images in zip(batches, loader):
         images = images.to(device, memory_format=memory_format(device))
         with torch.autocast(device.type, enabled=device.type == "cuda"):  # float16: closer to fp32 CAMs than bf16
@@ -139,13 +143,15 @@ def iterate_cams(cam_maps: CamMaps, dataset: Dataset, ids: list[str], *, mean: t
 
 def export_cams(cam_maps: CamMaps, dataset: Dataset, ids: list[str], out_path: str | Path, attrs: dict, *,
                 mean: tuple, std: tuple, scales: list[float], flip: bool, batch_size: int, device: torch.device,
-                num_workers: int = 0, raw_maps: RawMaps | None = None, segment: SegmentLogits | None = None
-                ) -> float:
-    """Write the CAM store at out_path (atomically) and return the export rate in images/second."""
-    start = time.perf_counter()
+                num_workers: int = 0, raw_maps: RawMaps | None = None, segment: SegmentLogits | None = None,
+                shard: tuple[int, int] = (0, 1)) -> float:
+    """Write the CAM store at out_path (atomically), of one shard of ids (see iterate_cams), and return the
+    export rate in images/second."""
+    start, count = time.perf_counter(), 0
     with CamStoreWriter(out_path, attrs) as writer:
         for image_id, cam, keys, extras, raw in iterate_cams(
                 cam_maps, dataset, ids, mean=mean, std=std, scales=scales, flip=flip, batch_size=batch_size,
-                device=device, num_workers=num_workers, raw_maps=raw_maps, segment=segment):
+                device=device, num_workers=num_workers, raw_maps=raw_maps, segment=segment, shard=shard):
             writer.write(image_id, cam, keys, extras, raw)
-    return len(ids) / (time.perf_counter() - start)
+            count += 1
+    return count / (time.perf_counter() - start)

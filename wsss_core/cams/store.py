@@ -177,6 +177,49 @@ def write_placeholder_store(path: str | Path, reason: str) -> None:
         handle.attrs["skipped"] = reason
 
 
+def shard_path(path: str | Path, index: int, count: int) -> Path:
+    """Return where shard `index` of `count` of the store at `path` is written: `<name>.shard-<i>-of-<n>` beside it."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.shard-{index}-of-{count}")
+
+
+def merge_stores(parts: list[Path], destination: str | Path, ids: list[str]) -> None:
+    """Write the store `destination` (atomically) from shard stores that hold each of `ids` exactly once.
+
+    Each image's group is copied as stored (its compressed chunks unchanged), so the merged store holds the
+    same values as one written in one pass; the file attributes are the first part's, the raw names the
+    union of the parts'. A missing part, an image in two parts, or an image missing from or foreign to
+    `ids` is a DataError. The parts are left in place.
+    """
+    for part in parts:
+        if not Path(part).is_file():
+            raise DataError(f"{part}: shard store not found (run every shard before merging)")
+    handles = [h5py.File(part, "r") for part in parts]
+    try:
+        owner: dict[str, h5py.File] = {}
+        for part, handle in zip(parts, handles):
+            for image_id in handle:
+                if image_id in owner:
+                    raise DataError(f"{part}: image {image_id!r} is also in {owner[image_id].filename}")
+                owner[image_id] = handle
+        missing, foreign = sorted(set(ids) - set(owner)), sorted(set(owner) - set(ids))
+        if missing or foreign:
+            raise DataError(f"{destination}: the shards miss {len(missing)} and add {len(foreign)} images of the "
+                            f"{len(ids)} to merge (e.g. {(missing or foreign)[0]!r}): shards of another run?")
+        raw_names: list[str] = []
+        for handle in handles:
+            raw_names += [name for name in json.loads(handle.attrs.get("raw", "[]")) if name not in raw_names]
+        with atomic_path(destination) as temporary, h5py.File(temporary, "w") as merged:
+            for key, value in handles[0].attrs.items():
+                merged.attrs[key] = value
+            merged.attrs["raw"] = json.dumps(raw_names)
+            for image_id in ids:
+                owner[image_id].copy(owner[image_id][image_id], merged, name=image_id)
+    finally:
+        for handle in handles:
+            handle.close()
+
+
 RefineFunction = Callable[[np.ndarray, np.ndarray, dict[str, np.ndarray]], np.ndarray]
 
 
