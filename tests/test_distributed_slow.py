@@ -1,0 +1,70 @@
+"""End-to-end: the stages under torchrun (dist.nproc 2, gloo) and in shards give the one-process artifacts."""
+import json
+import os
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from tests.pipeline import TINY_PARAMS, copy_repo, dvc, recompose
+
+pytestmark = pytest.mark.slow
+
+
+def stage(repo, name, *args, threads=1):
+    """Run `python -m stages.<name> args` in repo with `threads` torch threads; return the completed process."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
+    return subprocess.run([sys.executable, "-m", f"stages.{name}", *args], cwd=repo, env=env, capture_output=True,
+                          text=True)
+
+
+def cams(path) -> dict:
+    with h5py.File(path, "r") as handle:
+        return {image_id: handle[image_id]["cam"][()] for image_id in handle}
+
+
+@pytest.fixture(scope="module")
+def trained_repo(tmp_path_factory):
+    repo = copy_repo(tmp_path_factory.mktemp("dist"), TINY_PARAMS)
+    dvc(repo, "repro", "train_cls")
+    assert stage(repo, "export_cams").returncode == 0  # one process, one thread
+    (repo / "cams/cams.h5").rename(repo / "one_process.h5")
+    return repo
+
+
+def test_export_under_torchrun_and_in_shards_equals_one_process(trained_repo):
+    repo, expected = trained_repo, cams(trained_repo / "one_process.h5")
+    recompose(repo, "dist.nproc=2")
+    result = stage(repo, "export_cams")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert cams(repo / "cams/cams.h5").keys() == expected.keys() and len(expected) == 16
+    for image_id, cam in cams(repo / "cams/cams.h5").items():
+        np.testing.assert_array_equal(cam, expected[image_id])
+    assert not list((repo / "cams").glob("*.shard-*"))
+    assert json.loads((repo / "metrics/export_speed.json").read_text())["images"] == 16
+
+    recompose(repo)
+    for index in (0, 1):
+        assert stage(repo, "export_cams", "--shard", f"{index}/2").returncode == 0
+    assert stage(repo, "export_cams", "--merge", "2").returncode == 0
+    for image_id, cam in cams(repo / "cams/cams.h5").items():
+        np.testing.assert_array_equal(cam, expected[image_id])
+
+    bad = stage(repo, "export_cams", "--shard", "2/2")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --shard '2/2'")
+
+
+def test_train_cls_under_torchrun_writes_once_from_rank_0(trained_repo):
+    repo = trained_repo
+    recompose(repo, "dist.nproc=2", "cls.freeze_bn=true")
+    result = stage(repo, "train_cls")
+    assert result.returncode == 0, result.stderr[-2000:]
+    two = json.loads((repo / "dvclive/train_cls/metrics.json").read_text())
+    recompose(repo, "cls.freeze_bn=true")
+    assert stage(repo, "train_cls").returncode == 0
+    one = json.loads((repo / "dvclive/train_cls/metrics.json").read_text())
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    assert two["val_map"] == pytest.approx(one["val_map"], rel=1e-5)
+    assert not list(repo.glob("**/*.tmp"))
