@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wsss_core.cams.seeds import seed_probabilities, threshold_seeds
+from wsss_core.cams.seeds import images_missing_a_class, seed_probabilities, threshold_seeds
 from wsss_core.config import CrfParams, parse_params
 from wsss_core.errors import ParamsError
 from wsss_core.methods import get_method, method_params
@@ -256,19 +256,35 @@ def batch(size=33):
 
 def test_classification_terms_are_k_log_2_per_head_for_zero_maps():
     loss, parts = tiny_method().training_loss(FixedOutputs(zero_outputs()), batch())
-    assert sorted(parts) == ["cls_agm3", "cls_agm4", "cls_agm5", "cls_top",
-                             "seed_agm3", "seed_agm4", "seed_agm5", "seed_top"]
+    assert sorted(parts) == ["cls_agm3", "cls_agm4", "cls_agm5", "cls_top", "seed_agm3", "seed_agm4", "seed_agm5",
+                             "seed_top", "unseeded_agm3", "unseeded_agm4", "unseeded_agm5", "unseeded_top"]
     for head in ("top", "agm3", "agm4", "agm5"):
         assert parts[f"cls_{head}"] == pytest.approx(K * math.log(2), rel=1e-6)  # 13.863
     assert sum(parts[f"cls_{h}"] for h in ("top", "agm3", "agm4", "agm5")) == pytest.approx(55.452, abs=1e-3)
-    assert loss.item() == pytest.approx(sum(parts.values()), rel=1e-5)
+    assert loss.item() == pytest.approx(sum(v for k, v in parts.items() if not k.startswith("unseeded_")), rel=1e-5)
+
+
+def test_images_missing_a_class_are_found_and_ignored_on_request():
+    seeds = torch.tensor([[[0, 1], [255, 0]], [[0, 0], [255, 3]], [[2, 2], [0, 0]]])
+    labels = torch.tensor([[1.0, 0, 0], [0, 1, 1], [0, 1, 0]])
+    assert images_missing_a_class(seeds, labels).tolist() == [False, True, False]  # image 1 lacks class 2
+    assert images_missing_a_class(torch.full((1, 2, 2), 255), torch.tensor([[0.0, 0, 0]])).tolist() == [False]
+    # zero class maps: the labelled class gets no seed, so every pixel is a background seed (the paper's rule,
+    # loss log(K + 1) per head) or, with unseeded_images=ignore, no pixel is a seed (loss 0)
+    _, paper = tiny_method().training_loss(FixedOutputs(zero_outputs()), batch())
+    _, ignored = tiny_method(unseeded_images="ignore").training_loss(FixedOutputs(zero_outputs()), batch())
+    for head in ("top", "agm3", "agm4", "agm5"):
+        assert paper[f"unseeded_{head}"] == ignored[f"unseeded_{head}"] == 1.0
+        assert paper[f"seed_{head}"] == pytest.approx(math.log(K + 1), rel=1e-6)
+        assert ignored[f"seed_{head}"] == 0.0
+        assert ignored[f"cls_{head}"] == paper[f"cls_{head}"]
 
 
 def test_the_baseline_logs_one_term_of_each_kind_with_the_boundary():
     method = AGENMethod(AGENParams.model_validate({"model": {"agm_stages": [], "coam_stages": [],
                                                              "crf": {"workers": 1}}}))
     _, parts = method.training_loss(FixedOutputs(zero_outputs(stages=())), batch())
-    assert sorted(parts) == ["boundary", "cls_top", "crf_ms", "seed_top"]
+    assert sorted(parts) == ["boundary", "cls_top", "crf_ms", "seed_top", "unseeded_top"]
     assert parts["boundary"] >= 0
 
 

@@ -60,3 +60,15 @@ def threshold_seeds(probabilities: torch.Tensor, valid: torch.Tensor, threshold:
     count = passing.sum(1)
     seeds = passing.to(torch.uint8).argmax(1)
     return torch.where((count == 1) & valid, seeds, torch.full_like(seeds, VOID)).long()
+
+
+def images_missing_a_class(seeds: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Return bool [B]: the images in which some labelled class has no seed pixel.
+
+    seeds: int64 [B, H, W] (0 background, 1..K classes, 255 ignore); labels: multi-hot [B, K].
+    """
+    classes = labels.shape[1]
+    slots = torch.where(seeds == VOID, torch.full_like(seeds, classes + 1), seeds).flatten(1)  # [B, H*W] in 0..K+1
+    seeded = torch.zeros(len(seeds), classes + 2, dtype=torch.bool, device=seeds.device)
+    seeded.scatter_(1, slots, True)
+    return (labels.bool() & ~seeded[:, 1:classes + 1]).any(1)

@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from wsss_core.cams.seeds import SEED_MODES, seed_probabilities, threshold_seeds
+from wsss_core.cams.seeds import SEED_MODES, images_missing_a_class, seed_probabilities, threshold_seeds
 from wsss_core.config import ClsParams, CrfParams, NonNegativeFloat, NonNegativeInt, Params, PositiveFloat, \
     PositiveInt, Section
+from wsss_core.data.palette import VOID
 from wsss_core.errors import ParamsError
 from wsss_core.methods.base import Method, MethodParams, ModelParams, register_method
 from wsss_core.models.agen import AGEN_CLS_BACKBONES, AGEN_SEG_BACKBONES, AGM_STAGES, NEW_LAYER_INITS, STAGE1_STRIDE, \
@@ -86,6 +87,10 @@ class AGENModelParams(ModelParams):
     delta_agm3: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.4
     seed_mode: Literal[SEED_MODES] = "value"  # G2
     restrict_to_labels: bool = True  # G3: CAMs of classes the image lacks are zeroed
+    # An image one of whose labelled classes gets no seed: 'background' keeps the spec's rule (every pixel below
+    # the thresholds, the unseen object's included, is a background seed); 'ignore' leaves the whole image out
+    # of that head's seeding loss (a deviation: early CAMs that are 0 everywhere seed entire images as background).
+    unseeded_images: Literal["background", "ignore"] = "background"
     # G7: seeds and S at the crop size, or at each map's own grid (the CAM resized there, not the seeds subsampled)
     seed_resolution: Literal["input", "feature"] = "input"
     cls_weight: NonNegativeFloat = 1.0
@@ -162,9 +167,10 @@ class AGENMethod(Method):
         return model.delta_top if key == "top" else getattr(model, f"delta_agm{key}")
 
     def training_loss(self, model: AGENNet, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        """Return (L_cls + L_seg + L_bnd weighted, parts): cls_*, seed_* per head ('top' and agmN), boundary and
-        crf_ms (the step's CRF wall time). During the first seg_warmup_steps calls the seeding and boundary
-        parts are 0 and not computed."""
+        """Return (L_cls + L_seg + L_bnd weighted, parts): cls_*, seed_* per head ('top' and agmN), boundary,
+        crf_ms (the step's CRF wall time) and unseeded_* per head (the share of the images in which a labelled
+        class got no seed pixel: under the paper's rule all their seeds are background). During the first
+        seg_warmup_steps calls the seeding and boundary parts (and unseeded_*) are 0 and not computed."""
         settings = self.params.model
         warming_up = self._steps_trained < settings.seg_warmup_steps
         self._steps_trained += 1
@@ -172,12 +178,14 @@ class AGENMethod(Method):
         outputs = model.outputs(images)
         valid = padding_mask(images)
         parts: dict[str, torch.Tensor] = {}
+        unseeded_share: dict[str, float] = {}  # per head: the share of images with a labelled class left unseeded
         for key, class_map in outputs.class_maps.items():
             name = key if key == "top" else f"agm{key}"
             parts[f"cls_{name}"] = F.binary_cross_entropy_with_logits(
                 class_map.mean((2, 3)).float(), labels, reduction="sum") / len(images)
             if warming_up:
                 parts[f"seed_{name}"] = torch.zeros((), device=images.device)
+                unseeded_share[f"unseeded_{name}"] = 0.0
                 continue
             logits = outputs.seg_logits[key]
             size = tuple(images.shape[-2:]) if settings.seed_resolution == "input" else tuple(logits.shape[-2:])
@@ -186,12 +194,16 @@ class AGENMethod(Method):
             probabilities = seed_probabilities(class_map, labels, size, alpha=settings.alpha,
                                                restrict_to_labels=settings.restrict_to_labels, valid=mask)
             seeds = threshold_seeds(probabilities, mask, self._threshold(key), settings.seed_mode)
+            unseeded = images_missing_a_class(seeds, labels)
+            unseeded_share[f"unseeded_{name}"] = unseeded.float().mean().item()
+            if settings.unseeded_images == "ignore":
+                seeds = seeds.masked_fill(unseeded[:, None, None], VOID)
             if tuple(logits.shape[-2:]) != size:
                 logits = F.interpolate(logits, size, mode="bilinear", align_corners=False)
             parts[f"seed_{name}"] = balanced_seed_loss(logits, seeds)
         loss = (settings.cls_weight * sum(v for k, v in parts.items() if k.startswith("cls_"))
                 + settings.seg_weight * sum(v for k, v in parts.items() if k.startswith("seed_")))
-        logged = {key: value.item() for key, value in parts.items()}
+        logged = {**{key: value.item() for key, value in parts.items()}, **unseeded_share}
         if settings.boundary_weight > 0 and warming_up:
             logged["crf_ms"], logged["boundary"] = 0.0, 0.0
         elif settings.boundary_weight > 0:
