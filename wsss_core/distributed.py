@@ -18,6 +18,7 @@ from torch.utils.data import BatchSampler, RandomSampler, Sampler
 
 from wsss_core.errors import ParamsError
 
+
 def launched_by_torchrun() -> bool:
     """Return True in a process that torchrun started as one of several (WORLD_SIZE > 1 in the environment)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1

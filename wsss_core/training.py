@@ -143,8 +143,8 @@ def _to_device(batch, device: torch.device):
 
 def batches_per_epoch(count: int, batch_size: int) -> int:
     """Return fit's batches per epoch over `count` samples: whole batches only, or one batch of them all when
-    they fit in one."""
-    return count // batch_size if count > batch_size else 1
+    they fit in one (the rule of distributed.global_batches, which draws them)."""
+    return len(global_batches(count, batch_size, torch.Generator()))
 
 
 class StepLoss(nn.Module):
