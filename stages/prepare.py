@@ -7,6 +7,7 @@ import typer
 
 from stages._common import load_params, reports_errors, single_command
 from stages.artifacts import MANIFEST, PARAMS_FILE
+from wsss_core.data.coco import read_coco
 from wsss_core.data.synthetic import SyntheticSpec, generate_synthetic
 from wsss_core.data.tags import read_tags
 from wsss_core.data.voc import read_voc
@@ -31,6 +32,10 @@ def prepare(params_file: Path = typer.Option(PARAMS_FILE, "--params", help="para
                 raise ParamsError("data.tags.root: give the folder holding images/ and the labels file")
             dataset = read_tags(tags.root, tags.labels, tags.classes, tags.val_list, tags.val_fraction, data.seed,
                                 max_pixels=data.max_pixels)
+        elif data.name == "coco":
+            coco = data.coco
+            dataset = read_coco(coco.root, coco.train_split, coco.val_split, coco.train_list, coco.val_list,
+                                coco.keep_unlabelled, coco.crowd, coco.mask_cache, max_pixels=data.max_pixels)
         else:
             voc = data.voc
             dataset = read_voc(voc.root, voc.train_list, voc.val_list, voc.val_fraction, data.seed, voc.use_aug,

@@ -39,7 +39,7 @@ def test_every_composition_validates(method, data, profile):
     composed = yaml.safe_load(compose([f"method={method}", f"data={data}", f"profile={profile}"], REPO / "conf"))
     params = parse(composed)
     assert (params.method, params.profile) == (method, profile)
-    assert params.data.name == {"synthetic": "synthetic", "tags": "tags"}.get(data, "voc")
+    assert params.data.name == {"synthetic": "synthetic", "tags": "tags", "coco": "coco"}.get(data, "voc")
     assert "${" not in yaml.safe_dump(composed)  # every interpolation resolved
 
 
@@ -119,8 +119,8 @@ def test_unknown_method_lists_registered_ones():
 
 
 def test_unknown_choice_lists_allowed():
-    with pytest.raises(ParamsError, match=r"data\.name: .*'synthetic', 'voc' or 'tags'"):
-        parse({"data": {"name": "coco"}})
+    with pytest.raises(ParamsError, match=r"data\.name: .*'synthetic', 'voc', 'tags' or 'coco'"):
+        parse({"data": {"name": "imagenet"}})
 
 
 def test_not_a_mapping():

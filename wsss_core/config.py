@@ -94,8 +94,25 @@ class TagsParams(Section):
     val_fraction: Fraction = 0.2
 
 
+class CocoParams(Section):
+    """MS COCO 2014, or any set in its format (wsss_core/data/coco.py has the layout and the rasterising rule)."""
+
+    root: str = "data/coco"  # holding <split>/ image folders and annotations/instances_<split>.json
+    train_split: str = "train2014"
+    val_split: str = "val2014"
+    # Optional id lists (files under root) restricting a split; empty: every labelled image of the split.
+    train_list: str = ""
+    val_list: str = ""
+    # Keep images with no annotation (the papers drop them: 82,081 train / 40,137 val of 82,783 / 40,504).
+    keep_unlabelled: bool = False
+    # What crowd regions become in the masks: ignore (255), class (their category) or background (0).
+    crowd: Literal["ignore", "class", "background"] = "ignore"
+    # Rasterised masks are kept here (one subfolder per annotation content and rule), across prepare runs.
+    mask_cache: str = "data/coco_masks"
+
+
 class DataParams(Section):
-    name: Literal["synthetic", "voc", "tags"] = "synthetic"
+    name: Literal["synthetic", "voc", "tags", "coco"] = "synthetic"
     # The folder (or file) the raw data come from, relative to the repo root: the prepare stage depends on it,
     # so new photos, labels or masks there re-run it. Each preset sets it (voc, tags: their root).
     source: str = "conf/data/synthetic.yaml"
@@ -105,6 +122,7 @@ class DataParams(Section):
     synthetic: SyntheticParams = SyntheticParams()
     voc: VocParams = VocParams()
     tags: TagsParams = TagsParams()
+    coco: CocoParams = CocoParams()
 
 
 class TrainRecipe(Section):

@@ -28,6 +28,10 @@ PLAIN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 """An image id is a plain file name: it cannot name a folder, leave the dataset root or nest HDF5 groups."""
 
 
+IMAGE_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*/[A-Za-z0-9][A-Za-z0-9_.-]*\.(jpg|jpeg|png)")
+"""An image's path under the root in a manifest: one plain folder (images/, train2014/, ...) and a plain name."""
+
+
 def check_image_id(image_id: str, where: str) -> str:
     """Return image_id if it is a plain name (letters, digits, '_', '.', '-'), else raise a DataError naming `where`."""
     if not isinstance(image_id, str) or not PLAIN_ID.fullmatch(image_id) or ".." in image_id:
@@ -50,6 +54,8 @@ class Dataset:
     # The ids that had a mask when the manifest was written (so a mask added later changes the manifest and
     # re-scores); None: look for the file.
     masked: frozenset[str] | None = None
+    # The folder holding `mask_dirs` when it is not root (COCO: masks rasterised into a cache; see coco.py).
+    mask_root: Path | None = None
 
     @property
     def num_classes(self) -> int:
@@ -81,7 +87,7 @@ class Dataset:
     def mask_path(self, image_id: str) -> Path:
         """Return the first existing mask among `mask_dirs` (the last one if none exists)."""
         for folder in self.mask_dirs:
-            path = self.root / folder / f"{image_id}.png"
+            path = (self.mask_root or self.root) / folder / f"{image_id}.png"
             if path.exists():
                 return path
         return path
@@ -103,19 +109,15 @@ class Dataset:
     def save(self, path: str | Path) -> None:
         """Write the manifest JSON (root stored relative to the manifest's folder when inside it)."""
         path = Path(path)
-        root = self.root.resolve()
-        try:
-            root_text = str(root.relative_to(path.parent.resolve()))
-        except ValueError:
-            root_text = str(root)
         manifest = {
-            "root": root_text,
+            "root": _relative_to(self.root, path.parent),
             "class_names": self.class_names,
             "mask_dirs": list(self.mask_dirs),
             "splits": self.splits,
             "labels": self.labels,
             "max_pixels": self.max_pixels,
             **({"images": self.images} if self.images is not None else {}),
+            **({"mask_root": _relative_to(self.mask_root, path.parent)} if self.mask_root is not None else {}),
             "masked": sorted({image_id for ids in self.splits.values() for image_id in ids if self.has_mask(image_id)}),
         }
         with atomic_path(path) as temporary:
@@ -138,6 +140,7 @@ class Dataset:
                 max_pixels=int(manifest.get("max_pixels", DEFAULT_MAX_PIXELS)),
                 images=dict(manifest["images"]) if "images" in manifest else None,
                 masked=frozenset(manifest["masked"]) if "masked" in manifest else None,
+                mask_root=(path.parent / manifest["mask_root"]) if "mask_root" in manifest else None,
             )
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as err:
             raise DataError(f"{path}: not a valid dataset manifest ({err})") from None
@@ -145,10 +148,18 @@ class Dataset:
             check_image_id(image_id, str(path))
         for image_id, file in (dataset.images or {}).items():
             check_image_id(image_id, str(path))
-            if not re.fullmatch(r"images/" + re.escape(image_id) + r"\.(jpg|jpeg|png)", file):
-                raise DataError(f"{path}: image {file!r} of {image_id!r} is not images/<id>.jpg|jpeg|png")
+            if not IMAGE_FILE.fullmatch(file) or Path(file).stem != image_id:
+                raise DataError(f"{path}: image {file!r} of {image_id!r} is not <folder>/<id>.jpg|jpeg|png")
         return dataset
 
+
+def _relative_to(folder: Path, base: Path) -> str:
+    """Return folder as text, relative to base when inside it (so a manifest moves with its repo), else absolute."""
+    folder = Path(folder).resolve()
+    try:
+        return str(folder.relative_to(base.resolve()))
+    except ValueError:
+        return str(folder)
 
 
 def size_batches(dataset: Dataset, ids: list[str], batch_size: int) -> list[list[str]]:
