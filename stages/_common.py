@@ -7,9 +7,11 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+import torch
 import typer
 import yaml
 from dvclive import Live
@@ -18,11 +20,18 @@ from stages.artifacts import OUTPUTS, PARAMS_FILE
 from wsss_core.cams.store import write_placeholder_store
 from wsss_core.checkpoint import save_placeholder_checkpoint
 from wsss_core.config import Params, parse_params
-from wsss_core.distributed import is_main, launched_by_torchrun
+from wsss_core.data.dataset import Dataset
+from wsss_core.data.label_dir import LabelDirWriter, merge_label_dirs
+from wsss_core.distributed import barrier, is_main, launched_by_torchrun, parse_shard, process_group, shard_of, world
 from wsss_core.errors import ParamsError, WsssError
-from wsss_core.io import atomic_path, write_json
+from wsss_core.io import atomic_path, remove_path, shard_path, write_json
 from wsss_core.methods import method_params
 from wsss_core.pipeline import skip_reason
+from wsss_core.training import resolve_device
+
+SHARD_OPTION = typer.Option("", "--shard", help="i/n: do shard i of n only, writing each output beside itself as "
+                            "<name>.shard-i-of-n (e.g. one task of a cluster's job array); merge them with --merge n")
+MERGE_OPTION = typer.Option(0, "--merge", help="n: merge the n shards written with --shard into the outputs")
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -83,6 +92,66 @@ def ran_under_torchrun(module: str, nproc: int) -> bool:
     return True
 
 
+def run_sharded(module: str, params: Params, shard: str, merge: int,
+                work: Callable[[int, int, torch.device], None], combine: Callable[[int, float | None], None]) -> None:
+    """Run a per-image stage in one process, as dist.nproc ranks under torchrun, or as one `--shard i/n`.
+
+    work(index, count, device) does shard `index` of `count`: with count 1 the whole stage, into its outputs;
+    otherwise into shard_path(output, index, count) beside each. combine(count, seconds) merges `count` shards
+    into the outputs and removes them; seconds is the sharded work's wall time under torchrun (rank 0 merges
+    once every rank is done), None for `--merge n` after shards that ran apart.
+    """
+    if merge:
+        if merge < 1:
+            raise ParamsError(f"--merge {merge}: give the number of shards (at least 1)")
+        combine(merge, None)
+        return
+    if not shard and ran_under_torchrun(module, params.dist.nproc):
+        return
+    with process_group(resolve_device(params.device), params.dist.backend) as device:
+        rank, size = world()
+        if shard and size > 1:
+            raise ParamsError("--shard does one shard in one process; under torchrun the ranks are the shards")
+        index, count = parse_shard(shard) if shard else (rank, size)
+        started = time.perf_counter()
+        work(index, count, device)
+        barrier()
+        if count > 1 and size > 1 and rank == 0:
+            combine(count, time.perf_counter() - started)
+        elif shard and count > 1:
+            typer.echo(f"wrote shard {index} of {count}; once all are written: python -m {module} --merge {count}")
+
+
+def run_label_stage(module: str, params: Params, shard: str, merge: int, dataset: Dataset, ids: list[str],
+                    folder: Path, metrics: Path, write_labels: Callable[[list[str], LabelDirWriter], None],
+                    summary: Callable[[dict], str]) -> None:
+    """Run a stage whose output is a label folder scored into a metrics file, sharded as run_sharded says.
+
+    write_labels(ids, writer) writes the label maps of some ids, in their order; summary(report) is the line
+    echoed at the end. Shards take every n-th id and are merged (merge_label_dirs) into the one-pass folder
+    and scores.
+    """
+    def finish(report: dict) -> None:
+        write_json(metrics, report)
+        typer.echo(summary(report))
+
+    def work(index: int, count: int, device: torch.device) -> None:
+        with LabelDirWriter(folder if count == 1 else shard_path(folder, index, count), dataset) as writer:
+            write_labels(shard_of(ids, index, count), writer)
+        if count == 1:
+            finish(writer.report())
+
+    def combine(count: int, seconds: float | None) -> None:
+        parts = [shard_path(folder, index, count) for index in range(count)]
+        with LabelDirWriter(folder, dataset) as writer:
+            merge_label_dirs(parts, writer, ids)
+        for part in parts:
+            remove_path(part)
+        finish(writer.report())
+
+    run_sharded(module, params, shard, merge, work, combine)
+
+
 @contextlib.contextmanager
 def training_curves(folder: str | Path) -> Iterator[Live | None]:
     """Yield a dvclive Live writing into `<folder>.tmp`, which replaces `folder` when training succeeds.
@@ -115,9 +184,10 @@ def skipped(stage: str, params: Params) -> bool:
     reason = skip_reason(stage, params.pseudo)
     if reason is None:
         return False
-    for path, kind in OUTPUTS[stage].items():
-        write_placeholder(path, kind, reason)
-    typer.echo(f"{stage}: skipped ({reason}); wrote placeholders")
+    if is_main():  # under torchrun, rank 0 alone writes them
+        for path, kind in OUTPUTS[stage].items():
+            write_placeholder(path, kind, reason)
+        typer.echo(f"{stage}: skipped ({reason}); wrote placeholders")
     return True
 
 

@@ -15,11 +15,13 @@ from torch.utils.data import DataLoader
 from tests.fixtures import make_dataset
 from tests.tiny import tiny_cam_net
 from wsss_core.cams.infer import export_cams
-from wsss_core.cams.store import CamStoreWriter, merge_stores, shard_path
+from wsss_core.cams.store import CamStoreWriter, merge_stores
 from wsss_core.config import TrainRecipe
+from wsss_core.data.label_dir import LabelDirWriter, merge_label_dirs
 from wsss_core.distributed import (RankSlices, data_parallel, global_batches, is_main, parse_shard, process_group,
                                    shard_of)
 from wsss_core.errors import DataError, ParamsError
+from wsss_core.io import shard_path
 from wsss_core.methods.cam import CamMethod
 from wsss_core.training import EpochSeededSet, ParamGroup, StepLoss, fit
 
@@ -207,3 +209,32 @@ def test_a_global_batch_the_processes_do_not_divide_is_refused(tmp_path, monkeyp
     with pytest.raises(ParamsError, match="batch_size 8 is the global batch and must be a multiple of the 3"):
         fit(model, BlobSet(), cross_entropy(model), recipe=RECIPE, device=torch.device("cpu"), seed=0, desc="x",
             groups=[ParamGroup("new", list(model.parameters()))])
+
+
+def test_label_folder_shards_merge_into_the_one_pass_folder_and_scores(tmp_path):
+    dataset = make_dataset(tmp_path)
+    ids = dataset.ids("train")
+    maps = {image_id: (dataset.read_mask(image_id) + index) % 3 for index, image_id in enumerate(ids)}
+    with LabelDirWriter(tmp_path / "one", dataset) as one:
+        for image_id in ids:
+            one.write(image_id, maps[image_id])
+    parts = [tmp_path / f"part{index}" for index in range(2)]
+    for index, part in enumerate(parts):
+        with LabelDirWriter(part, dataset) as writer:
+            for image_id in shard_of(ids, index, 2):
+                writer.write(image_id, maps[image_id])
+    with LabelDirWriter(tmp_path / "merged", dataset) as merged:
+        merge_label_dirs(parts, merged, ids)
+    assert merged.report() == one.report() and one.report()["scored_images"] == len(ids)
+    for image_id in ids:
+        assert (tmp_path / "merged" / f"{image_id}.png").read_bytes() == (tmp_path / "one" / f"{image_id}.png").read_bytes()
+    with pytest.raises(DataError, match="miss 1 and add 0"):
+        with LabelDirWriter(tmp_path / "bad", dataset) as writer:
+            merge_label_dirs(parts, writer, ids + ["extra"])
+    with pytest.raises(DataError, match="is also in"):
+        with LabelDirWriter(tmp_path / "bad", dataset) as writer:
+            merge_label_dirs([*parts, tmp_path / "one"], writer, ids)
+    with pytest.raises(DataError, match="shard folder not found"):
+        with LabelDirWriter(tmp_path / "bad", dataset) as writer:
+            merge_label_dirs([tmp_path / "nowhere"], writer, ids)
+    assert not (tmp_path / "bad").exists()

@@ -68,3 +68,57 @@ def test_train_cls_under_torchrun_writes_once_from_rank_0(trained_repo):
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
     assert two["val_map"] == pytest.approx(one["val_map"], rel=1e-5)
     assert not list(repo.glob("**/*.tmp"))
+
+
+PER_IMAGE_STAGES = {  # stage: (its output, its metrics)
+    "affinity_labels": ("labels/affinity", "metrics/affinity_labels.json"),
+    "random_walk": ("cams/cams_rw.h5", "metrics/rw.json"),
+    "dcrf": ("labels/crf", "metrics/crf.json"),
+    "pseudo_masks": ("labels/pseudo", "metrics/pseudo.json"),
+}
+
+
+def artifact(path) -> dict:
+    """Return a label folder's PNG bytes by name, or a store's every dataset's values and attributes by name."""
+    if path.is_dir():
+        return {file.name: file.read_bytes() for file in sorted(path.iterdir())}
+    def attrs(item) -> dict:
+        return {key: value.tolist() if isinstance(value, np.ndarray) else value for key, value in item.attrs.items()}
+
+    entries = {}
+    with h5py.File(path, "r") as handle:
+        entries["/"] = attrs(handle)
+        handle.visititems(lambda name, item: entries.__setitem__(
+            name, (item[()].tobytes(), attrs(item)) if isinstance(item, h5py.Dataset) else attrs(item)))
+    return entries
+
+
+@pytest.fixture(scope="module")
+def walked_repo(tmp_path_factory):
+    repo = copy_repo(tmp_path_factory.mktemp("shards"), TINY_PARAMS)
+    dvc(repo, "repro", "pseudo_masks")
+    return repo
+
+
+@pytest.mark.parametrize("name", list(PER_IMAGE_STAGES))
+def test_per_image_stage_under_torchrun_and_in_shards_equals_one_process(walked_repo, name):
+    repo = walked_repo
+    output, metrics = (repo / path for path in PER_IMAGE_STAGES[name])
+    expected, expected_metrics = artifact(output), json.loads(metrics.read_text())
+    assert len(expected) > 16 if output.suffix == ".h5" else len(expected) == 16
+    recompose(repo, "dist.nproc=2")
+    result = stage(repo, name)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert artifact(output) == expected and json.loads(metrics.read_text()) == expected_metrics
+    recompose(repo)
+    for index in (0, 1):
+        assert stage(repo, name, "--shard", f"{index}/2").returncode == 0
+    assert artifact(output) == expected  # the shards went beside it
+    assert stage(repo, name, "--merge", "2").returncode == 0
+    assert artifact(output) == expected and json.loads(metrics.read_text()) == expected_metrics
+    assert not list(repo.glob("**/*.shard-*")) and not list(repo.glob("**/*.tmp"))
+    missing = stage(repo, name, "--merge", "2")
+    assert missing.returncode == 2 and "shard" in missing.stderr.strip().splitlines()[-1]
+    if not output.is_dir():  # a merged store holds the same values in another HDF5 layout (the PNGs are the same bytes)
+        dvc(repo, "checkout", "--force", name)  # the cached bytes back, for the next stages' status
+    assert "up to date" in dvc(repo, "status", name).stdout

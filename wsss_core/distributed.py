@@ -32,8 +32,12 @@ def world() -> tuple[int, int]:
 
 
 def is_main() -> bool:
-    """Return True on rank 0, the one process that writes artifacts, curves and metrics."""
-    return world()[0] == 0
+    """Return True on rank 0, the one process that writes artifacts, curves and metrics (torchrun's RANK
+    before the process group is joined; True in a process torchrun did not start)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
 
 
 @contextlib.contextmanager

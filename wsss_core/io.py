@@ -69,3 +69,9 @@ def save_image(path: str | Path, pixels) -> None:
         raise ValueError(f"{path}: unknown image suffix {path.suffix!r} (use .png or .jpg)")
     with atomic_path(path) as temporary:
         Image.fromarray(pixels).save(temporary, format=image_format, **({"quality": 90} if image_format == "JPEG" else {}))
+
+
+def shard_path(path: str | Path, index: int, count: int) -> Path:
+    """Return where shard `index` of `count` of the artifact at `path` is written: `<name>.shard-<i>-of-<n>` beside it."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.shard-{index}-of-{count}")

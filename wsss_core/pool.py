@@ -26,7 +26,8 @@ def run_pool(function: Callable, jobs: Iterable, workers: int, total: int | None
              ) -> Iterator:
     """Yield function(job) for every job, in job order, computed in `workers` processes.
 
-    workers=0 uses os.cpu_count(); workers=1 runs in this process. function must be picklable (top
+    workers=0 uses the machine's cores, shared among torchrun's processes on it (LOCAL_WORLD_SIZE) so that
+    sharded stages do not oversubscribe them; workers=1 runs in this process. function must be picklable (top
     level, or a functools.partial of one). total (the number of jobs, when known) sizes the chunks
     and the progress bar, which shows rate and ETA.
     """
@@ -34,7 +35,8 @@ def run_pool(function: Callable, jobs: Iterable, workers: int, total: int | None
         raise ValueError(f"workers must be >= 0, got {workers}")
     if total is None and hasattr(jobs, "__len__"):
         total = len(jobs)
-    return _pool_results(function, jobs, workers or os.cpu_count() or 1, total, desc)
+    cores = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return _pool_results(function, jobs, workers or cores, total, desc)
 
 
 def _pool_results(function: Callable, jobs: Iterable, workers: int, total: int | None, desc: str) -> Iterator:

@@ -177,12 +177,6 @@ def write_placeholder_store(path: str | Path, reason: str) -> None:
         handle.attrs["skipped"] = reason
 
 
-def shard_path(path: str | Path, index: int, count: int) -> Path:
-    """Return where shard `index` of `count` of the store at `path` is written: `<name>.shard-<i>-of-<n>` beside it."""
-    path = Path(path)
-    return path.with_name(f"{path.name}.shard-{index}-of-{count}")
-
-
 def merge_stores(parts: list[Path], destination: str | Path, ids: list[str]) -> None:
     """Write the store `destination` (atomically) from shard stores that hold each of `ids` exactly once.
 

@@ -77,3 +77,26 @@ def check_label_dir(folder: str | Path, ids: list[str], stage: str) -> None:
     if missing:
         raise DataError(f"{folder}: {len(missing)} of the {len(ids)} train images have no label map "
                         f"(e.g. {missing[0]!r}); re-run the {stage} stage")
+
+
+def merge_label_dirs(parts: list[Path], writer: LabelDirWriter, ids: list[str]) -> None:
+    """Write each of `ids`, in order, into writer from the one part folder that holds it.
+
+    The merged folder and its scores are then those of one pass over `ids` (the PNGs are the same label maps,
+    scored in the same order). A missing part, or an id in no part or in two, is a DataError; the parts are
+    left in place.
+    """
+    owner: dict[str, Path] = {}
+    for part in parts:
+        if not Path(part).is_dir():
+            raise DataError(f"{part}: shard folder not found (run every shard before merging)")
+        for file in Path(part).glob("*.png"):
+            if file.stem in owner:
+                raise DataError(f"{file}: image {file.stem!r} is also in {owner[file.stem]}")
+            owner[file.stem] = Path(part)
+    missing, foreign = sorted(set(ids) - set(owner)), sorted(set(owner) - set(ids))
+    if missing or foreign:
+        raise DataError(f"{writer.folder}: the shards miss {len(missing)} and add {len(foreign)} images of the "
+                        f"{len(ids)} to merge (e.g. {(missing or foreign)[0]!r}): shards of another run?")
+    for image_id in ids:
+        writer.write(image_id, read_label_dir(owner[image_id], image_id))

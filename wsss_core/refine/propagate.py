@@ -12,6 +12,7 @@ from wsss_core.cams.store import CamStore
 from wsss_core.config import RwParams
 from wsss_core.data.dataset import Dataset, size_batches
 from wsss_core.data.transforms import normalize
+from wsss_core.distributed import shard_of
 from wsss_core.models.affinity_net import AffinityNet, pair_affinities
 from wsss_core.refine.pairs import neighbour_offsets
 from wsss_core.refine.random_walk import random_walk
@@ -70,14 +71,17 @@ def propagate_batch(model: AffinityNet, images: torch.Tensor, scores: torch.Tens
 
 
 def iterate_random_walk(model: AffinityNet, store: CamStore, dataset: Dataset, ids: list[str], rw: RwParams, *,
-                        device: torch.device) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+                        device: torch.device, shard: tuple[int, int] = (0, 1)
+                        ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
     """Yield (id, scores float32 [k+1, H, W] in [0, 1], keys [k]); channel 0 is background (see walked_scores).
 
-    Images of equal size and equal class count are batched together (rw.batch_size at most).
+    Images of equal size and equal class count are batched together (rw.batch_size at most). shard (index,
+    count): only every count-th size batch from `index`, so each image walks in the batch it would without shards.
     """
     model.eval().to(device)
-    bar = tqdm(total=len(ids), desc="random_walk", unit="img")
-    for batch in size_batches(dataset, ids, rw.batch_size):
+    batches = shard_of(size_batches(dataset, ids, rw.batch_size), *shard)
+    bar = tqdm(total=sum(len(batch) for batch in batches), desc="random_walk", unit="img")
+    for batch in batches:
         by_count: dict[int, list[str]] = {}
         for image_id in batch:
             by_count.setdefault(len(dataset.labels[image_id]), []).append(image_id)
