@@ -121,6 +121,22 @@ def test_seed_probabilities_are_max_normalised_over_the_image_classes_only():
     assert torch.all(probabilities[0, 0][foreground == 0] == 1)
 
 
+def test_min_max_seed_probabilities_keep_a_peak_for_a_class_negative_everywhere():
+    maps = torch.tensor([[[[-3.0, -1.0, -100.0], [-2.0, -5.0, -100.0]]]])  # [1, 1, 2, 3]; last column is padding
+    valid = torch.tensor([[[True, True, False], [True, True, False]]])
+    labels = torch.ones(1, 1)
+    paper = seed_probabilities(maps, labels, (2, 3), alpha=8.0, valid=valid)
+    assert torch.all(paper[0, 1] == 0) and torch.all(paper[0, 0] == 1)  # Eq. 3: all background
+    ours = seed_probabilities(maps, labels, (2, 3), alpha=8.0, valid=valid, normalisation="min_max")
+    expected = torch.tensor([[0.5, 1.0, 0.0], [0.75, 0.0, 0.0]])  # (Z + 5) / 4 inside, 0 on padding
+    assert torch.allclose(ours[0, 1], expected, atol=1e-5)
+    assert torch.allclose(ours[0, 0], (1 - expected) ** 8)
+    seeds = threshold_seeds(ours, valid, 0.3)
+    assert seeds.tolist() == [[[1, 1, 255], [1, 0, 255]]]  # the peak seeds the class; the minimum background
+    with pytest.raises(ValueError, match="normalisation 'softmax'"):
+        seed_probabilities(maps, labels, (2, 3), alpha=8.0, normalisation="softmax")
+
+
 def one_pixel(*foreground: float) -> torch.Tensor:
     """P [1, 1 + len, 1, 1] for hand-set foreground values, the background (1 - max)^8."""
     values = torch.tensor(foreground)

@@ -122,3 +122,22 @@ def test_per_image_stage_under_torchrun_and_in_shards_equals_one_process(walked_
     if not output.is_dir():  # a merged store holds the same values in another HDF5 layout (the PNGs are the same bytes)
         dvc(repo, "checkout", "--force", name)  # the cached bytes back, for the next stages' status
     assert "up to date" in dvc(repo, "status", name).stdout
+
+
+def test_agen_joint_training_under_torchrun(trained_repo):
+    """AGEN's joint step (both branches, online seeds, the CRF's boundary loss) trains under DDP; rank 0 writes."""
+    from tests.test_agen_e2e import TINY_AGEN
+
+    repo = trained_repo
+    recompose(repo, *TINY_AGEN, "cls.freeze_bn=true", "dist.nproc=2")
+    result = stage(repo, "train_cls")
+    assert result.returncode == 0, result.stderr[-2000:]
+    two = json.loads((repo / "dvclive/train_cls/metrics.json").read_text())
+    recompose(repo, *TINY_AGEN, "cls.freeze_bn=true")
+    assert stage(repo, "train_cls").returncode == 0
+    one = json.loads((repo / "dvclive/train_cls/metrics.json").read_text())
+    print({key: (one[key], two[key]) for key in sorted(one) if isinstance(one[key], float)})
+    assert {"seed_top", "boundary", "unseeded_top"} <= set(two)
+    # The BCE terms are means over the batch, so they match; the balanced seeding loss is normalised per slice.
+    assert two["cls_top"] == pytest.approx(one["cls_top"], rel=1e-4)
+    assert not list(repo.glob("**/*.tmp"))

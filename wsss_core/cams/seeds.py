@@ -12,27 +12,39 @@ import torch.nn.functional as F
 from wsss_core.data.palette import VOID
 
 SEED_MODES = ("value", "topk_frac", "range_top")
+CAM_NORMALISATIONS = ("relu_max", "min_max")
 NORMALISER_EPSILON = 1e-5
 
 
 @torch.no_grad()
 def seed_probabilities(class_maps: torch.Tensor, labels: torch.Tensor, size: tuple[int, int], *, alpha: float,
-                       restrict_to_labels: bool = True, valid: torch.Tensor | None = None) -> torch.Tensor:
+                       restrict_to_labels: bool = True, valid: torch.Tensor | None = None,
+                       normalisation: str = "relu_max") -> torch.Tensor:
     """Return P [B, K+1, H, W] in [0, 1]: channel 0 the background (1 - max_k M_k)^alpha, channel k the
-    class map ReLU(Z_k) bilinearly resized to size = (H, W) and divided by its maximum (+1e-5).
+    class map Z_k bilinearly resized to size = (H, W) and normalised.
 
+    normalisation 'relu_max' (the paper's): ReLU(Z_k) divided by its maximum (+1e-5), so a class whose map is
+    negative everywhere is 0 everywhere; 'min_max' (a deviation): (Z_k - min) / (max - min + 1e-5) over the
+    photo's pixels, so every class keeps a peak of 1 however negative its map.
     class_maps: raw Z [B, K, h, w]; labels: multi-hot [B, K]. restrict_to_labels zeroes the classes an
-    image is not labelled with before the normalisation and the background (spec G3); valid (bool
-    [B, H, W], False on padding) zeroes the maps outside the photo, so padding never sets the maximum.
+    image is not labelled with before the background (spec G3); valid (bool [B, H, W], False on padding)
+    zeroes the maps outside the photo, so padding never sets the maximum (nor, with min_max, the minimum).
     """
-    maps = F.relu(class_maps.float())
+    maps = F.relu(class_maps.float()) if normalisation == "relu_max" else class_maps.float()
     if tuple(maps.shape[-2:]) != tuple(size):
         maps = F.interpolate(maps, size, mode="bilinear", align_corners=False)
-    if valid is not None:
-        maps = maps * valid[:, None]
+    inside = torch.ones_like(maps[:, :1], dtype=torch.bool) if valid is None else valid[:, None]
+    if normalisation == "min_max":
+        low = maps.masked_fill(~inside, float("inf")).flatten(2).amin(2)[..., None, None]
+        high = maps.masked_fill(~inside, float("-inf")).flatten(2).amax(2)[..., None, None]
+        maps = (maps - low) / (high - low + NORMALISER_EPSILON)
+    elif normalisation != "relu_max":
+        raise ValueError(f"normalisation {normalisation!r} is not one of: {', '.join(CAM_NORMALISATIONS)}")
+    maps = maps.clamp(min=0) * inside  # min_max: negative only outside the photo
     if restrict_to_labels:
         maps = maps * labels.to(maps.dtype)[:, :, None, None]
-    maps = maps / (maps.flatten(2).amax(2)[..., None, None] + NORMALISER_EPSILON)
+    if normalisation == "relu_max":
+        maps = maps / (maps.flatten(2).amax(2)[..., None, None] + NORMALISER_EPSILON)
     background = (1 - maps.amax(1, keepdim=True)).clamp(min=0) ** alpha
     return torch.cat([background, maps], 1)
 

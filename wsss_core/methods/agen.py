@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from wsss_core.cams.seeds import SEED_MODES, images_missing_a_class, seed_probabilities, threshold_seeds
+from wsss_core.cams.seeds import (CAM_NORMALISATIONS, SEED_MODES, images_missing_a_class, seed_probabilities,
+                                  threshold_seeds)
 from wsss_core.config import ClsParams, CrfParams, NonNegativeFloat, NonNegativeInt, Params, PositiveFloat, \
     PositiveInt, Section
 from wsss_core.data.palette import VOID
@@ -91,6 +92,10 @@ class AGENModelParams(ModelParams):
     # the thresholds, the unseen object's included, is a background seed); 'ignore' leaves the whole image out
     # of that head's seeding loss (a deviation: early CAMs that are 0 everywhere seed entire images as background).
     unseeded_images: Literal["background", "ignore"] = "background"
+    # How a class map becomes seed probabilities: relu_max (the paper's Eq. 3: ReLU, divided by the maximum) or
+    # min_max (a deviation: (Z - min) / (max - min), so each labelled class keeps a peak while its map is still
+    # negative everywhere, as the summed BCE makes it in the first steps; docs/methods/agen.md).
+    cam_normalisation: Literal[CAM_NORMALISATIONS] = "relu_max"
     # G7: seeds and S at the crop size, or at each map's own grid (the CAM resized there, not the seeds subsampled)
     seed_resolution: Literal["input", "feature"] = "input"
     cls_weight: NonNegativeFloat = 1.0
@@ -192,7 +197,8 @@ class AGENMethod(Method):
             mask = valid if size == tuple(images.shape[-2:]) else (
                 F.interpolate(valid[:, None].float(), size, mode="nearest")[:, 0].bool())
             probabilities = seed_probabilities(class_map, labels, size, alpha=settings.alpha,
-                                               restrict_to_labels=settings.restrict_to_labels, valid=mask)
+                                               restrict_to_labels=settings.restrict_to_labels, valid=mask,
+                                               normalisation=settings.cam_normalisation)
             seeds = threshold_seeds(probabilities, mask, self._threshold(key), settings.seed_mode)
             unseeded = images_missing_a_class(seeds, labels)
             unseeded_share[f"unseeded_{name}"] = unseeded.float().mean().item()
