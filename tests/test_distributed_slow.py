@@ -136,8 +136,10 @@ def test_agen_joint_training_under_torchrun(trained_repo):
     recompose(repo, *TINY_AGEN, "cls.freeze_bn=true")
     assert stage(repo, "train_cls").returncode == 0
     one = json.loads((repo / "dvclive/train_cls/metrics.json").read_text())
-    print({key: (one[key], two[key]) for key in sorted(one) if isinstance(one[key], float)})
     assert {"seed_top", "boundary", "unseeded_top"} <= set(two)
-    # The BCE terms are means over the batch, so they match; the balanced seeding loss is normalised per slice.
+    # Measured on 2026-11-28: loss 26.44255 (2 processes) vs 26.44254 (1), val mAP equal. The BCE terms are means
+    # over the batch; the seeding and boundary losses are normalised per slice, so they may drift slightly.
     assert two["cls_top"] == pytest.approx(one["cls_top"], rel=1e-4)
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-3)
+    assert two["val_map"] == pytest.approx(one["val_map"], abs=0.02)
     assert not list(repo.glob("**/*.tmp"))
