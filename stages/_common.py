@@ -24,7 +24,7 @@ from wsss_core.data.dataset import Dataset
 from wsss_core.data.label_dir import LabelDirWriter, merge_label_dirs
 from wsss_core.distributed import barrier, is_main, launched_by_torchrun, parse_shard, process_group, shard_of, world
 from wsss_core.errors import ParamsError, WsssError
-from wsss_core.io import atomic_path, remove_path, shard_path, write_json
+from wsss_core.io import atomic_path, remove_path, shard_path, shard_paths, write_json
 from wsss_core.methods import method_params
 from wsss_core.pipeline import skip_reason
 from wsss_core.training import resolve_device
@@ -142,7 +142,7 @@ def run_label_stage(module: str, params: Params, shard: str, merge: int, dataset
             finish(writer.report())
 
     def combine(count: int, seconds: float | None) -> None:
-        parts = [shard_path(folder, index, count) for index in range(count)]
+        parts = shard_paths(folder, count)
         with LabelDirWriter(folder, dataset) as writer:
             merge_label_dirs(parts, writer, ids)
         for part in parts:

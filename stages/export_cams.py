@@ -17,7 +17,7 @@ from stages.artifacts import CAM_STORE, CLS_CHECKPOINT, EXPORT_SPEED, MANIFEST, 
 from wsss_core.cams.infer import export_cams as export
 from wsss_core.cams.store import merge_stores
 from wsss_core.data.dataset import Dataset
-from wsss_core.io import remove_path, shard_path, write_json
+from wsss_core.io import remove_path, shard_path, shard_paths, write_json
 from wsss_core.methods import get_method
 from wsss_core.training import place
 
@@ -51,7 +51,7 @@ def export_cams(params_file: Path = typer.Option(PARAMS_FILE, "--params", help="
             write_speed(rate, len(ids))
 
     def combine(count: int, seconds: float | None) -> None:
-        parts = [shard_path(CAM_STORE, index, count) for index in range(count)]
+        parts = shard_paths(CAM_STORE, count)
         merge_stores(parts, CAM_STORE, ids)
         for part in parts:
             remove_path(part)

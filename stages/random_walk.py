@@ -19,7 +19,7 @@ from wsss_core.cams.store import CamStore, CamStoreWriter, merge_stores
 from wsss_core.checkpoint import load_checkpoint
 from wsss_core.data.dataset import Dataset
 from wsss_core.errors import DataError
-from wsss_core.io import remove_path, shard_path, write_json
+from wsss_core.io import remove_path, shard_path, shard_paths, write_json
 from wsss_core.metrics import ConfusionMatrix, describe_miou, scored_report
 from wsss_core.models.affinity_net import AffinityNet
 from wsss_core.refine.propagate import iterate_random_walk
@@ -65,8 +65,7 @@ def random_walk(params_file: Path = typer.Option(PARAMS_FILE, "--params", help="
             write_json(shard_path(RW_METRICS, index, count), {"confusion": confusion.matrix.tolist()})
 
     def combine(count: int, seconds: float | None) -> None:
-        stores = [shard_path(RW_STORE, index, count) for index in range(count)]
-        matrices = [shard_path(RW_METRICS, index, count) for index in range(count)]
+        stores, matrices = shard_paths(RW_STORE, count), shard_paths(RW_METRICS, count)
         total = np.zeros((dataset.num_classes + 1,) * 2, dtype=np.int64)
         for path in matrices:
             try:

@@ -39,7 +39,6 @@ def is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-
 @contextlib.contextmanager
 def process_group(device: torch.device, backend: str = "auto", timeout_minutes: float = 30.0
                   ) -> Iterator[torch.device]:

@@ -75,3 +75,8 @@ def shard_path(path: str | Path, index: int, count: int) -> Path:
     """Return where shard `index` of `count` of the artifact at `path` is written: `<name>.shard-<i>-of-<n>` beside it."""
     path = Path(path)
     return path.with_name(f"{path.name}.shard-{index}-of-{count}")
+
+
+def shard_paths(path: str | Path, count: int) -> list[Path]:
+    """Return the paths of all `count` shards of the artifact at `path`, in shard order (see shard_path)."""
+    return [shard_path(path, index, count) for index in range(count)]

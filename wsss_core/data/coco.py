@@ -175,16 +175,17 @@ def read_coco(root: str | Path, train_split: str = "train2014", val_split: str =
             by_image[annotation["image_id"]].append(annotation)
         ids = []
         for image in content["images"]:
-            image_id = check_image_id(Path(str(image["file_name"])).stem, f"{path}: image {image['id']}")
-            if Path(image["file_name"]).name != image["file_name"] or image_id in images:
-                raise DataError(f"{path}: image file {image['file_name']!r} is not a plain name, or listed twice")
+            file_name = str(image["file_name"])
+            image_id = check_image_id(Path(file_name).stem, f"{path}: image {image['id']}")
+            if Path(file_name).name != file_name or image_id in images:
+                raise DataError(f"{path}: image file {file_name!r} is not a plain name, or listed twice")
             annotations = by_image[image["id"]]
             classes = sorted({class_of[a["category_id"]] for a in annotations})
             if not classes and not keep_unlabelled:
                 continue
             ids.append(image_id)
             labels[image_id] = classes
-            images[image_id] = f"{split}/{image['file_name']}"
+            images[image_id] = f"{split}/{file_name}"
             jobs.append((root / images[image_id], mask_folder / f"{image_id}.png", int(image["height"]),
                          int(image["width"]), annotations))
         if id_list:
