@@ -101,3 +101,19 @@ def test_batches_per_epoch_is_the_length_of_fits_loader():
     for count, expected in ((1, 1), (7, 1), (8, 1), (9, 1), (17, 2), (300, 37)):
         assert batches_per_epoch(count, 8) == expected == len(DataLoader(range(count), batch_size=8,
                                                                          drop_last=count > 8))
+
+
+class Vector(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(2))
+
+
+@pytest.mark.parametrize(("clip", "expected"), [(0.0, [-0.3, -0.4]), (10.0, [-0.3, -0.4]), (1.0, [-0.06, -0.08])])
+def test_grad_clip_norm_rescales_a_gradient_longer_than_it(clip, expected):
+    # loss = 3 w0 + 4 w1: gradient (3, 4), norm 5; one SGD step at lr 0.1 without momentum or decay.
+    model = Vector()
+    recipe = ClsParams(epochs=1, batch_size=8, lr=0.1, momentum=0.0, weight_decay=0.0, grad_clip_norm=clip)
+    fit(model, Batches(), lambda batch: ((model.weight * torch.tensor([3.0, 4.0])).sum(), {}), recipe=recipe,
+        device=torch.device("cpu"), seed=0, desc="train_x", groups=[ParamGroup("new", [model.weight])], steps=1)
+    assert model.weight.detach().tolist() == pytest.approx(expected, abs=1e-6)

@@ -130,7 +130,7 @@ class TrainRecipe(Section):
 
     optimizer sgd (momentum, nesterov) or adamw; schedule poly ((1 - t)^poly_power), cosine (down to
     lr * min_lr_ratio) or step (x step_gamma at each epoch in step_milestones); warmup_epochs of
-    linear warm-up from 0 precede any schedule. Networks scale lr per parameter group (new layers by
+    linear warm-up from 0 precede any schedule; grad_clip_norm > 0 caps the gradient's global L2 norm. Networks scale lr per parameter group (new layers by
     new_layer_lr_mult) and say which groups take weight decay.
     """
 
@@ -150,6 +150,9 @@ class TrainRecipe(Section):
     step_milestones: list[PositiveInt] = []
     step_gamma: Fraction = 0.1
     warmup_epochs: NonNegativeInt = 0
+    # Rescale each step's gradient (all parameters together) to at most this L2 norm; 0: no clipping (the
+    # papers' recipes).
+    grad_clip_norm: NonNegativeFloat = 0.0
     num_workers: NonNegativeInt = 0
     # IRN keeps the backbone's BatchNorm frozen (pretrained statistics); train it when starting from scratch.
     freeze_bn: bool = False

@@ -180,7 +180,8 @@ def fit(model: nn.Module, train_set: EpochSeededSet, batch_loss: Callable[..., t
     """Train model with the recipe's optimizer and schedule on shuffled, seeded batches.
 
     On CUDA with recipe.amp: autocast to bfloat16 (float16 with loss scaling on GPUs without it) and
-    channels_last; the CPU trains in float32.
+    channels_last; the CPU trains in float32. recipe.grad_clip_norm > 0 rescales each step's gradient (all
+    parameters, after DDP's averaging and loss scaling's undoing) to at most that L2 norm.
 
     groups: the parameter groups (default: model.parameter_groups(recipe.new_layer_lr_mult)); with
     recipe.freeze_bn the BatchNorm layers of the 'backbone' group stay in eval mode, their affine
@@ -225,6 +226,9 @@ def fit(model: nn.Module, train_set: EpochSeededSet, batch_loss: Callable[..., t
                 loss, parts = step_loss(_to_device(batch, device))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            if recipe.grad_clip_norm > 0:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip_norm)
             scaler.step(optimizer)
             scaler.update()
             step += 1
