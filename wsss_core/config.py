@@ -130,8 +130,9 @@ class TrainRecipe(Section):
 
     optimizer sgd (momentum, nesterov) or adamw; schedule poly ((1 - t)^poly_power), cosine (down to
     lr * min_lr_ratio) or step (x step_gamma at each epoch in step_milestones); warmup_epochs of
-    linear warm-up from 0 precede any schedule; grad_clip_norm > 0 caps the gradient's global L2 norm. Networks scale lr per parameter group (new layers by
-    new_layer_lr_mult) and say which groups take weight decay.
+    linear warm-up from 0 precede any schedule; grad_clip_norm > 0 caps the gradient's global L2 norm.
+    Networks scale lr per parameter group (new layers by new_layer_lr_mult) and say which groups take
+    weight decay.
     """
 
     epochs: PositiveInt = 5

@@ -180,8 +180,8 @@ def fit(model: nn.Module, train_set: EpochSeededSet, batch_loss: Callable[..., t
     """Train model with the recipe's optimizer and schedule on shuffled, seeded batches.
 
     On CUDA with recipe.amp: autocast to bfloat16 (float16 with loss scaling on GPUs without it) and
-    channels_last; the CPU trains in float32. recipe.grad_clip_norm > 0 rescales each step's gradient (all
-    parameters, after DDP's averaging and loss scaling's undoing) to at most that L2 norm.
+    channels_last; the CPU trains in float32. recipe.grad_clip_norm > 0 rescales each step's gradient (over
+    the groups' parameters together, after DDP's averaging and loss scaling's undoing) to at most that L2 norm.
 
     groups: the parameter groups (default: model.parameter_groups(recipe.new_layer_lr_mult)); with
     recipe.freeze_bn the BatchNorm layers of the 'backbone' group stay in eval mode, their affine
@@ -201,6 +201,7 @@ def fit(model: nn.Module, train_set: EpochSeededSet, batch_loss: Callable[..., t
         raise DataError(f"{desc}: the training set is empty")
     groups = groups or model.parameter_groups(recipe.new_layer_lr_mult)
     optimizer = build_optimizer(groups, recipe)
+    trained = [parameter for group in groups for parameter in group.params]  # what grad_clip_norm measures
     loader = training_loader(train_set, recipe, seed, device)
     use_amp, amp_dtype = training_precision(device, recipe.amp)
     scaler = torch.amp.GradScaler(enabled=use_amp and amp_dtype == torch.float16)
@@ -228,7 +229,7 @@ def fit(model: nn.Module, train_set: EpochSeededSet, batch_loss: Callable[..., t
             scaler.scale(loss).backward()
             if recipe.grad_clip_norm > 0:
                 scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip_norm)
+                nn.utils.clip_grad_norm_(trained, recipe.grad_clip_norm)
             scaler.step(optimizer)
             scaler.update()
             step += 1
