@@ -18,7 +18,7 @@ from wsss_core.data.dataset import Dataset
 from wsss_core.errors import DataError
 from wsss_core.io import atomic_path, save_image, write_json
 from wsss_core.methods import get_method
-from wsss_core.metrics import ConfusionMatrix, describe_miou, scored_report
+from wsss_core.metrics import ConfusionMatrix, dataset_baselines, describe_miou, scored_report
 from wsss_core.seg.infer import SEG_CHECKPOINT_KEYS, iterate_segmentations, segmenter_from_checkpoint
 from wsss_core.training import resolve_device
 from wsss_core.viz import prediction_row, save_confusion_heatmap, vstack
@@ -26,7 +26,8 @@ from wsss_core.viz import prediction_row, save_confusion_heatmap, vstack
 
 def score_val(model: nn.Module, dataset: Dataset, ids: list[str], settings: SegParams, crf: CrfParams | None,
               device: torch.device, desc: str) -> tuple[dict, np.ndarray, list[np.ndarray]]:
-    """Return (report with miou, per_class, scored_images, pixel_accuracy and protocol; confusion matrix; montage
+    """Return (report with miou, per_class, scored_images, pixel_accuracy, baselines (all background / all
+    foreground on the same images) and protocol; confusion matrix; montage
     rows). Images without a ground-truth mask are drawn but not scored (miou None when none has one)."""
     matrix, rows, scored = ConfusionMatrix(len(dataset.class_names)), [], 0
     for image_id, image, labels in iterate_segmentations(model.to(device), dataset, ids, device,
@@ -40,6 +41,7 @@ def score_val(model: nn.Module, dataset: Dataset, ids: list[str], settings: SegP
     report = scored_report(matrix.matrix, dataset.class_names, scored)
     if scored:
         report["pixel_accuracy"] = float(np.trace(matrix.matrix) / max(matrix.matrix.sum(), 1))
+        report["baselines"] = dataset_baselines(dataset, ids)
     report["protocol"] = {"split": "val", "images": scored, "scales": settings.eval_scales,
                           "flip": settings.eval_flip, "crf": settings.eval_crf}
     return report, matrix.matrix, rows

@@ -46,7 +46,8 @@ def export_cams(params_file: Path = typer.Option(PARAMS_FILE, "--params", help="
                       CAM_STORE if count == 1 else shard_path(CAM_STORE, index, count), attrs, mean=model.mean,
                       std=model.std, scales=params.cams.scales, flip=params.cams.flip,
                       batch_size=params.cams.batch_size, device=device, num_workers=params.cls.num_workers,
-                      raw_maps=partial(method.raw_maps, model), segment=method.segmenter(model), shard=(index, count))
+                      raw_maps=partial(method.raw_maps, model), segment=method.segmenter(model), shard=(index, count),
+                      class_scores=partial(method.class_scores, model))
         if count == 1:
             write_speed(rate, len(ids))
 

@@ -20,7 +20,7 @@ from wsss_core.checkpoint import load_checkpoint
 from wsss_core.data.dataset import Dataset
 from wsss_core.errors import DataError
 from wsss_core.io import remove_path, shard_path, shard_paths, write_json
-from wsss_core.metrics import ConfusionMatrix, describe_miou, scored_report
+from wsss_core.metrics import ConfusionMatrix, class_map_aucs, dataset_baselines, describe_miou, mean_or_none, scored_report
 from wsss_core.models.affinity_net import AffinityNet
 from wsss_core.refine.propagate import iterate_random_walk
 from wsss_core.refine.pseudo import argmax_labels
@@ -37,8 +37,10 @@ def random_walk(params_file: Path = typer.Option(PARAMS_FILE, "--params", help="
     dataset = Dataset.load(MANIFEST)
     ids = dataset.ids("train")
 
-    def finish(confusion: np.ndarray) -> None:
+    def finish(confusion: np.ndarray, aucs: list[float]) -> None:
         report = scored_report(confusion, dataset.class_names, len(dataset.scored_ids(ids)))
+        if report["miou"] is not None:
+            report.update(auc=mean_or_none(aucs), baselines=dataset_baselines(dataset, ids))
         write_json(RW_METRICS, report)
         typer.echo(f"random walk: {describe_miou(report)} -> {RW_STORE}")
 
@@ -47,7 +49,7 @@ def random_walk(params_file: Path = typer.Option(PARAMS_FILE, "--params", help="
                                      {"affinity": {"backbone": affinity.backbone, "dilated": affinity.dilated}})
         model = AffinityNet(affinity.backbone, dilated=affinity.dilated)
         model.load_state_dict(checkpoint["model"])
-        confusion = ConfusionMatrix(dataset.num_classes + 1)
+        confusion, aucs = ConfusionMatrix(dataset.num_classes + 1), []
         with CamStore(REFINED_STORE) as store:
             store.check_covers(ids)
             attrs = {"method": str(store.attr("method")), "stride": AffinityNet.stride,
@@ -58,24 +60,28 @@ def random_walk(params_file: Path = typer.Option(PARAMS_FILE, "--params", help="
                                                                   shard=(index, count)):
                     writer.write(image_id, scores[1:], keys, {"background": scores[0]})
                     if dataset.has_mask(image_id):
-                        confusion.update(argmax_labels(scores, keys), dataset.read_mask(image_id))
+                        mask = dataset.read_mask(image_id)
+                        confusion.update(argmax_labels(scores, keys), mask)
+                        aucs += class_map_aucs(scores[1:], keys, mask)
         if count == 1:
-            finish(confusion.matrix)
+            finish(confusion.matrix, aucs)
         else:
-            write_json(shard_path(RW_METRICS, index, count), {"confusion": confusion.matrix.tolist()})
+            write_json(shard_path(RW_METRICS, index, count), {"confusion": confusion.matrix.tolist(), "auc": aucs})
 
     def combine(count: int, seconds: float | None) -> None:
         stores, matrices = shard_paths(RW_STORE, count), shard_paths(RW_METRICS, count)
-        total = np.zeros((dataset.num_classes + 1,) * 2, dtype=np.int64)
+        total, aucs = np.zeros((dataset.num_classes + 1,) * 2, dtype=np.int64), []
         for path in matrices:
             try:
-                total += np.asarray(json.loads(path.read_text())["confusion"], dtype=np.int64)
-            except (OSError, ValueError, KeyError) as err:
+                part = json.loads(path.read_text())
+                total += np.asarray(part["confusion"], dtype=np.int64)
+                aucs += [float(value) for value in part["auc"]]
+            except (OSError, ValueError, KeyError, TypeError) as err:
                 raise DataError(f"{path}: missing or unreadable shard confusion matrix ({err})") from None
         merge_stores(stores, RW_STORE, ids)
         for path in stores + matrices:
             remove_path(path)
-        finish(total)
+        finish(total, aucs)
 
     run_sharded("stages.random_walk", params, shard, merge, work, combine)
 

@@ -24,7 +24,8 @@ def refine(params_file: Path = typer.Option(PARAMS_FILE, "--params", help="param
     with CamStore(CAM_STORE) as store:  # a clear error if the store is missing, unreadable or incomplete
         store.check_covers(ids)
     method.refine_cams(CAM_STORE, REFINED_STORE, ids)
-    report = score_cam_store(REFINED_STORE, dataset, params.cams, params.data)
+    report = score_cam_store(REFINED_STORE, dataset, params.cams, params.data, classifier_store=CAM_STORE,
+                             reference=CAM_STORE)
     write_json(REFINED_METRICS, report)
     typer.echo(describe_report("refined CAM" if method.refines else "refined CAM (pass-through)", report))
 

@@ -82,7 +82,7 @@ def test_iterate_cams_shapes_ranges_and_absent_classes(tmp_path):
     dataset = make_dataset(tmp_path)
     model = tiny_cam_net(3)
     options = dict(mean=model.mean, std=model.std, scales=[1.0, 0.5], flip=True, device=torch.device("cpu"))
-    results = {i: (cam, keys) for i, cam, keys, _, _ in iterate_cams(cam_maps(model), dataset, dataset.ids("train"),
+    results = {i: (cam, keys) for i, cam, keys, _, _, _ in iterate_cams(cam_maps(model), dataset, dataset.ids("train"),
                                                                      batch_size=2, **options)}
     assert set(results) == {"a", "b", "c"}
     for image_id, (cam, keys) in results.items():
@@ -93,7 +93,7 @@ def test_iterate_cams_shapes_ranges_and_absent_classes(tmp_path):
         positive = cam.reshape(len(keys), -1).max(1) > 0
         np.testing.assert_allclose(cam.reshape(len(keys), -1).max(1)[positive], 1.0, atol=1e-4)
     # batched export equals one-image-at-a-time export
-    single = {i: cam for i, cam, _, _, _ in iterate_cams(cam_maps(model), dataset, dataset.ids("train"),
+    single = {i: cam for i, cam, _, _, _, _ in iterate_cams(cam_maps(model), dataset, dataset.ids("train"),
                                                          batch_size=1, **options)}
     for image_id in results:
         np.testing.assert_allclose(results[image_id][0], single[image_id], atol=1e-5)

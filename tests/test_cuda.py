@@ -22,7 +22,7 @@ def test_amp_export_on_cuda_matches_fp32_on_cpu(tmp_path):
 
     def export(device):
         options = dict(mean=model.mean, std=model.std, scales=[1.0, 0.5, 1.5], flip=True, batch_size=3)
-        return {image_id: cam for image_id, cam, _, _, _ in iterate_cams(
+        return {image_id: cam for image_id, cam, _, _, _, _ in iterate_cams(
             partial(method.cam_maps, model.to(device)), dataset, dataset.ids("train"), device=device, **options)}
 
     on_cpu, on_cuda = export(torch.device("cpu")), export(torch.device("cuda"))

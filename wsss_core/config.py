@@ -176,7 +176,7 @@ class CamsParams(Section):
     batch_size: PositiveInt = 8
     # CAM seeds: a pixel is background where every CAM is at most this (IRN's cam_eval_thres).
     seed_bg_threshold: Fraction = 0.15
-    sweep: ThresholdRange = [0.05, 0.60, 0.05]  # start, stop (inclusive), step
+    sweep: ThresholdRange = [0.05, 0.95, 0.05]  # start, stop (inclusive), step
 
 
 class CrfParams(Section):
@@ -271,6 +271,9 @@ class RwsParams(Section):
     use_omega: bool = True  # False: every pixel of a weak slice (Table I middle column)
     use_lambda: bool = True  # False: lambda = lambda_constant (Table II)
     lambda_constant: Fraction = 0.5
+    # A factor on eq. 7's blend strengths during retraining. 0 is RWS's switch-off control: every phase,
+    # schedule, data order and the local network's training as with RWS, but the forward is never blended.
+    beta: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0
     rounds: Annotated[int, Field(ge=1, le=4)] = 1
     stop_fraction: Fraction = 0.05  # a round whose weak-slice count fell by less than this ends RWS (3.8)
     # Shares of the seg.epochs budget: the global network trains for the rest, then per round the local

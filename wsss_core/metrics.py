@@ -115,3 +115,82 @@ def iou_report(matrix: np.ndarray, class_names: list[str]) -> dict:
             for name, value in zip(class_names, per_class)
         },
     }
+
+
+def trivial_baselines(masks_and_keys, num_classes: int) -> dict:
+    """Return {'all_background', 'all_foreground'}: the mIoU (in [0, 1]) of two predictions that need no model.
+
+    masks_and_keys: iterable of (ground-truth mask uint8 [H, W] with 255 ignored, the image's tagged classes
+    1..K). All background labels every pixel 0. All foreground labels every pixel with the image's first
+    tagged class: a map that is 1 everywhere for every tagged class, labelled like a CAM (ties go to the
+    first class); an image without tags stays background. num_classes counts background.
+    """
+    background, foreground = ConfusionMatrix(num_classes), ConfusionMatrix(num_classes)
+    for mask, keys in masks_and_keys:
+        background.update(np.zeros_like(mask), mask)
+        foreground.update(np.full_like(mask, keys[0] if len(keys) else 0), mask)
+    return {"all_background": background.miou(), "all_foreground": foreground.miou()}
+
+
+def dataset_baselines(dataset, ids: list[str]) -> dict:
+    """Return trivial_baselines over the ids of a data.dataset.Dataset that have a mask; None for both when
+    none has one."""
+    scored = dataset.scored_ids(ids)
+    if not scored:
+        return {"all_background": None, "all_foreground": None}
+    return trivial_baselines(((dataset.read_mask(i), dataset.labels[i]) for i in scored), dataset.num_classes + 1)
+
+
+def midranks(values: np.ndarray) -> np.ndarray:
+    """Return the 1-based ranks of values [N], ties sharing the mean of their ranks (float64 [N])."""
+    values = np.asarray(values).ravel()
+    order = np.argsort(values, kind="stable")
+    _, first, counts = np.unique(values[order], return_index=True, return_counts=True)
+    ranks = np.empty(values.size, np.float64)
+    ranks[order] = np.repeat(first + (counts + 1) / 2, counts)
+    return ranks
+
+
+def roc_auc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """Return the ROC AUC of scores on positive [P] against negative [N] samples (NaN if either is empty).
+
+    The Mann-Whitney statistic: the probability that a random positive scores above a random negative,
+    ties counted half. 0.5: no separation; below 0.5: inverted.
+    """
+    positive, negative = np.asarray(positive, np.float64).ravel(), np.asarray(negative, np.float64).ravel()
+    if not positive.size or not negative.size:
+        return float("nan")
+    ranks = midranks(np.concatenate([positive, negative]))
+    return float((ranks[:positive.size].sum() - positive.size * (positive.size + 1) / 2)
+                 / (positive.size * negative.size))
+
+
+def class_map_aucs(maps: np.ndarray, keys, mask: np.ndarray) -> list[float]:
+    """Return one ROC AUC per tagged class present in the mask: maps[i] on class keys[i]'s pixels against
+    the background (0) pixels (other classes' and ignored pixels left out); [] without background pixels.
+
+    maps: [k, H, W] class maps for keys [k]; mask: uint8 [H, W] ground truth (255 ignored).
+    """
+    background = mask == 0
+    if not background.any():
+        return []
+    return [roc_auc(class_map[mask == key], class_map[background])
+            for class_map, key in zip(np.asarray(maps, np.float32), keys) if (mask == key).any()]
+
+
+def map_correlations(maps: np.ndarray, references: np.ndarray) -> list[float]:
+    """Return the Pearson correlation of each class map [k, H, W] with its reference [k, H, W] over the
+    pixels; a pair where either map is constant is left out."""
+    values = []
+    for a, b in zip(np.asarray(maps, np.float64), np.asarray(references, np.float64)):
+        a, b = a.ravel() - a.mean(), b.ravel() - b.mean()
+        norm = np.sqrt((a * a).sum() * (b * b).sum())
+        if norm > 0:
+            values.append(float((a * b).sum() / norm))
+    return values
+
+
+def mean_or_none(values) -> float | None:
+    """Return the mean of finite values, or None when there is none (a JSON-friendly 'not measured')."""
+    values = [value for value in values if np.isfinite(value)]
+    return float(np.mean(values)) if values else None

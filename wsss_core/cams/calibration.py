@@ -12,7 +12,9 @@ def part_body_activation(store: CamStore, spec: SyntheticSpec, ids: list[str]) -
 
     Part and body pixels are those of labelled objects (re-rendered from the spec, so the ids
     must be train ids `syn_train_<index>` of a store exported from the set this spec generated);
-    background_mean is the mean over background pixels of the max CAM of the image's classes.
+    background_mean is each labelled class's map on the background pixels of its own image, averaged over
+    (pixel, class), so that it compares a class map with its own class's background (the max over the present
+    classes would grow with their number).
     """
     part_sum = body_sum = background_sum = 0.0
     part_count = body_count = background_count = 0
@@ -29,8 +31,8 @@ def part_body_activation(store: CamStore, spec: SyntheticSpec, ids: list[str]) -
         background = sample.labels == 0
         part_sum += own[part].sum()
         body_sum += own[body].sum()
-        background_sum += cam.max(0)[background].sum()
+        background_sum += cam[:, background].sum()
         part_count, body_count, background_count = (part_count + part.sum(), body_count + body.sum(),
-                                                     background_count + background.sum())
+                                                     background_count + background.sum() * len(keys))
     return {"part_mean": float(part_sum / max(part_count, 1)), "body_mean": float(body_sum / max(body_count, 1)),
             "background_mean": float(background_sum / max(background_count, 1))}

@@ -11,7 +11,8 @@ from wsss_core.cams.store import CamStore
 from wsss_core.config import CamsParams, DataParams
 from wsss_core.data.dataset import Dataset
 from wsss_core.data.synthetic import SyntheticSpec
-from wsss_core.metrics import NO_MASKS, ConfusionMatrix, iou_report, scored_report
+from wsss_core.metrics import (NO_MASKS, ConfusionMatrix, class_map_aucs, dataset_baselines, iou_report, map_correlations,
+                              mean_average_precision, mean_or_none, scored_report)
 
 
 def cam_peaks(cam: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -40,25 +41,53 @@ def threshold_grid(start: float, stop: float, step: float) -> list[float]:
     return [round(start + index * step, 4) for index in range(count)]
 
 
-def sweep_cams(store: CamStore, dataset: Dataset, ids: list[str], thresholds: list[float]) -> list[np.ndarray]:
-    """Return one confusion matrix [K+1, K+1] per background threshold over the given ids."""
+def sweep_cams(store: CamStore, dataset: Dataset, ids: list[str], thresholds: list[float]
+               ) -> tuple[list[np.ndarray], list[float]]:
+    """Return (one confusion matrix [K+1, K+1] per background threshold, the ROC AUC of every (image, present
+    class): metrics.class_map_aucs) over the given ids."""
     matrices = [ConfusionMatrix(dataset.num_classes + 1) for _ in thresholds]
+    aucs: list[float] = []
     for image_id in tqdm(ids, desc="evaluate CAMs", unit="img"):
-        best_class, peak = cam_peaks(*store.read(image_id))  # once per image, for every threshold
+        cam, keys = store.read(image_id)
+        best_class, peak = cam_peaks(cam, keys)  # once per image, for every threshold
         target = dataset.read_mask(image_id)
+        aucs += class_map_aucs(cam, keys, target)
         for matrix, threshold in zip(matrices, thresholds):
             matrix.update(np.where(peak > threshold, best_class, 0), target)
-    return [matrix.matrix for matrix in matrices]
+    return [matrix.matrix for matrix in matrices], aucs
+
+
+def classifier_map(store: CamStore, dataset: Dataset, ids: list[str]) -> float | None:
+    """Return the classifier's mAP over ids from the image-level scores the export stored (None when the store
+    holds none: a store written before scores were stored, or one without images)."""
+    scores = [store.read_scores(image_id) for image_id in ids]
+    if not ids or any(score is None for score in scores):
+        return None
+    value, _ = mean_average_precision(np.stack(scores), np.stack([dataset.label_vector(i) for i in ids]))
+    return None if np.isnan(value) else value
+
+
+def map_correlation(store: CamStore, reference: CamStore, ids: list[str]) -> float | None:
+    """Return the mean over (image, class) of the Pearson correlation of store's maps with reference's
+    (metrics.map_correlations): how much a refinement kept of its input; None when no pair is measurable."""
+    values: list[float] = []
+    for image_id in ids:
+        values += map_correlations(store.read(image_id)[0], reference.read(image_id)[0])
+    return mean_or_none(values)
 
 
 def cam_metrics(store: CamStore, dataset: Dataset, ids: list[str], *, seed_bg_threshold: float,
                 sweep: list[float], synthetic_spec: SyntheticSpec | None = None) -> dict:
-    """Return {'miou', 'per_class', 'scored_images', 'seed_bg_threshold', 'sweep': {...}} with mIoU in [0, 1],
-    over the ids that have a ground-truth mask (miou None and the sweep skipped when none has).
+    """Return {'miou', 'per_class', 'scored_images', 'seed_bg_threshold', 'auc', 'baselines', 'sweep': {...}}
+    with mIoU in [0, 1], over the ids that have a ground-truth mask (miou None and the sweep skipped when none
+    has).
 
-    The sweep's best threshold is tuned on ground truth, as papers' seed numbers usually are.
-    With the synthetic set's spec, 'synthetic_activation' says how partial the CAMs are (mean CAM on
-    parts, bodies and background: the point of the synthetic set).
+    auc: the mean ROC AUC over (image, present class) of the class map on its class's pixels against
+    background pixels, a threshold-free localisation score (0.5: none). baselines: the all-background and
+    all-foreground mIoU of the same images (metrics.dataset_baselines). The sweep's best threshold is tuned
+    on ground truth, as papers' seed numbers usually are. With the synthetic set's spec,
+    'synthetic_activation' says how partial the CAMs are (mean CAM on parts, bodies and background: the point
+    of the synthetic set).
     """
     scored = dataset.scored_ids(ids)
     if not scored:  # tag-only images: nothing to score, nor to tune the threshold on
@@ -68,7 +97,7 @@ def cam_metrics(store: CamStore, dataset: Dataset, ids: list[str], *, seed_bg_th
             report["synthetic_activation"] = part_body_activation(store, synthetic_spec, ids)
         return report
     thresholds = sorted(set(threshold_grid(*sweep)) | {round(seed_bg_threshold, 4)})
-    matrices = sweep_cams(store, dataset, scored, thresholds)
+    matrices, aucs = sweep_cams(store, dataset, scored, thresholds)
     reports = [iou_report(matrix, dataset.class_names) for matrix in matrices]
     configured = reports[thresholds.index(round(seed_bg_threshold, 4))]
     best = int(np.nanargmax([report["miou"] for report in reports]))
@@ -77,6 +106,8 @@ def cam_metrics(store: CamStore, dataset: Dataset, ids: list[str], *, seed_bg_th
         "per_class": configured["per_class"],
         "scored_images": len(scored),
         "seed_bg_threshold": seed_bg_threshold,
+        "auc": mean_or_none(aucs),
+        "baselines": dataset_baselines(dataset, scored),
         "sweep": {
             "note": "best background threshold tuned on ground truth",
             "best_threshold": thresholds[best],
@@ -90,17 +121,27 @@ def cam_metrics(store: CamStore, dataset: Dataset, ids: list[str], *, seed_bg_th
     return report
 
 
-def score_cam_store(path: Path, dataset: Dataset, cams: CamsParams, data: DataParams) -> dict:
+def score_cam_store(path: Path, dataset: Dataset, cams: CamsParams, data: DataParams,
+                    classifier_store: Path | None = None, reference: Path | None = None) -> dict:
     """Return cam_metrics of the store at path over the train split, after checking that it covers it.
 
-    On the synthetic set the report also holds the part/body calibration ('synthetic_activation').
+    'classifier_map': the classifier's mAP on the split, from the image-level scores in classifier_store
+    (default: the store itself). With a reference store (a refinement's input), 'correlation_with_input' is
+    map_correlation against it. On the synthetic set the report also holds the part/body calibration
+    ('synthetic_activation').
     """
     ids = dataset.ids("train")
     spec = SyntheticSpec(seed=data.seed, **data.synthetic.model_dump()) if data.name == "synthetic" else None
     with CamStore(path) as store:
         store.check_covers(ids)
-        return cam_metrics(store, dataset, ids, seed_bg_threshold=cams.seed_bg_threshold, sweep=cams.sweep,
-                           synthetic_spec=spec)
+        report = cam_metrics(store, dataset, ids, seed_bg_threshold=cams.seed_bg_threshold, sweep=cams.sweep,
+                             synthetic_spec=spec)
+        if reference is not None:
+            with CamStore(reference) as source:
+                report["correlation_with_input"] = map_correlation(store, source, ids)
+    with CamStore(classifier_store or path) as store:
+        report["classifier_map"] = classifier_map(store, dataset, ids)
+    return report
 
 
 def describe_report(name: str, report: dict) -> str:
@@ -108,9 +149,19 @@ def describe_report(name: str, report: dict) -> str:
     if report["miou"] is None:
         return f"{name}: not scored ({report['reason']})"
     sweep = report["sweep"]
+    baselines = report["baselines"]
     text = (f"{name} mIoU {report['miou']:.4f} at threshold {report['seed_bg_threshold']}; "
-            f"best {sweep['best_miou']:.4f} at {sweep['best_threshold']} (tuned on GT)")
+            f"best {sweep['best_miou']:.4f} at {sweep['best_threshold']} (tuned on GT); AUC {_number(report['auc'])}; "
+            f"all background {baselines['all_background']:.4f}, all foreground {baselines['all_foreground']:.4f}")
+    if report.get("classifier_map") is not None:
+        text += f"; classifier mAP {report['classifier_map']:.3f}"
+    if report.get("correlation_with_input") is not None:
+        text += f"; correlation with its input {report['correlation_with_input']:.3f}"
     if "synthetic_activation" in report:
         text += ("; mean CAM on parts / bodies / background: {part_mean:.3f} / {body_mean:.3f} / "
                  "{background_mean:.3f}".format(**report["synthetic_activation"]))
     return text
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"

@@ -21,6 +21,7 @@ from wsss_core.distributed import shard_of
 from wsss_core.training import memory_format
 
 CamMaps = Callable[[torch.Tensor], dict[str, torch.Tensor]]  # images [B,3,h,w] -> {name: [B, K, h', w'] >= 0}
+ClassScores = Callable[[torch.Tensor], torch.Tensor]  # images [B,3,h,w] -> image-level logits [B, K]
 SegmentLogits = Callable[[torch.Tensor], torch.Tensor]  # images [B,3,h,w] -> logits [B, K+1, h', w']
 
 
@@ -108,9 +109,11 @@ class _BatchReader(torch.utils.data.Dataset):
 
 def iterate_cams(cam_maps: CamMaps, dataset: Dataset, ids: list[str], *, mean: tuple, std: tuple,
                  scales: list[float], flip: bool, batch_size: int, device: torch.device, num_workers: int = 0,
-                 raw_maps: RawMaps | None = None, segment: SegmentLogits | None = None, shard: tuple[int, int] = (0, 1)
-                 ) -> Iterator[tuple[str, np.ndarray, np.ndarray, dict[str, np.ndarray], dict[str, RawArray]]]:
-    """Yield (id, cam float32 [k, H, W] in [0, 1], keys [k], extras, raw) per image, in size-batch order.
+                 raw_maps: RawMaps | None = None, segment: SegmentLogits | None = None, shard: tuple[int, int] = (0, 1),
+                 class_scores: ClassScores | None = None
+                 ) -> Iterator[tuple[str, np.ndarray, np.ndarray, dict[str, np.ndarray], dict[str, RawArray],
+                                     np.ndarray | None]]:
+    """Yield (id, cam float32 [k, H, W] in [0, 1], keys [k], extras, raw, scores) per image, in size-batch order.
 
     shard (index, count): only every count-th size batch from `index`. Shards are whole batches of the
     one-process run, so each image is computed in the very batch it would be without shards.
@@ -118,7 +121,8 @@ def iterate_cams(cam_maps: CamMaps, dataset: Dataset, ids: list[str], *, mean: t
     Only the image's ground-truth classes are kept (the standard protocol). extras: the other class
     maps of cam_maps ([k, H, W], normalised like the CAM) and, with `segment`, 'seg': its probabilities
     for [background, keys] ([k+1, H, W]); raw: raw_maps at scale 1 with the flip view stacked. On CUDA:
-    float16 autocast and channels_last images (place the model with training.place).
+    float16 autocast and channels_last images (place the model with training.place). scores: class_scores of
+    the image at scale 1 without flip (float32 [K]; the classifier's mAP on the split comes from them), or None.
     """
     batches = shard_of(size_batches(dataset, ids, batch_size), *shard)
     loader = torch.utils.data.DataLoader(_BatchReader(dataset, batches, mean, std), batch_size=None,
@@ -130,13 +134,15 @@ def iterate_cams(cam_maps: CamMaps, dataset: Dataset, ids: list[str], *, mean: t
             maps = multiscale_maps(cam_maps, images, scales, flip)
             raws = raw_views(raw_maps, images, flip) if raw_maps else [{} for _ in batch_ids]
             segmentation = segmentation_probabilities(segment, images, flip) if segment else None
+            with torch.no_grad():
+                scores = class_scores(images).float().cpu().numpy() if class_scores else None
         for index, image_id in enumerate(batch_ids):
             keys = np.asarray(dataset.labels[image_id], dtype=np.int64)
             extras = {name: normalize_present(value[index], keys) for name, value in maps.items()}
             if segmentation is not None:
                 channels = torch.as_tensor(np.concatenate([[0], keys]), dtype=torch.long, device=device)
                 extras["seg"] = segmentation[index, channels].cpu().numpy()
-            yield image_id, extras.pop("cam"), keys, extras, raws[index]
+            yield image_id, extras.pop("cam"), keys, extras, raws[index], None if scores is None else scores[index]
         bar.update(len(batch_ids))
     bar.close()
 
@@ -144,14 +150,15 @@ def iterate_cams(cam_maps: CamMaps, dataset: Dataset, ids: list[str], *, mean: t
 def export_cams(cam_maps: CamMaps, dataset: Dataset, ids: list[str], out_path: str | Path, attrs: dict, *,
                 mean: tuple, std: tuple, scales: list[float], flip: bool, batch_size: int, device: torch.device,
                 num_workers: int = 0, raw_maps: RawMaps | None = None, segment: SegmentLogits | None = None,
-                shard: tuple[int, int] = (0, 1)) -> float:
+                shard: tuple[int, int] = (0, 1), class_scores: ClassScores | None = None) -> float:
     """Write the CAM store at out_path (atomically), of one shard of ids (see iterate_cams), and return the
     export rate in images/second."""
     start, count = time.perf_counter(), 0
     with CamStoreWriter(out_path, attrs) as writer:
-        for image_id, cam, keys, extras, raw in iterate_cams(
+        for image_id, cam, keys, extras, raw, scores in iterate_cams(
                 cam_maps, dataset, ids, mean=mean, std=std, scales=scales, flip=flip, batch_size=batch_size,
-                device=device, num_workers=num_workers, raw_maps=raw_maps, segment=segment, shard=shard):
-            writer.write(image_id, cam, keys, extras, raw)
+                device=device, num_workers=num_workers, raw_maps=raw_maps, segment=segment, shard=shard,
+                class_scores=class_scores):
+            writer.write(image_id, cam, keys, extras, raw, scores)
             count += 1
     return count / (time.perf_counter() - start)

@@ -47,8 +47,9 @@ class CamStoreWriter:
         return self
 
     def write(self, image_id: str, cam: np.ndarray, keys: np.ndarray, extras: dict[str, np.ndarray] | None = None,
-              raw: dict[str, RawArray] | None = None) -> None:
-        """Store one image: cam [k, H, W] (values in [0, 1]) for classes keys [k] (1..K), extras, raw maps."""
+              raw: dict[str, RawArray] | None = None, scores: np.ndarray | None = None) -> None:
+        """Store one image: cam [k, H, W] (values in [0, 1]) for classes keys [k] (1..K), extras, raw maps, and
+        the classifier's image-level scores [K] (logits for every foreground class) as attribute `scores`."""
         check_image_id(image_id, str(self.path))
         cam = np.asarray(cam)
         keys = np.asarray(keys, dtype=np.int64)
@@ -57,6 +58,8 @@ class CamStoreWriter:
         group = self.file.create_group(image_id)
         self._dataset(group, "cam", cam.astype(np.float16))
         group["cam"].attrs["keys"] = keys
+        if scores is not None:
+            group.attrs["scores"] = np.asarray(scores, np.float32)
         for name, value in (extras or {}).items():
             self._dataset(group, name, np.asarray(value).astype(np.float16))
         for name, (values, layout, grid) in (raw or {}).items():
@@ -146,6 +149,11 @@ class CamStore:
         """Return (map float32 [k, H, W], class indices int64 [k]) of one image."""
         group = self._group(image_id, name)
         return group[name][()].astype(np.float32), group["cam"].attrs["keys"].astype(np.int64)
+
+    def read_scores(self, image_id: str) -> np.ndarray | None:
+        """Return the classifier's image-level scores float32 [K] stored with the image, or None."""
+        scores = self._group(image_id, "cam").attrs.get("scores")
+        return None if scores is None else np.asarray(scores, np.float32)
 
     def map_names(self, image_id: str) -> list[str]:
         """Return the names of the image's class maps ('cam' first, then extras such as 'cam_sa1'; no raw maps)."""

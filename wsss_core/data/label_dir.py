@@ -9,7 +9,7 @@ from wsss_core.data.dataset import Dataset
 from wsss_core.data.palette import read_label_png, write_label_png
 from wsss_core.errors import DataError
 from wsss_core.io import atomic_path
-from wsss_core.metrics import ConfusionMatrix, iou_report, scored_report
+from wsss_core.metrics import ConfusionMatrix, dataset_baselines, iou_report, scored_report
 
 
 class LabelDirWriter:
@@ -27,6 +27,7 @@ class LabelDirWriter:
         self.confusion = ConfusionMatrix(dataset.num_classes + 1)
         self.void_as_background = ConfusionMatrix(dataset.num_classes + 1)
         self.labelled_pixels = self.valid_pixels = self.scored_images = 0
+        self.scored: list[str] = []
 
     def __enter__(self) -> "LabelDirWriter":
         self._atomic = atomic_path(self.folder, folder=True)  # also removes a staging folder left by a killed run
@@ -39,6 +40,7 @@ class LabelDirWriter:
         if not self.dataset.has_mask(image_id):
             return
         self.scored_images += 1
+        self.scored.append(image_id)
         target = self.dataset.read_mask(image_id)
         labelled = labels != 255
         self.confusion.update(np.where(labelled, labels, 0), np.where(labelled, target, 255))
@@ -47,16 +49,19 @@ class LabelDirWriter:
         self.valid_pixels += int((target != 255).sum())
 
     def report(self) -> dict:
-        """Return {'miou', 'per_class', 'scored_images', 'coverage', 'void_as_background': {'miou', 'per_class'}}.
+        """Return {'miou', 'per_class', 'scored_images', 'coverage', 'baselines', 'void_as_background': {'miou',
+        'per_class'}}.
 
         miou/per_class: IoU over the labelled (non-255) pixels, whose share of the valid GT pixels is
-        coverage (in [0, 1]); void_as_background: IoU with the unlabelled pixels predicted as background.
+        coverage (in [0, 1]); baselines: the all-background and all-foreground mIoU of the scored images
+        (metrics.dataset_baselines); void_as_background: IoU with the unlabelled pixels predicted as background.
         Without any mask: miou None and the reason (metrics.scored_report).
         """
         report = scored_report(self.confusion.matrix, self.dataset.class_names, self.scored_images)
         if not self.scored_images:
             return report
         return {**report, "coverage": self.labelled_pixels / max(self.valid_pixels, 1),
+                "baselines": dataset_baselines(self.dataset, self.scored),
                 "void_as_background": iou_report(self.void_as_background.matrix, self.dataset.class_names)}
 
     def __exit__(self, exc_type, exc, traceback) -> None:

@@ -296,7 +296,7 @@ def train_with_rws(model: nn.Module, dataset: Dataset, label_dir: Path, recipe: 
 
         def blended_loss(batch):
             images, labels, beta = batch
-            return segmentation_loss(blended_forward(model, local, images, beta, strides), labels), {}
+            return segmentation_loss(blended_forward(model, local, images, beta * rws.beta, strides), labels), {}
 
         fit(model, blend_set, blended_loss, recipe=recipe, device=device, seed=round_seed,
             desc=f"rws retrain {round_index + 1}", steps=retrain_steps, on_epoch_end=report)
