@@ -16,14 +16,14 @@ import typer
 import yaml
 from dvclive import Live
 
-from stages.artifacts import OUTPUTS, PARAMS_FILE
+from stages.artifacts import OUTPUTS, PARAMS_FILE, SCORE_FILES, STAGE_TIMES
 from wsss_core.cams.store import write_placeholder_store
 from wsss_core.checkpoint import save_placeholder_checkpoint
 from wsss_core.config import Params, parse_params
 from wsss_core.data.dataset import Dataset
 from wsss_core.data.label_dir import LabelDirWriter, merge_label_dirs
 from wsss_core.distributed import barrier, is_main, launched_by_torchrun, parse_shard, process_group, shard_of, world
-from wsss_core.errors import ParamsError, WsssError
+from wsss_core.errors import DataError, ParamsError, WsssError
 from wsss_core.io import atomic_path, remove_path, shard_path, shard_paths, write_json
 from wsss_core.methods import method_params
 from wsss_core.pipeline import skip_reason
@@ -70,10 +70,34 @@ def reports_errors(function: Callable) -> Callable:
 
 
 def single_command(function: Callable) -> typer.Typer:
-    """Return a Typer app whose only command is `function` (for `python -m stages.<name>`)."""
+    """Return a Typer app whose only command is `function` (for `python -m stages.<name>`, as dvc.yaml runs them).
+
+    A DAG stage (a name in artifacts.OUTPUTS) that completes appends {stage, seconds, finished (Unix time)} to
+    artifacts.STAGE_TIMES, from the process that was started (under torchrun: the launcher, not the ranks).
+    """
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    app.command()(function)
+    if function.__name__ not in OUTPUTS:
+        app.command()(function)
+        return app
+
+    @functools.wraps(function)
+    def timed(*args, **kwargs):
+        started = time.time()
+        result = function(*args, **kwargs)
+        if not launched_by_torchrun():
+            record_stage_time(function.__name__, time.time() - started)
+        return result
+
+    app.command()(timed)
     return app
+
+
+def record_stage_time(stage: str, seconds: float) -> None:
+    """Append one line {stage, seconds, finished} to artifacts.STAGE_TIMES (not a DVC output)."""
+    STAGE_TIMES.parent.mkdir(parents=True, exist_ok=True)
+    with STAGE_TIMES.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"stage": stage, "seconds": round(seconds, 2), "finished": round(time.time(), 2)})
+                     + "\n")
 
 
 def ran_under_torchrun(module: str, nproc: int) -> bool:
@@ -207,3 +231,16 @@ def write_placeholder(path: Path, kind: str, reason: str) -> None:
                 (staging / "plots" / "metrics").mkdir(parents=True)
     else:
         raise ValueError(f"{path}: no placeholder for outputs of kind {kind!r}")
+
+
+def read_score_files() -> dict[str, dict]:
+    """Return {file stem: document} of the pipeline's score files (artifacts.SCORE_FILES; a missing one is left
+    out, an unreadable one is a DataError naming it)."""
+    documents = {}
+    for path in SCORE_FILES:
+        if path.is_file():
+            try:
+                documents[path.stem] = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, ValueError) as err:
+                raise DataError(f"{path}: unreadable metrics file ({err})") from None
+    return documents

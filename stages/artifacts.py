@@ -38,6 +38,12 @@ SEG_ONESTEP_METRICS = Path("metrics/seg_onestep.json")
 SEG_PER_CLASS_PLOT = Path("plots/seg_per_class.json")
 SEG_CONFUSION_PLOT = Path("plots/seg_confusion.png")
 SEG_MONTAGE = Path("plots/seg_val.png")
+SUMMARY_METRICS = Path("metrics/summary.json")
+# The score files the summary reads (and `wsss collect` stores with a run).
+SCORE_FILES = (CLS_METRICS, CAM_METRICS, REFINED_METRICS, AFFINITY_LABEL_METRICS, RW_METRICS, CRF_METRICS,
+               PSEUDO_METRICS, SEG_METRICS, SEG_ONESTEP_METRICS)
+# Not a DVC output: each stage run from its module appends {stage, seconds, finished} here (`wsss collect`).
+STAGE_TIMES = Path("logs/stage_times.jsonl")
 
 # What each stage writes, by kind: "folder" (label PNGs), "store" (HDF5 CAM store), "checkpoint",
 # "metrics" (JSON with miou and per_class), "plot" (JSON or PNG), "curves" (a dvclive folder:
@@ -56,4 +62,5 @@ OUTPUTS: dict[str, dict[Path, str]] = {
     "train_seg": {SEG_CHECKPOINT: "checkpoint", SEG_CURVES: "curves", RWS_REPORT: "folder"},
     "evaluate": {SEG_METRICS: "metrics", SEG_ONESTEP_METRICS: "metrics", SEG_PER_CLASS_PLOT: "plot",
                  SEG_CONFUSION_PLOT: "plot", SEG_MONTAGE: "plot"},
+    "summary": {SUMMARY_METRICS: "file"},
 }

@@ -51,6 +51,9 @@ def test_repro_through_cam_evaluation(tiny_repo):
     assert 0 < report["miou"] <= 1 and set(report["per_class"]) == set(dataset.class_names)
     assert report["sweep"]["best_miou"] >= report["miou"]
     assert 0 <= report["synthetic_activation"]["part_mean"] <= 1
+    assert 0 <= report["auc"] <= 1 and 0 <= report["classifier_map"] <= 1
+    assert report["sweep"]["thresholds"][-1] == 0.95
+    assert 0 < report["baselines"]["all_foreground"] < report["baselines"]["all_background"] < 1
     live = json.loads((tiny_repo / "dvclive/train_cls/metrics.json").read_text())
     assert live["step"] == 0 and 0 < live["val_map"] <= 1
     trained = json.loads((tiny_repo / "metrics/train_cls.json").read_text())
@@ -64,6 +67,7 @@ def test_repro_through_pseudo_masks(tiny_repo):
     dataset = Dataset.load(tiny_repo / "data/prepared/dataset.json")
     ids = dataset.ids("train")
     refined = json.loads((tiny_repo / "metrics/cam_refined.json").read_text())  # cam passes through: same scores
+    assert refined.pop("correlation_with_input") == pytest.approx(1.0)
     assert refined == json.loads((tiny_repo / "metrics/cam.json").read_text())
     assert (tiny_repo / "cams/cams_refined.h5").read_bytes() == (tiny_repo / "cams/cams.h5").read_bytes()
     for name in ("affinity_labels", "rw", "crf", "pseudo"):
@@ -110,7 +114,9 @@ def test_whole_dag_caches_reruns_only_what_changed_and_runs_experiments(tiny_rep
     stale = json.loads(dvc(tiny_repo, "status", "--json").stdout)
     assert "dcrf" in stale and set(stale) <= {"dcrf", "evaluate"}  # evaluate reads crf for eval_crf
     ran = re.findall(r"Running stage '(\w+)'", dvc(tiny_repo, "repro").stdout)
-    assert ran[0] == "dcrf" and set(ran) <= {"dcrf", "pseudo_masks", "train_seg", "evaluate"}  # nothing upstream
+    assert ran[0] == "dcrf" and set(ran) <= {"dcrf", "pseudo_masks", "train_seg", "evaluate", "summary"}
+    summary = json.loads((tiny_repo / "metrics/summary.json").read_text())
+    assert summary["seg"] == round(json.loads((tiny_repo / "metrics/seg.json").read_text())["miou"], 4)
     params_file.write_text(original)
 
     git(tiny_repo, "add", "-A")
@@ -136,7 +142,7 @@ def test_pseudo_source_cam_skips_the_affinity_branch(tiny_repo):
     recompose(tiny_repo, "pseudo.source=cam")
     ran = re.findall(r"Running stage '(\w+)'", dvc(tiny_repo, "repro").stdout)
     assert set(ran) <= {"affinity_labels", "train_affinity", "random_walk", "dcrf", "pseudo_masks", "train_seg",
-                        "evaluate"} and "pseudo_masks" in ran
+                        "evaluate", "summary"} and "pseudo_masks" in ran
     for name in ("affinity_labels", "rw", "crf"):
         report = json.loads((tiny_repo / f"metrics/{name}.json").read_text())
         assert report["miou"] is None and "pseudo.source is 'cam'" in report["skipped"], name

@@ -1,0 +1,347 @@
+"""Results as data: one run's headline numbers, runs grouped and aggregated over seeds (mean, std, n).
+
+A *run record* is a JSON file: {'name', 'method', 'data', 'profile', 'seed', 'variant', 'overrides', 'command',
+'commit', 'created', 'headline': {column: value}, 'per_class': {stage: {class: iou}}, 'seconds': {stage: s}}.
+Runs that differ only in their seed form one row of the results report. Nothing here knows DVC or reads
+params.yaml: the caller hands in metrics dicts and run records.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from wsss_core.errors import DataError
+
+# (column, metrics file stem, key path), in pipeline order. Scores are fractions in [0, 1].
+HEADLINE_SOURCES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("cls_map_val", "train_cls", ("val_map",)),
+    ("cls_map_train", "cam", ("classifier_map",)),
+    ("cam", "cam", ("miou",)),
+    ("cam_best", "cam", ("sweep", "best_miou")),
+    ("cam_auc", "cam", ("auc",)),
+    ("refined", "cam_refined", ("miou",)),
+    ("refined_best", "cam_refined", ("sweep", "best_miou")),
+    ("refined_auc", "cam_refined", ("auc",)),
+    ("refined_corr", "cam_refined", ("correlation_with_input",)),
+    ("rw", "rw", ("miou",)),
+    ("rw_auc", "rw", ("auc",)),
+    ("crf", "crf", ("miou",)),
+    ("pseudo", "pseudo", ("miou",)),
+    ("seg", "seg", ("miou",)),
+    ("seg_onestep", "seg_onestep", ("miou",)),
+    ("train_all_bg", "cam", ("baselines", "all_background")),
+    ("train_all_fg", "cam", ("baselines", "all_foreground")),
+    ("val_all_bg", "seg", ("baselines", "all_background")),
+    ("val_all_fg", "seg", ("baselines", "all_foreground")),
+)
+HEADLINE_COLUMNS = tuple(column for column, _, _ in HEADLINE_SOURCES)
+# Files whose per-class IoU the report draws.
+PER_CLASS_SOURCES = ("cam", "cam_refined", "rw", "pseudo", "seg")
+
+
+def _lookup(document: dict | None, path: tuple[str, ...]):
+    for key in path:
+        if not isinstance(document, dict):
+            return None
+        document = document.get(key)
+    return document if isinstance(document, (int, float)) and not isinstance(document, bool) else None
+
+
+def headline(metrics: dict[str, dict]) -> dict[str, float | None]:
+    """Return {column: value or None} from metrics documents keyed by file stem ('cam', 'seg', ...).
+
+    A missing file, a placeholder (miou null) or a missing key gives None: never a made-up value.
+    """
+    return {column: _lookup(metrics.get(stem), path) for column, stem, path in HEADLINE_SOURCES}
+
+
+def per_class(metrics: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """Return {stem: {class: IoU}} of the PER_CLASS_SOURCES files that were scored (classes without IoU left out)."""
+    result = {}
+    for stem in PER_CLASS_SOURCES:
+        document = metrics.get(stem) or {}
+        values = {name: value for name, value in (document.get("per_class") or {}).items() if value is not None}
+        if document.get("miou") is not None and values:
+            result[stem] = values
+    return result
+
+
+@dataclass(frozen=True)
+class Spread:
+    """n values' mean and sample standard deviation (std None for n = 1; mean None for n = 0)."""
+
+    mean: float | None
+    std: float | None
+    n: int
+
+    @classmethod
+    def of(cls, values) -> "Spread":
+        values = [float(value) for value in values if value is not None and math.isfinite(value)]
+        if not values:
+            return cls(None, None, 0)
+        mean = sum(values) / len(values)
+        if len(values) == 1:
+            return cls(mean, None, 1)
+        return cls(mean, math.sqrt(sum((value - mean) ** 2 for value in values) / (len(values) - 1)), len(values))
+
+    def text(self, scale: float = 100.0, digits: int = 1) -> str:
+        """'54.1 ± 0.8 (n=3)', '54.1 (one run)', or 'not measured'; scores in % with scale 100."""
+        if self.mean is None:
+            return "not measured"
+        if self.std is None:
+            return f"{self.mean * scale:.{digits}f} (one run)"
+        return f"{self.mean * scale:.{digits}f} ± {self.std * scale:.{digits}f} (n={self.n})"
+
+
+@dataclass
+class Row:
+    """The runs of one (method, variant, data, profile): one row of the report."""
+
+    method: str
+    variant: str
+    data: str
+    profile: str
+    runs: list[dict] = field(default_factory=list)
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        return self.method, self.variant, self.data, self.profile
+
+    def spread(self, column: str) -> Spread:
+        return Spread.of(run["headline"].get(column) for run in self.runs)
+
+    def seconds(self, stage: str) -> Spread:
+        return Spread.of(run.get("seconds", {}).get(stage) for run in self.runs)
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted(run["seed"] for run in self.runs)
+
+
+RECORD_KEYS = ("name", "method", "data", "profile", "seed", "variant", "command", "commit", "headline")
+
+
+def read_record(path: Path) -> dict:
+    """Return the run record at path; a DataError naming the file and what is wrong otherwise."""
+    try:
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise DataError(f"{path}: not a readable run record ({err})") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path}: not a run record (a JSON object expected)")
+    missing = [key for key in RECORD_KEYS if key not in record]
+    if missing:
+        raise DataError(f"{path}: run record without {', '.join(missing)}")
+    if not isinstance(record["headline"], dict) or not isinstance(record["seed"], int):
+        raise DataError(f"{path}: run record with a malformed headline or seed")
+    return record
+
+
+def group_runs(records: list[dict]) -> list[Row]:
+    """Return the rows, runs that differ only in seed grouped, in a stable order (data, method, variant)."""
+    rows: dict[tuple, Row] = {}
+    for record in records:
+        key = (record["method"], record["variant"], record["data"], record["profile"])
+        rows.setdefault(key, Row(*key)).runs.append(record)
+    for row in rows.values():
+        seeds = [run["seed"] for run in row.runs]
+        duplicated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+        if duplicated:
+            names = [run["name"] for run in row.runs if run["seed"] == duplicated[0]]
+            raise DataError(f"runs {', '.join(names)}: two records of {row.method} {row.variant or ''} on "
+                            f"{row.data} with seed {duplicated[0]}")
+        row.runs.sort(key=lambda run: run["seed"])
+    return sorted(rows.values(), key=lambda row: (row.data != "synthetic", row.data, row.method != "cam",
+                                                  row.method, row.variant))
+
+
+def compare(a: Row, b: Row, column: str) -> str:
+    """Return a sentence comparing column between two rows: the difference of the means and whether it lies
+    inside the spread (|difference| <= the larger std, or either side has fewer than 2 runs)."""
+    sa, sb = a.spread(column), b.spread(column)
+    if sa.mean is None or sb.mean is None:
+        return "not measured on both sides"
+    difference = (sa.mean - sb.mean) * 100
+    if sa.n < 2 or sb.n < 2:
+        return f"{difference:+.1f} points (fewer than 2 seeds on a side: no claim)"
+    spread = max(sa.std, sb.std) * 100
+    verdict = "inside the spread: no difference" if abs(difference) <= spread else "outside the spread"
+    return f"{difference:+.1f} points, largest std {spread:.1f}: {verdict}"
+
+
+# The report's tables: (column, heading). Scores are shown in %, AUC and correlation as they are.
+SCORE_TABLE = (("cls_map_val", "cls mAP (val)"), ("cam", "CAM @0.15"), ("cam_best", "CAM best"),
+               ("refined", "refined"), ("rw", "RW"), ("crf", "CRF"), ("pseudo", "pseudo"), ("seg", "seg (val)"),
+               ("seg_onestep", "one-step (val)"))
+LOCALISATION_TABLE = (("cam_auc", "CAM AUC"), ("refined_auc", "refined AUC"), ("refined_corr", "refined r(CAM)"),
+                      ("rw_auc", "RW AUC"), ("cls_map_train", "cls mAP (train)"), ("train_all_bg", "all bg (train)"),
+                      ("train_all_fg", "all fg (train)"), ("val_all_bg", "all bg (val)"),
+                      ("val_all_fg", "all fg (val)"))
+UNSCALED = {"cam_auc", "refined_auc", "refined_corr", "rw_auc", "cls_map_val", "cls_map_train"}
+TIMED_STAGES = ("prepare", "train_cls", "export_cams", "eval_cams", "refine", "affinity_labels", "train_affinity",
+                "random_walk", "dcrf", "pseudo_masks", "train_seg", "evaluate")
+
+
+def row_label(row: Row) -> str:
+    """'cam', 'cam · rws' (method · variant)."""
+    return row.method + (f" · {row.variant}" if row.variant else "")
+
+
+def cell(row: Row, column: str) -> str:
+    spread = row.spread(column)
+    return spread.text(1.0, 3) if column in UNSCALED else spread.text()
+
+
+def _table(rows: list[Row], columns, first=("method", "data")) -> list[str]:
+    lines = ["| " + " | ".join((*first, *(heading for _, heading in columns))) + " |",
+             "|" + "---|" * (len(first) + len(columns))]
+    for row in rows:
+        lines.append("| " + " | ".join((row_label(row), row.data, *(cell(row, column) for column, _ in columns)))
+                     + " |")
+    return lines
+
+
+def headline_table(rows: list[Row]) -> list[str]:
+    """The README's table: the pipeline's stages for every row, mean ± std over seeds (mIoU in %)."""
+    return _table(rows, SCORE_TABLE)
+
+
+def comparisons(rows: list[Row]) -> list[str]:
+    """One line per row whose runs name a control ('control': a variant of the same method, data and
+    profile): the difference of each stage's mean and whether it lies inside the spread."""
+    by_key = {row.key: row for row in rows}
+    lines = []
+    for row in rows:
+        controls = {run.get("control") for run in row.runs} - {None}
+        for control in sorted(controls):
+            other = by_key.get((row.method, control, row.data, row.profile))
+            label = f"{row_label(row)} against {row.method}{f' · {control}' if control else ''} on {row.data}"
+            if other is None:
+                lines.append(f"- {label}: the control has no run")
+                continue
+            parts = [f"{heading} {compare(row, other, column)}" for column, heading in SCORE_TABLE
+                     if row.spread(column).mean is not None and other.spread(column).mean is not None
+                     and row.spread(column).mean != other.spread(column).mean]
+            lines.append(f"- {label} (n={len(row.runs)} vs n={len(other.runs)}): " + ("; ".join(parts) or
+                                                                                   "identical on every stage"))
+    return lines
+
+
+def render_markdown(rows: list[Row]) -> str:
+    """Return docs/results.md: the headline table, localisation and baselines, comparisons, times, provenance."""
+    out = ["# Results", "",
+           "Generated by `wsss report` from the run records in `results/runs/` (one JSON file per run, written by",
+           "`wsss collect` after the run); do not edit by hand. mIoU in %, mean ± sample std over seeds with n;",
+           "\"one run\" is a single seed; \"not measured\" means no run scored that stage. CAM, refined, RW, CRF and",
+           "pseudo are scored on the train split (as the field reports seeds and pseudo masks), seg on val.",
+           "\"CAM best\" is the best background threshold of a sweep tuned on ground truth (diagnostic only).", "",
+           "## Every stage", "", *headline_table(rows), "",
+           "## Localisation and the trivial baselines", "",
+           "AUC: mean over (image, present class) of the ROC AUC of the class map on its class's pixels against",
+           "background pixels (0.5: no localisation, below: inverted). refined r(CAM): correlation of the refined",
+           "maps with the CAMs. all bg / all fg: every pixel background, or every pixel the image's first tagged",
+           "class: a score at these levels carries no localisation.", "",
+           *_table(rows, LOCALISATION_TABLE), "",
+           "## Comparisons with a control", "",
+           "A difference is called inside the spread when it is no larger than the larger of the two standard",
+           "deviations.", "", *(comparisons(rows) or ["- none recorded"]), "",
+           "## Wall time per stage (s, mean over the runs that ran the stage; cached stages count as not measured)",
+           "", "| method | data | " + " | ".join(TIMED_STAGES) + " |", "|---|---|" + "---|" * len(TIMED_STAGES)]
+    for row in rows:
+        out.append(f"| {row_label(row)} | {row.data} | "
+                   + " | ".join(_seconds(row.seconds(stage)) for stage in TIMED_STAGES) + " |")
+    out += ["", "## How to reproduce each row", ""]
+    for row in rows:
+        commits = sorted({run["commit"] for run in row.runs})
+        out.append(f"- **{row_label(row)}, {row.data}, profile {row.profile}** (seeds {', '.join(map(str, row.seeds))};"
+                   f" commit {', '.join(commits)}): `{row.runs[0]['command']}`")
+    return "\n".join(out) + "\n"
+
+
+def _seconds(spread: Spread) -> str:
+    return "—" if spread.mean is None else f"{spread.mean:.0f}"
+
+
+BLOCK_BEGIN = "<!-- results:begin (generated by `wsss report` from docs/results.md; do not edit) -->"
+BLOCK_END = "<!-- results:end -->"
+
+
+def readme_block(rows: list[Row]) -> str:
+    """Return the README's generated block: the headline table of docs/results.md, between the markers."""
+    return "\n".join([BLOCK_BEGIN, *headline_table(rows), BLOCK_END])
+
+
+def replace_block(text: str, block: str, where: str) -> str:
+    """Return text with the part between BLOCK_BEGIN and BLOCK_END replaced by block; DataError without markers."""
+    start, end = text.find(BLOCK_BEGIN), text.find(BLOCK_END)
+    if start < 0 or end < start:
+        raise DataError(f"{where}: no results block (add the lines {BLOCK_BEGIN!r} and {BLOCK_END!r})")
+    return text[:start] + block + text[end + len(BLOCK_END):]
+
+
+def extract_block(text: str) -> str | None:
+    """Return the README's generated block (markers included), or None without one."""
+    start, end = text.find(BLOCK_BEGIN), text.find(BLOCK_END)
+    return None if start < 0 or end < start else text[start:end + len(BLOCK_END)]
+
+
+def _svg_bars(labels: list[str], spreads: list[Spread], *, width: int = 560, bar: int = 16,
+              references: dict[str, float] | None = None) -> str:
+    """Return an inline SVG of horizontal bars (mean in %, a whisker of ± std) with dashed reference lines."""
+    left, scale = 150, (width - 200) / 100
+    height = bar * len(labels) + 30
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-size="11" '
+             f'font-family="sans-serif">']
+    for index, (label, spread) in enumerate(zip(labels, spreads)):
+        y = 4 + index * bar
+        parts.append(f'<text x="{left - 6}" y="{y + bar - 5}" text-anchor="end">{_escape(label)}</text>')
+        if spread.mean is None:
+            parts.append(f'<text x="{left + 4}" y="{y + bar - 5}" fill="#888">not measured</text>')
+            continue
+        value = spread.mean * 100
+        parts.append(f'<rect x="{left}" y="{y + 2}" width="{max(value, 0) * scale:.1f}" height="{bar - 4}" '
+                     f'fill="#4c78a8"/>')
+        if spread.std is not None:
+            low, high = (value - spread.std * 100) * scale, (value + spread.std * 100) * scale
+            parts.append(f'<line x1="{left + low:.1f}" x2="{left + high:.1f}" y1="{y + bar / 2}" y2="{y + bar / 2}" '
+                         f'stroke="#222"/>')
+        parts.append(f'<text x="{left + max(value, 0) * scale + 6:.1f}" y="{y + bar - 5}">'
+                     f'{_escape(spread.text())}</text>')
+    for name, value in (references or {}).items():
+        x = left + value * 100 * scale
+        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="2" y2="{height - 22}" stroke="#c44" '
+                     f'stroke-dasharray="3,3"/><text x="{x + 2:.1f}" y="{height - 8}" fill="#c44">'
+                     f'{_escape(name)} {value * 100:.1f}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+
+
+def render_html(rows: list[Row]) -> str:
+    """Return a self-contained page (inline SVG, no script, nothing fetched): per row the stages' bars with the
+    trivial baselines as dashed lines, and per-class IoU of each scored stage (mean over seeds)."""
+    body = ["<h1>wsss results</h1><p>Generated by <code>wsss report</code> from <code>results/runs/</code>. mIoU in %, "
+            "mean ± std over seeds; dashed lines: all-background and all-foreground on the train split.</p>"]
+    for row in rows:
+        references = {name: row.spread(column).mean for name, column in (("all bg", "train_all_bg"),
+                                                                         ("all fg", "train_all_fg"))
+                      if row.spread(column).mean is not None}
+        body.append(f"<h2>{_escape(row_label(row))} · {_escape(row.data)} · {_escape(row.profile)} "
+                    f"(seeds {', '.join(map(str, row.seeds))})</h2>")
+        body.append(_svg_bars([heading for _, heading in SCORE_TABLE if heading != "cls mAP (val)"],
+                              [row.spread(column) for column, heading in SCORE_TABLE if heading != "cls mAP (val)"],
+                              references=references))
+        stages = [stem for stem in PER_CLASS_SOURCES if any(stem in run.get("per_class", {}) for run in row.runs)]
+        for stem in stages:
+            classes = list(next(run["per_class"][stem] for run in row.runs if stem in run.get("per_class", {})))
+            spreads = [Spread.of(run.get("per_class", {}).get(stem, {}).get(name) for run in row.runs)
+                       for name in classes]
+            body.append(f"<h3>per-class IoU: {_escape(stem)}</h3>" + _svg_bars(classes, spreads))
+    return ("<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>wsss results</title>"
+            "<style>body{font-family:sans-serif;max-width:900px;margin:auto}h2{margin-top:2em}</style></head><body>"
+            + "\n".join(body) + "</body></html>\n")
