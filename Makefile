@@ -4,7 +4,7 @@ PYTHON := $(VENV)/bin/python
 RUN := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" HF_HUB_OFFLINE=1
 PYTEST_ARGS ?= -m "not slow" --dist loadfile
 
-.PHONY: install repro repro-voc test test-all
+.PHONY: install repro repro-voc seeds report test test-all
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -19,6 +19,24 @@ repro: install
 # The real-photo run: the whole DAG on ../shared/data/voc12-mini with the cpu profile, as an experiment.
 repro-voc: install
 	$(RUN) dvc exp run -S data=voc12-mini
+
+# One experiment over several seeds, each stored as a run record (results/runs/), then the report regenerated:
+#   make seeds ARGS="-S method=multisa" SEEDS="0 1 2"
+#   make seeds ARGS="-S seg.rws.enabled=true" VARIANT=rws CONTROL=rws-beta0
+# VARIANT names what ARGS change beyond the method and data presets (runs differing only in seed share a row);
+# CONTROL names the variant to compare with ('CONTROL=' for the plain preset).
+SEEDS ?= 0 1 2
+seeds: install
+	set -e; for seed in $(SEEDS); do \
+	  start=$$(date +%s); \
+	  $(RUN) dvc exp run $(ARGS) -S seed=$$seed; \
+	  $(RUN) wsss collect --since $$start --variant '$(VARIANT)' $(if $(filter-out undefined,$(origin CONTROL)),--control '$(CONTROL)') \
+	    --command "dvc exp run $(strip $(ARGS)) -S seed=$$seed"; \
+	done
+	$(RUN) wsss report
+
+report: install
+	$(RUN) wsss report
 
 # pytest exits 5 when no test is collected; that is not a failure of the suite.
 test: install
