@@ -91,6 +91,17 @@ def test_training_loss_is_the_sum_of_the_token_and_patch_soft_margin_losses(mode
     assert parts["token"] == pytest.approx(F.multilabel_soft_margin_loss(token_scores, labels).item(), abs=1e-6)
     assert parts["patch"] == pytest.approx(F.multilabel_soft_margin_loss(patch_scores, labels).item(), abs=1e-6)
     assert loss.item() == pytest.approx(parts["token"] + parts["patch"], abs=1e-6) and parts["token"] > 0
+    assert torch.equal(method.class_scores(model, images), token_scores)
+
+
+def test_token_loss_weight_zero_is_the_patch_loss_alone_and_scores_come_from_the_patch_cam(model):
+    """The switch-off control of the class-token loss (methods.mct.model.token_loss_weight: 0)."""
+    method = REGISTRY["mct"](REGISTRY["mct"].Params.model_validate({"model": {"token_loss_weight": 0.0}}))
+    images, labels = torch.randn(2, 3, 48, 64), torch.tensor([[1.0, 0, 1], [0, 1, 0]])
+    loss, parts = method.training_loss(model, {"images": images, "labels": labels})
+    _, patch_scores, _ = model(images)
+    assert loss.item() == pytest.approx(parts["patch"], abs=1e-6) and parts["token"] > 0
+    assert torch.equal(method.class_scores(model, images), patch_scores)
 
 
 @pytest.mark.parametrize("head_kernel, count", [(3, 21_749_396), (1, 21_687_956)])

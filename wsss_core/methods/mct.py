@@ -38,6 +38,9 @@ class MCTModelParams(ModelParams):
     drop_path: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1  # stochastic depth while training (MCTformer)
     depth: NonNegativeInt = 0  # transformer blocks; 0: the backbone's (DeiT: 12)
     patch_size: NonNegativeInt = 0  # patch (and CAM) stride; 0: the backbone's (DeiT: 16)
+    # Weight of the class-token loss (spec eq. 7; 1 in MCTformer). 0 is the switch-off control: the class
+    # tokens get no signal, so their attention is not class-specific; val mAP then comes from the patch CAM.
+    token_loss_weight: NonNegativeFloat = 1.0
 
 
 class MCTExportParams(ExportParams):
@@ -107,10 +110,12 @@ class MCTMethod(Method):
         token_scores, patch_scores, _ = model(batch["images"])
         token = F.multilabel_soft_margin_loss(token_scores, batch["labels"])
         patch = F.multilabel_soft_margin_loss(patch_scores, batch["labels"])
-        return token + patch, {"token": token.item(), "patch": patch.item()}
+        return self.params.model.token_loss_weight * token + patch, {"token": token.item(), "patch": patch.item()}
 
     def class_scores(self, model: MCTformerV2, images: torch.Tensor) -> torch.Tensor:
-        return model(images)[0]
+        """Return the class tokens' logits [B, K] (the patch CAM's when token_loss_weight is 0: untrained tokens)."""
+        token_scores, patch_scores, _ = model(images)
+        return token_scores if self.params.model.token_loss_weight else patch_scores
 
     def cam_maps(self, model: MCTformerV2, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"cam": F.relu(model(images)[2])}
