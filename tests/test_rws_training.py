@@ -136,14 +136,33 @@ def tiny_recipe(**rws) -> SegParams:
                                                   show_images=2, cam_pixels="all", **rws))
 
 
-def tiny_run(tmp_path, recipe):
+def tiny_run(tmp_path, recipe, model_out=None):
     dataset = make_dataset(tmp_path, sizes=((64, 72), (64, 72), (48, 56)))
     torch.manual_seed(0)
     model = build_segmenter("deeplabv3plus", "resnet18", 4, output_stride=16, channels=16)
     epochs = []
     rounds = train_with_rws(model, dataset, dataset.root / "SegmentationClass", recipe, device=torch.device("cpu"),
                             seed=0, on_epoch_end=lambda epoch, means: epochs.append(epoch))
+    if model_out is not None:
+        model_out.append(model)
     return dataset, rounds, epochs
+
+
+def test_rws_beta_zero_keeps_every_phase_and_batch_and_never_blends(tmp_path, monkeypatch):
+    """The switch-off control: beta 0 trains exactly as RWS would with each blended forward replaced by a plain
+    one (same slices, steps and data order), and differs from beta 1."""
+    runs = {}
+    for name, beta, plain in (("control", 0.0, False), ("plain-forward", 1.0, True), ("rws", 1.0, False)):
+        with monkeypatch.context() as patch:
+            if plain:
+                patch.setattr(rws_training, "blended_forward", lambda model, local, images, beta, strides: model(images))
+            models = []
+            _, rounds, epochs = tiny_run(tmp_path / name, tiny_recipe(beta=beta), models)
+            runs[name] = (rounds[0].weak_slices, epochs, models[0].state_dict())
+    control, reference, rws = runs["control"], runs["plain-forward"], runs["rws"]
+    assert control[0] == reference[0] == rws[0] and control[0] and control[1] == reference[1] == rws[1]
+    assert all(torch.equal(control[2][key], reference[2][key]) for key in control[2])
+    assert not all(torch.equal(control[2][key], rws[2][key]) for key in control[2])
 
 
 def test_a_tiny_rws_run_finds_weak_slices_writes_its_report_and_draws_them(tmp_path):

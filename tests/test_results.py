@@ -1,0 +1,147 @@
+"""Results as data: seed aggregation, comparisons, `wsss collect`, `wsss report` and the README's generated table."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from stages.cli import app
+from wsss_core.errors import DataError
+from wsss_core.results import (BLOCK_BEGIN, BLOCK_END, Spread, compare, extract_block, group_runs, headline,
+                               readme_block, render_markdown)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def record(seed, seg, method="cam", variant="", control=None, data="synthetic", cam=0.5):
+    return {"name": f"{data}-{method}-{variant}-{seed}", "method": method, "data": data, "profile": "cpu",
+            "seed": seed, "variant": variant, "control": control, "command": f"dvc exp run -S seed={seed}",
+            "commit": "abc1234", "headline": {"cam": cam, "seg": seg, "rw": None},
+            "per_class": {"seg": {"background": 0.9, "gold": seg}}, "seconds": {"train_cls": 100.0 + seed}}
+
+
+def test_spread_mean_sample_std_and_n():
+    spread = Spread.of([0.5, 0.6, 0.7, None])
+    assert (spread.mean, spread.n) == (pytest.approx(0.6), 3) and spread.std == pytest.approx(0.1)
+    assert spread.text() == "60.0 ± 10.0 (n=3)"
+    assert Spread.of([0.543]).text() == "54.3 (one run)"
+    assert Spread.of([None]).text() == "not measured" and Spread.of([]).n == 0
+
+
+def test_headline_takes_each_stage_and_never_invents_a_value():
+    metrics = {"cam": {"miou": 0.5, "auc": 0.8, "sweep": {"best_miou": 0.6},
+                       "baselines": {"all_background": 0.12, "all_foreground": 0.06}},
+               "rw": {"miou": None, "skipped": "pseudo.source is cam"}, "train_cls": {"val_map": 0.9}}
+    values = headline(metrics)
+    assert (values["cam"], values["cam_best"], values["cam_auc"], values["cls_map_val"]) == (0.5, 0.6, 0.8, 0.9)
+    assert (values["train_all_bg"], values["train_all_fg"]) == (0.12, 0.06)
+    assert values["rw"] is None and values["seg"] is None and values["refined"] is None
+
+
+def test_runs_differing_only_in_seed_form_one_row_and_a_duplicate_seed_is_refused():
+    rows = group_runs([record(1, 0.6), record(0, 0.5), record(0, 0.7, variant="rws")])
+    assert [(row.variant, row.seeds) for row in rows] == [("", [0, 1]), ("rws", [0])]
+    assert rows[0].spread("seg").mean == pytest.approx(0.55)
+    with pytest.raises(DataError, match="seed 0"):
+        group_runs([record(0, 0.5), record(0, 0.6)])
+
+
+def test_compare_says_when_a_difference_is_inside_the_spread():
+    plain = group_runs([record(s, v) for s, v in enumerate((0.50, 0.54, 0.58))])[0]
+    close = group_runs([record(s, v, variant="a") for s, v in enumerate((0.52, 0.55, 0.58))])[0]
+    far = group_runs([record(s, v, variant="b") for s, v in enumerate((0.70, 0.71, 0.72))])[0]
+    assert compare(close, plain, "seg") == "+1.0 points, largest std 4.0: inside the spread: no difference"
+    assert compare(far, plain, "seg") == "+17.0 points, largest std 4.0: outside the spread"
+    one = group_runs([record(0, 0.9, variant="c")])[0]
+    assert "fewer than 2 seeds" in compare(one, plain, "seg")
+    assert compare(one, plain, "rw") == "not measured on both sides"
+
+
+def write_records(folder, records):
+    folder.mkdir(parents=True, exist_ok=True)
+    for item in records:
+        (folder / f"{item['name']}.json").write_text(json.dumps(item))
+
+
+def test_report_writes_markdown_html_and_readme_block_and_check_detects_drift(tmp_path):
+    runs = tmp_path / "runs"
+    write_records(runs, [record(s, v) for s, v in enumerate((0.50, 0.54, 0.58))]
+                  + [record(s, v, variant="rws", control="") for s, v in enumerate((0.60, 0.61, 0.62))])
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\n{BLOCK_BEGIN}\nold table\n{BLOCK_END}\n\nmore\n")
+    paths = ["--runs", str(runs), "--out", str(tmp_path / "results.md"), "--html", str(tmp_path / "results.html"),
+             "--readme", str(readme)]
+    result = CliRunner().invoke(app, ["report", *paths])
+    assert result.exit_code == 0, result.output
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| cam | synthetic | not measured | 50.0 (one run)" not in markdown
+    assert "| cam | synthetic | not measured | 50.0 ± 0.0 (n=3) | not measured | not measured | not measured" \
+           " | not measured | not measured | 54.0 ± 4.0 (n=3) | not measured |" in markdown
+    assert "cam · rws against cam on synthetic (n=3 vs n=3): seg (val) +7.0 points, largest std 4.0: outside the " \
+           "spread" in markdown
+    block = extract_block(readme.read_text())
+    assert block == readme_block(group_runs([json.loads(p.read_text()) for p in runs.glob("*.json")]))
+    assert block.split("\n")[1:-1] == markdown.split("## Every stage\n\n")[1].split("\n\n")[0].split("\n")
+    assert readme.read_text().startswith("# title\n") and readme.read_text().endswith("\nmore\n")
+    page = (tmp_path / "results.html").read_text()
+    assert "<svg" in page and "<script" not in page and "http" not in page.replace('http://www.w3.org', '')
+    assert CliRunner().invoke(app, ["report", "--check", *paths]).exit_code == 0
+    write_records(runs, [record(3, 0.9)])
+    stale = CliRunner().invoke(app, ["report", "--check", *paths])
+    assert stale.exit_code == 1 and "out of date" in stale.output
+
+
+def test_report_names_a_corrupted_record_and_writes_nothing(tmp_path):
+    runs = tmp_path / "runs"
+    write_records(runs, [record(0, 0.5)])
+    (runs / "broken.json").write_text('{"name": "broken", "method": ')
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{BLOCK_BEGIN}\n{BLOCK_END}\n")
+    paths = ["--runs", str(runs), "--out", str(tmp_path / "r.md"), "--html", str(tmp_path / "r.html"),
+             "--readme", str(readme)]
+    result = CliRunner().invoke(app, ["report", *paths])
+    assert result.exit_code == 2 and "broken.json: not a readable run record" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "r.md").exists()
+    (runs / "partial.json").write_text(json.dumps({"name": "partial", "method": "cam"}))
+    skipped = CliRunner().invoke(app, ["report", "--skip-bad", *paths])
+    assert skipped.exit_code == 0 and "partial.json: run record without data" in skipped.output
+    assert "50.0 (one run)" in (tmp_path / "r.md").read_text()
+    empty = CliRunner().invoke(app, ["report", "--runs", str(tmp_path / "none"), *paths[2:]])
+    assert empty.exit_code == 2 and "no run records" in empty.output
+
+
+def test_collect_stores_the_workspace_run(tmp_path, monkeypatch):
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics/cam.json").write_text(json.dumps({"miou": 0.5, "per_class": {"background": 0.8}}))
+    (tmp_path / "metrics/rw.json").write_text(json.dumps({"miou": None, "skipped": "not needed"}))
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs/stage_times.jsonl").write_text(
+        '{"stage": "train_cls", "seconds": 9.5, "finished": 100}\n{"stage": "eval_cams", "seconds": 2.0, '
+        '"finished": 300}\n{"stage": "eval_cams", "seconds": 3.0, "finished": 400}\n{"stage": "cut')
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["collect", "--command", "dvc exp run", "--since", "200", "--variant", "x"])
+    assert result.exit_code == 0, result.output
+    stored = json.loads((tmp_path / "results/runs/synthetic-cam-x-seed0.json").read_text())
+    assert stored["headline"]["cam"] == 0.5 and stored["headline"]["rw"] is None
+    assert stored["seconds"] == {"eval_cams": 3.0} and stored["per_class"] == {"cam": {"background": 0.8}}
+    assert (stored["method"], stored["data"], stored["seed"], stored["command"]) == ("cam", "synthetic", 0,
+                                                                                      "dvc exp run")
+    (tmp_path / "metrics/cam.json").unlink()
+    nothing = CliRunner().invoke(app, ["collect", "--command", "x"])
+    assert nothing.exit_code == 2 and "no score file" in nothing.output
+
+
+def test_readme_and_docs_results_match_the_stored_runs():
+    """docs/results.md, docs/results.html and the README's results table are what `wsss report` makes of
+    results/runs/ (run `wsss report` after `wsss collect`)."""
+    result = CliRunner().invoke(app, ["report", "--check", "--runs", str(REPO / "results/runs"), "--out",
+                                      str(REPO / "docs/results.md"), "--html", str(REPO / "docs/results.html"),
+                                      "--readme", str(REPO / "README.md")])
+    assert result.exit_code == 0, result.output
+    markdown = (REPO / "docs/results.md").read_text()
+    assert extract_block((REPO / "README.md").read_text()).split("\n")[1:-1] == \
+        markdown.split("## Every stage\n\n")[1].split("\n\n")[0].split("\n")
+    assert render_markdown(group_runs([json.loads(p.read_text()) for p in (REPO / "results/runs").glob("*.json")])) \
+        == markdown
