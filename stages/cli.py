@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from stages import (affinity_labels, compose, dcrf, eval_cams, evaluate, export_cams, inspect_cams, inspect_masks,
+from stages import (affinity_labels, check_weights, compose, dcrf, eval_cams, evaluate, export_cams, inspect_cams, inspect_masks,
                     inspect_rws, predict, prepare, pseudo_masks, random_walk, refine, report, summary, train_affinity,
                     train_cls, train_seg)
 
@@ -18,6 +18,8 @@ for module in STAGE_MODULES:
     app.command(name.replace("_", "-"), help=f"Stage: {summary}")(getattr(module, name))
 app.command("predict", help="Segment new images with a trained checkpoint.")(predict.predict)
 app.command("compose", help="Write params.yaml from conf/ as `dvc exp run -S ...` would.")(compose.compose_params)
+app.command("check-weights", help="Load the pretrained weight files an experiment names, before a long run."
+            )(check_weights.check_weights)
 app.command("collect", help="Store the workspace's finished run in results/runs/ for `wsss report`.")(report.collect)
 app.command("report", help="Write docs/results.md, docs/results.html and the README's results table from "
             "results/runs/.")(report.report)
