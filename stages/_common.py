@@ -244,3 +244,24 @@ def read_score_files() -> dict[str, dict]:
             except (OSError, UnicodeDecodeError, ValueError) as err:
                 raise DataError(f"{path}: unreadable metrics file ({err})") from None
     return documents
+
+
+CONFIG_DIR = Path("conf")
+
+
+def compose(overrides: list[str], config_dir: Path = CONFIG_DIR) -> str:
+    """Return the YAML text DVC's Hydra composition writes to params.yaml for these overrides."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(str(config_dir.resolve()), version_base=None):
+            config = hydra_compose(config_name="config", overrides=overrides)
+        OmegaConf.resolve(config)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ParamsError(f"{config_dir}: cannot compose {' '.join(overrides) or 'the default'} "
+                          f"({str(err).splitlines()[0]})") from None
+    return OmegaConf.to_yaml(config)

@@ -12,9 +12,8 @@ from pathlib import Path
 import typer
 import yaml
 
-from stages._common import reports_errors
+from stages._common import compose, reports_errors
 from stages.artifacts import CLS_CHECKPOINT
-from stages.compose import compose
 from wsss_core.config import parse_params
 from wsss_core.methods import get_method, method_params
 from wsss_core.models.affinity_net import AffinityNet

@@ -9,30 +9,9 @@ from pathlib import Path
 
 import typer
 
-from stages._common import reports_errors, single_command
+from stages._common import compose, reports_errors, single_command
 from stages.artifacts import PARAMS_FILE
-from wsss_core.errors import ParamsError
 from wsss_core.io import atomic_path
-
-CONFIG_DIR = Path("conf")
-
-
-def compose(overrides: list[str], config_dir: Path = CONFIG_DIR) -> str:
-    """Return the YAML text DVC's Hydra composition writes to params.yaml for these overrides."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        with initialize_config_dir(str(config_dir.resolve()), version_base=None):
-            config = hydra_compose(config_name="config", overrides=overrides)
-        OmegaConf.resolve(config)
-    except (HydraException, OmegaConfBaseException) as err:
-        raise ParamsError(f"{config_dir}: cannot compose {' '.join(overrides) or 'the default'} "
-                          f"({str(err).splitlines()[0]})") from None
-    return OmegaConf.to_yaml(config)
 
 
 @reports_errors
