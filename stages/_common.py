@@ -48,11 +48,17 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
     """Read and validate params.yaml (method sections by the registered methods); problems are a ParamsError."""
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found")
+    return parse_params_text(path.read_text(), str(path))
+
+
+def parse_params_text(text: str, source: str) -> Params:
+    """Validate params given as YAML text (read as YAML 1.2 reads numbers); problems are a ParamsError naming
+    source."""
     try:
-        mapping = yaml.load(path.read_text(), Loader=_Yaml12Loader)
+        mapping = yaml.load(text, Loader=_Yaml12Loader)
     except yaml.YAMLError as err:
-        raise ParamsError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    return parse_params(mapping, method_params(), source=str(path))
+        raise ParamsError(f"{source}: not valid YAML ({str(err).splitlines()[0]})") from None
+    return parse_params(mapping, method_params(), source=source)
 
 
 def reports_errors(function: Callable) -> Callable:

@@ -10,12 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-import yaml
 
-from stages._common import compose, reports_errors
+from stages._common import compose, parse_params_text, reports_errors
 from stages.artifacts import CLS_CHECKPOINT
-from wsss_core.config import parse_params
-from wsss_core.methods import get_method, method_params
+from wsss_core.methods import get_method
 from wsss_core.models.affinity_net import AffinityNet
 from wsss_core.models.deeplab import build_segmenter
 
@@ -26,8 +24,8 @@ def check_weights(
     classes: int = typer.Option(20, "--classes", help="foreground classes of the heads built around the weights"),
 ) -> None:
     """Load the pretrained weights that the composed params name (cls, seg, affinity); print what loaded."""
-    params = parse_params(yaml.safe_load(compose(overrides or [])), method_params(),
-                          source=f"params composed from conf/ with {' '.join(overrides or []) or 'no override'}")
+    params = parse_params_text(compose(overrides or []),
+                               f"params composed from conf/ with {' '.join(overrides or []) or 'no override'}")
     method = get_method(params)
     method.build_classifier(params.cls, classes, pretrained=True)
     typer.echo(f"classifier ({params.method}, {params.cls.backbone}): "

@@ -31,7 +31,8 @@ def prepare(params_file: Path = typer.Option(PARAMS_FILE, "--params", help="para
             if not tags.root:
                 raise ParamsError("data.tags.root: give the folder holding images/ and the labels file")
             dataset = read_tags(tags.root, tags.labels, tags.classes, tags.val_list, tags.val_fraction, data.seed,
-                                max_pixels=data.max_pixels)
+                                max_pixels=data.max_pixels, max_text_bytes=data.max_text_bytes,
+                                follow_links=data.follow_links)
         elif data.name == "coco":
             coco = data.coco
             dataset = read_coco(coco.root, coco.train_split, coco.val_split, coco.train_list, coco.val_list,
@@ -39,7 +40,8 @@ def prepare(params_file: Path = typer.Option(PARAMS_FILE, "--params", help="para
         else:
             voc = data.voc
             dataset = read_voc(voc.root, voc.train_list, voc.val_list, voc.val_fraction, data.seed, voc.use_aug,
-                               max_pixels=data.max_pixels)
+                               max_pixels=data.max_pixels, max_text_bytes=data.max_text_bytes,
+                               follow_links=data.follow_links)
         dataset.save(staging / MANIFEST.name)
     counts = ", ".join(f"{split} {len(ids)}" for split, ids in dataset.splits.items())
     typer.echo(f"prepared {data.name}: {counts} images, {dataset.num_classes} classes -> {out_dir}")

@@ -186,6 +186,9 @@ def test_wsss_compose_writes_what_dvc_would_and_refuses_unknown_groups(tmp_path,
     result = CliRunner().invoke(app, ["method=nope", "--out", str(tmp_path / "q.yaml")])
     assert result.exit_code == 2 and "cannot compose method=nope (In 'config': Could not find 'method/nope')" \
         in result.stderr and not (tmp_path / "q.yaml").exists()
+    result = CliRunner().invoke(app, ["cls.lr=-1", "--out", str(tmp_path / "r.yaml")])  # composes, fails validation
+    assert result.exit_code == 2 and "with cls.lr=-1: cls.lr: Input should be greater than 0, got -1" in result.stderr
+    assert not (tmp_path / "r.yaml").exists()
 
 
 def test_the_composed_default_spells_out_every_knob():

@@ -169,3 +169,18 @@ def test_each_label_mode_defaults_to_its_papers_kernel_and_dcrf_can_take_label_u
     assert (labels == np.where(truth == 1, 7, 0)).mean() > 0.99 > (scores.argmax(0) == truth).mean()
     _, from_scores = crf_job(("a", image, scores, np.array([7])), DcrfParams())
     np.testing.assert_array_equal(from_scores, np.array([0, 7], np.uint8)[dense_crf(image, scores / scores.sum(0)).argmax(0)])
+
+
+def test_usable_cores_follow_the_affinity_the_cgroup_quota_and_torchrun(tmp_path, monkeypatch):
+    from wsss_core.pool import usable_cores
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    quota = tmp_path / "cpu.max"
+    quota.write_text("max 100000\n")
+    assert usable_cores(str(quota)) == 4
+    quota.write_text("250000 100000\n")
+    assert usable_cores(str(quota)) == 2
+    assert usable_cores(str(tmp_path / "none")) == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    assert usable_cores(str(tmp_path / "none")) == 1

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal, Mapping
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
 
-from wsss_core.data.images import DEFAULT_MAX_PIXELS
+from wsss_core.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_TEXT_BYTES
 from wsss_core.errors import ParamsError
 
 BACKBONES = ("resnet18", "resnet50", "resnet101", "resnest101e", "tf_efficientnet_lite0")
@@ -119,6 +119,10 @@ class DataParams(Section):
     seed: NonNegativeInt = 0
     # Images with more pixels (width x height) are refused with one line (wsss_core.data.images).
     max_pixels: PositiveInt = DEFAULT_MAX_PIXELS
+    # List, class and labels files larger than this many bytes are refused before reading (wsss_core.data.files).
+    max_text_bytes: PositiveInt = DEFAULT_MAX_TEXT_BYTES
+    # False: a data file or folder that is a link resolving outside the dataset root is refused, naming it.
+    follow_links: bool = False
     synthetic: SyntheticParams = SyntheticParams()
     voc: VocParams = VocParams()
     tags: TagsParams = TagsParams()

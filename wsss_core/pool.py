@@ -22,12 +22,26 @@ def _single_threaded_worker() -> None:
         sys.modules["torch"].set_num_threads(1)
 
 
+def usable_cores(quota_file: str = "/sys/fs/cgroup/cpu.max") -> int:
+    """Return the cores this process may use: its CPU affinity (taskset, a scheduler's allocation), capped by the
+    cgroup v2 CPU quota when one is set ("200000 100000" in cpu.max: 2 cores), shared among torchrun's local
+    processes (LOCAL_WORLD_SIZE); at least 1."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = open(quota_file, encoding="ascii").read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota readable: the affinity alone
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
+
+
 def run_pool(function: Callable, jobs: Iterable, workers: int, total: int | None = None, desc: str = "dcrf"
              ) -> Iterator:
     """Yield function(job) for every job, in job order, computed in `workers` processes.
 
-    workers=0 uses the machine's cores, shared among torchrun's processes on it (LOCAL_WORLD_SIZE) so that
-    sharded stages do not oversubscribe them; workers=1 runs in this process. function must be picklable (top
+    workers=0 uses the cores this process may use (usable_cores: affinity, cgroup quota, shared among
+    torchrun's local processes) so that sharded stages and allocations do not oversubscribe them; workers=1 runs in this process. function must be picklable (top
     level, or a functools.partial of one). total (the number of jobs, when known) sizes the chunks
     and the progress bar, which shows rate and ETA.
     """
@@ -35,8 +49,7 @@ def run_pool(function: Callable, jobs: Iterable, workers: int, total: int | None
         raise ValueError(f"workers must be >= 0, got {workers}")
     if total is None and hasattr(jobs, "__len__"):
         total = len(jobs)
-    cores = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return _pool_results(function, jobs, workers or cores, total, desc)
+    return _pool_results(function, jobs, workers or usable_cores(), total, desc)
 
 
 def _pool_results(function: Callable, jobs: Iterable, workers: int, total: int | None, desc: str) -> Iterator:
@@ -57,14 +70,14 @@ def _pool_results(function: Callable, jobs: Iterable, workers: int, total: int |
 
 class WorkerPool:
     """Worker processes kept across calls, for small batches of jobs many times over (a training step's CRFs):
-    workers as in run_pool (0: one per core; 1: this process), at most one per job, started at the first map
+    workers as in run_pool (0: one per usable core; 1: this process), at most one per job, started at the first map
     from a fork server (the training process's threads and CUDA state are not forked); a worker that dies
     raises BrokenProcessPool instead of hanging."""
 
     def __init__(self, workers: int):
         if workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
-        self.workers = workers or len(os.sched_getaffinity(0))
+        self.workers = workers or usable_cores()
         self._executor: ProcessPoolExecutor | None = None
 
     def map(self, function: Callable, jobs: Sequence) -> list:

@@ -32,11 +32,18 @@ IMAGE_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*/[A-Za-z0-9][A-Za-z0-9_.-]*\.
 """An image's path under the root in a manifest: one plain folder (images/, train2014/, ...) and a plain name."""
 
 
+MAX_ID_LENGTH = 200  # characters; file systems allow 255 bytes a name, and ids get suffixes (.png, .shard-...)
+
+
 def check_image_id(image_id: str, where: str) -> str:
-    """Return image_id if it is a plain name (letters, digits, '_', '.', '-'), else raise a DataError naming `where`."""
+    """Return image_id if it is a plain name (letters, digits, '_', '.', '-') of at most MAX_ID_LENGTH characters,
+    else raise a DataError naming `where`."""
+    if isinstance(image_id, str) and len(image_id) > MAX_ID_LENGTH:
+        raise DataError(f"{where}: image id {image_id[:40]!r}... is {len(image_id)} characters long (at most "
+                        f"{MAX_ID_LENGTH})")
     if not isinstance(image_id, str) or not PLAIN_ID.fullmatch(image_id) or ".." in image_id:
-        raise DataError(f"{where}: image id {image_id!r} is not a plain name (letters, digits, '_', '.', '-'; "
-                        "no folders, no '..')")
+        raise DataError(f"{where}: image id {str(image_id)[:80]!r} is not a plain name (letters, digits, '_', '.', "
+                        "'-'; no folders, no '..')")
     return image_id
 
 

@@ -20,6 +20,7 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from wsss_core.errors import DataError
 
 DEFAULT_MAX_PIXELS = 4096 * 4096
+DEFAULT_MAX_TEXT_BYTES = 64 * 2**20  # list, class and labels files larger than this are refused (data.files)
 """Largest width x height read by default: a 12 MP phone photo passes, a 12000 x 12000 scan does not."""
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 UNSUPPORTED_MODES = ("I", "F")

@@ -9,12 +9,13 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from wsss_core.data.dataset import VOC_CLASSES, Dataset, check_image_id
+from wsss_core.data.files import DEFAULT_MAX_TEXT_BYTES, check_inside, read_text
 from wsss_core.data.images import DEFAULT_MAX_PIXELS, image_size, read_rgb
 from wsss_core.data.palette import VOID
 from wsss_core.errors import DataError
 
 
-def read_id_list(path: Path) -> list[str]:
+def read_id_list(path: Path, max_bytes: int = DEFAULT_MAX_TEXT_BYTES) -> list[str]:
     """Return the ids in a VOC list file (first token of each non-empty line).
 
     Every id must be a plain name (no folders, no '..': nothing outside the dataset root is read)
@@ -24,7 +25,7 @@ def read_id_list(path: Path) -> list[str]:
         raise DataError(f"{path}: list file not found")
     ids: list[str] = []
     first_line: dict[str, int] = {}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(read_text(path, max_bytes).splitlines(), start=1):
         if not line.strip():
             continue
         image_id = check_image_id(line.split()[0], f"{path}:{number}")
@@ -67,7 +68,7 @@ def mask_classes(path: Path, image_size: tuple[int, int], num_classes: int) -> l
             if mask_image.mode not in ("P", "L"):
                 raise DataError(f"{path}: mask must be a palette or greyscale PNG, got mode {mask_image.mode}")
             values = np.unique(np.asarray(mask_image))
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as err:
         raise DataError(f"{path}: unreadable or corrupt mask ({err})") from None
     bad = [int(v) for v in values if v > num_classes and v != VOID]
     if bad:
@@ -95,20 +96,23 @@ def read_voc(
     class_names: tuple[str, ...] | list[str] = VOC_CLASSES,
     progress: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES,
+    follow_links: bool = False,
 ) -> Dataset:
     """Validate a VOC root and return its Dataset with 'train' and 'val' splits.
 
     Labels come from `Annotations/<id>.xml` when present, else from the mask. Without `val_list`,
     `val_fraction` of the train ids become val (seeded). Every listed image is decoded once so a
     corrupt or too large file is reported here, naming it, rather than mid-training. An empty
-    train or val split, or an id in both, is a DataError.
+    train or val split, or an id in both, is a DataError. List files are UTF-8 of at most max_text_bytes;
+    they, the images and the masks must resolve inside the root unless follow_links (files.check_inside).
     """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: dataset root not found")
-    train_ids = read_id_list(root / train_list)
+    train_ids = read_id_list(check_inside(root / train_list, root, follow_links), max_text_bytes)
     if val_list:
-        val_ids = read_id_list(root / val_list)
+        val_ids = read_id_list(check_inside(root / val_list, root, follow_links), max_text_bytes)
     else:
         listed = len(train_ids)
         train_ids, val_ids = carve_val(train_ids, val_fraction, seed)
@@ -125,9 +129,9 @@ def read_voc(
                       splits={"train": train_ids, "val": val_ids}, labels={}, mask_dirs=mask_dirs,
                       max_pixels=max_pixels)
     for image_id in tqdm(train_ids + val_ids, desc="checking dataset", unit="img", disable=not progress):
-        size = check_image_file(dataset.image_path(image_id), max_pixels)
-        mask_path = dataset.mask_path(image_id)
-        xml_path = root / "Annotations" / f"{image_id}.xml"
+        size = check_image_file(check_inside(dataset.image_path(image_id), root, follow_links), max_pixels)
+        mask_path = check_inside(dataset.mask_path(image_id), root, follow_links)
+        xml_path = check_inside(root / "Annotations" / f"{image_id}.xml", root, follow_links)
         if mask_path.is_file():
             classes = mask_classes(mask_path, size, len(class_names) - 1)
         elif not xml_path.is_file():
