@@ -122,12 +122,69 @@ def edit_json(path, change):
     (lambda c: c["annotations"][0].update(category_id=2), r"instances_train2014.json: annotations\[0\] has category 2"),
     (lambda c: c["annotations"][0].update(image_id=99), r"annotations\[0\] names image 99, which is not listed"),
     (lambda c: c["categories"].append({"id": 91, "name": "extra"}), r"instances_val2014.json: its categories differ"),
-    (lambda c: c["images"][0].update(file_name="../x.jpg"), r"image file '\.\./x.jpg' is not a plain name"),
+    (lambda c: c["images"][0].update(file_name="../x.jpg"), r"image 1: file name '\.\./x.jpg' is not a plain name"),
     (lambda c: c.pop("categories"), r"instances_train2014.json: a COCO instance file needs the lists"),
+    # malformed records: one line naming the file, the list and the record, never a traceback
+    (lambda c: c["images"][0].update(id=[1]), r"images\[0\]: id must be an integer and file_name a string"),
+    (lambda c: c["images"][1].update(id=c["images"][0]["id"]), r"images\[1\]: image id 1 is also listed earlier"),
+    (lambda c: c["images"][0].update(height="abc"), r"images\[0\]: height and width must be positive integers, "
+                                                    r"got 'abc' and 41"),
+    (lambda c: c["images"][0].update(height=0), r"images\[0\]: height and width must be positive integers"),
+    (lambda c: c["images"][0].update(height=100_000, width=100_000), r"images\[0\]: 100000x100000 is more than "
+                                                                      r"data.max_pixels"),
+    (lambda c: c["categories"][0].update(id="18"), r"categories\[0\]: id must be an integer and name a string"),
+    (lambda c: c["annotations"][0].update(image_id="1"), r"annotations\[0\]: image_id and category_id must be "
+                                                         r"integers"),
+    (lambda c: c["annotations"][0].update(category_id=[18]), r"annotations\[0\]: image_id and category_id"),
+    (lambda c: c["annotations"][0].update(iscrowd=2), r"annotations\[0\]: iscrowd must be 0 or 1, got 2"),
+    (lambda c: c["annotations"][0].update(segmentation=None), r"annotations\[0\]: segmentation must be polygons or "
+                                                              r"an RLE object \{size, counts\}, got NoneType"),
+    (lambda c: c["annotations"][0].update(segmentation="abc"), r"annotations\[0\]: segmentation must be polygons"),
+    (lambda c: c["annotations"][0].update(segmentation=[]), r"annotations\[0\]: segmentation must be a non-empty "
+                                                            r"list of polygons"),
+    (lambda c: c["annotations"][0].update(segmentation=[[1, 2]]), r"annotations\[0\]: polygon 0 has 2 numbers"),
+    (lambda c: c["annotations"][0].update(segmentation=[[1, 2, 3, 4, 5, 6, 7]]), r"polygon 0 has 7 numbers"),
+    (lambda c: c["annotations"][0]["segmentation"][0].__setitem__(0, float("nan")),
+     r"annotations\[0\]: polygon 0 holds a value that is not a finite number"),
+    (lambda c: c["annotations"][0]["segmentation"][0].__setitem__(0, 1e12),
+     r"annotations\[0\]: polygon 0 reaches beyond the 41x33 image"),
+    (lambda c: c["annotations"][0].update(segmentation=[[0, 0, 1, 0, 1, 1] * 40_000]),
+     r"annotations\[0\]: more than 200000 polygon coordinates"),
+    (lambda c: c["annotations"][0].update(segmentation={"size": [100_000, 100_000], "counts": "abc"}),
+     r"annotations\[0\]: RLE size \[100000, 100000\] differs from the image's \[33, 41\]"),
+    (lambda c: c["annotations"][0].update(segmentation={"size": [33, 41], "counts": [-5, 1358]}),
+     r"annotations\[0\]: RLE counts must be non-negative integers summing to 1353"),
+    (lambda c: c["annotations"][0].update(segmentation={"size": [33, 41], "counts": 7}),
+     r"annotations\[0\]: RLE counts must be a list of integers or a compressed string"),
 ])
 def test_bad_annotations_are_one_line_errors(coco_root, tmp_path, change, message):
     edit_json(coco_root / "annotations" / "instances_train2014.json", change)
     with pytest.raises(DataError, match=message):
+        read(coco_root, tmp_path)
+
+
+def test_unreadable_annotation_files_are_one_line_errors(coco_root, tmp_path):
+    path = coco_root / "annotations" / "instances_train2014.json"
+    text = path.read_text()
+    path.write_text(text.replace('"images":', '"categories": [], "images":', 1))  # a key twice in one object
+    with pytest.raises(DataError, match="instances_train2014.json: key 'categories' appears twice"):
+        read(coco_root, tmp_path)
+    path.write_bytes(text.encode("utf-16"))
+    with pytest.raises(DataError, match="instances_train2014.json: UTF-16 text"):
+        read(coco_root, tmp_path)
+    path.write_text(text)
+    with pytest.raises(DataError, match=r"instances_train2014.json: \d+ bytes, more than the 100 allowed"):
+        read(coco_root, tmp_path, max_annotation_bytes=100)
+
+
+def test_an_image_in_both_splits_names_both_places(coco_root, tmp_path):
+    val = coco_root / "annotations" / "instances_val2014.json"
+    content = json.loads(val.read_text())
+    train = json.loads((coco_root / "annotations" / "instances_train2014.json").read_text())
+    content["images"][0]["file_name"] = train["images"][0]["file_name"]
+    val.write_text(json.dumps(content))
+    with pytest.raises(DataError, match=r"instances_val2014.json: image \d+: id 'COCO_train2014_000000000001' is "
+                                        r"listed twice \(also as train2014/COCO_train2014_000000000001.jpg\)"):
         read(coco_root, tmp_path)
 
 
@@ -145,3 +202,21 @@ def test_hand_rasteriser_and_rle_encoder_are_right():
     assert inside(rectangle(1, 1, 3, 3), 4, 4).sum() == 4
     region = np.array([[1, 0], [1, 1]], dtype=bool)  # column-major: 1, 1, 0, 1
     assert uncompressed_rle(region) == {"size": [2, 2], "counts": [0, 2, 1, 1]}
+
+
+def test_a_huge_rle_or_image_size_fails_with_its_message_under_a_2_gb_address_space(coco_root, tmp_path):
+    """Bounds are checked before allocation: under RLIMIT_AS = 2 GB, sizes that would ask for 9.3 GiB give the
+    one-line message, not a MemoryError."""
+    import subprocess
+    import sys
+
+    edit_json(coco_root / "annotations" / "instances_train2014.json", lambda c: c["annotations"][0].update(
+        segmentation={"size": [100_000, 100_000], "counts": [0, 10 ** 10]}))
+    script = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))\n"
+              "from wsss_core.data.coco import read_coco\nfrom wsss_core.errors import DataError\n"
+              "try:\n    read_coco(sys.argv[1], mask_cache=sys.argv[2], workers=1)\n"
+              "except DataError as err:\n    print(err)\n")
+    result = subprocess.run([sys.executable, "-c", script, str(coco_root), str(tmp_path / "cache")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "annotations[0]: RLE size [100000, 100000] differs from the image's [33, 41]" in result.stdout

@@ -109,6 +109,8 @@ class CocoParams(Section):
     crowd: Literal["ignore", "class", "background"] = "ignore"
     # Rasterised masks are kept here (one subfolder per annotation content and rule), across prepare runs.
     mask_cache: str = "data/coco_masks"
+    # Annotation JSONs larger than this many bytes are refused before reading (COCO 2014's train file: ~330 MB).
+    max_annotation_bytes: PositiveInt = 2**30
 
 
 class DataParams(Section):

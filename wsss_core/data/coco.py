@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
+import math
 import warnings
 from functools import partial
 from pathlib import Path
@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from wsss_core.data.dataset import Dataset, check_image_id
+from wsss_core.data.files import check_inside, read_json
 from wsss_core.data.images import DEFAULT_MAX_PIXELS
 from wsss_core.data.palette import VOID, write_label_png
 from wsss_core.data.voc import check_image_file, read_id_list
@@ -39,6 +40,12 @@ from wsss_core.pool import run_pool
 CROWD_RULES = ("ignore", "class", "background")
 MASK_FORMAT = "coco-masks-v1"
 """Part of the cache key: bump it when the rasterising rule changes, so old masks are not re-used."""
+DEFAULT_MAX_ANNOTATION_BYTES = 2**30
+"""Annotation JSONs larger than this are refused before reading (COCO 2014's train file is about 330 MB)."""
+MAX_POLYGON_VALUES = 200_000
+"""Numbers in one annotation's polygons at most (COCO's largest has a few thousand)."""
+COORDINATE_MARGIN = 0.25
+"""Polygon coordinates may lie this fraction of the image's size outside it (pycocotools clips them)."""
 
 
 def annotation_file(root: Path, split: str) -> Path:
@@ -46,14 +53,18 @@ def annotation_file(root: Path, split: str) -> Path:
     return root / "annotations" / f"instances_{split}.json"
 
 
-def read_annotations(path: Path) -> dict:
-    """Return a COCO instance annotation JSON after checking the keys and types the reader uses."""
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def read_annotations(path: Path, max_bytes: int = DEFAULT_MAX_ANNOTATION_BYTES,
+                     max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
+    """Return a COCO instance annotation JSON after checking every record the reader uses: ids are integers and
+    unique, sizes positive integers of at most max_pixels pixels, segmentations polygons or RLE that fit their
+    image (check_segmentation). A problem is a DataError naming the file, the list and the record's index."""
     if not path.is_file():
         raise DataError(f"{path}: annotation file not found")
-    try:
-        content = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: not valid JSON ({err})") from None
+    content = read_json(path, max_bytes)
     if not isinstance(content, dict) or not all(isinstance(content.get(key), list)
                                                 for key in ("images", "annotations", "categories")):
         raise DataError(f"{path}: a COCO instance file needs the lists 'images', 'annotations' and 'categories'")
@@ -63,7 +74,66 @@ def read_annotations(path: Path) -> dict:
         for number, item in enumerate(items):
             if not isinstance(item, dict) or any(key not in item for key in keys):
                 raise DataError(f"{path}: {where}[{number}] lacks one of {', '.join(keys)}")
+    sizes: dict[int, tuple[int, int]] = {}
+    for number, image in enumerate(content["images"]):
+        where = f"{path}: images[{number}]"
+        if not _is_int(image["id"]) or not isinstance(image["file_name"], str):
+            raise DataError(f"{where}: id must be an integer and file_name a string")
+        if image["id"] in sizes:
+            raise DataError(f"{where}: image id {image['id']} is also listed earlier in the file")
+        height, width = image["height"], image["width"]
+        if not (_is_int(height) and _is_int(width) and height > 0 and width > 0):
+            raise DataError(f"{where}: height and width must be positive integers, got {height!r} and {width!r}")
+        if height * width > max_pixels:
+            raise DataError(f"{where}: {width}x{height} is more than data.max_pixels ({max_pixels}) pixels")
+        sizes[image["id"]] = (height, width)
+    for number, category in enumerate(content["categories"]):
+        if not _is_int(category["id"]) or not isinstance(category["name"], str):
+            raise DataError(f"{path}: categories[{number}]: id must be an integer and name a string")
+    for number, annotation in enumerate(content["annotations"]):
+        where = f"{path}: annotations[{number}]"
+        if not _is_int(annotation["image_id"]) or not _is_int(annotation["category_id"]):
+            raise DataError(f"{where}: image_id and category_id must be integers")
+        if annotation.get("iscrowd", 0) not in (0, 1) or isinstance(annotation.get("iscrowd", 0), bool):
+            raise DataError(f"{where}: iscrowd must be 0 or 1, got {annotation.get('iscrowd')!r}")
+        if annotation["image_id"] in sizes:  # an unlisted image is reported by read_coco
+            check_segmentation(annotation["segmentation"], *sizes[annotation["image_id"]], where)
     return content
+
+
+def check_segmentation(segmentation, height: int, width: int, where: str) -> None:
+    """Raise a DataError (prefixed with where) unless segmentation is what rasterise can decode within the image:
+    polygons (a list of lists of at least 3 (x, y) pairs of finite numbers within COORDINATE_MARGIN of the
+    image, MAX_POLYGON_VALUES numbers in all) or an RLE whose size is [height, width] (uncompressed counts:
+    non-negative integers summing to height x width; compressed: a string)."""
+    if isinstance(segmentation, list):
+        if not segmentation or not all(isinstance(polygon, list) for polygon in segmentation):
+            raise DataError(f"{where}: segmentation must be a non-empty list of polygons or an RLE object")
+        if sum(len(polygon) for polygon in segmentation) > MAX_POLYGON_VALUES:
+            raise DataError(f"{where}: more than {MAX_POLYGON_VALUES} polygon coordinates")
+        low_x, high_x = -COORDINATE_MARGIN * width, (1 + COORDINATE_MARGIN) * width
+        low_y, high_y = -COORDINATE_MARGIN * height, (1 + COORDINATE_MARGIN) * height
+        for index, polygon in enumerate(segmentation):
+            if len(polygon) < 6 or len(polygon) % 2:
+                raise DataError(f"{where}: polygon {index} has {len(polygon)} numbers (an even count, at least 6)")
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in polygon):
+                raise DataError(f"{where}: polygon {index} holds a value that is not a finite number")
+            if not (all(low_x <= x <= high_x for x in polygon[0::2]) and all(low_y <= y <= high_y for y in polygon[1::2])):
+                raise DataError(f"{where}: polygon {index} reaches beyond the {width}x{height} image (by more than "
+                                f"{COORDINATE_MARGIN:.0%} of its size)")
+        return
+    if not isinstance(segmentation, dict) or set(segmentation) != {"size", "counts"}:
+        raise DataError(f"{where}: segmentation must be polygons or an RLE object {{size, counts}}, got "
+                        f"{type(segmentation).__name__}")
+    if segmentation["size"] != [height, width]:
+        raise DataError(f"{where}: RLE size {str(segmentation['size'])[:40]} differs from the image's "
+                        f"[{height}, {width}]")
+    counts = segmentation["counts"]
+    if isinstance(counts, list):
+        if not all(_is_int(count) and count >= 0 for count in counts) or sum(counts) != height * width:
+            raise DataError(f"{where}: RLE counts must be non-negative integers summing to {height * width}")
+    elif not isinstance(counts, str):
+        raise DataError(f"{where}: RLE counts must be a list of integers or a compressed string")
 
 
 def category_order(categories: list[dict], path: Path) -> tuple[list[str], dict[int, int]]:
@@ -96,7 +166,7 @@ def rasterise(height: int, width: int, annotations: list[dict], class_of: dict[i
         with warnings.catch_warnings():  # pycocotools 2.0.11 on numpy 2: a DeprecationWarning per decode
             warnings.simplefilter("ignore", DeprecationWarning)
             region = coco_mask.decode(rle).astype(bool)
-        if region.shape != labels.shape:
+        if region.shape != labels.shape:  # a compressed RLE whose string decodes to another length
             raise ValueError(f"segmentation of size {region.shape} in an image of {labels.shape}")
         if annotation.get("iscrowd", 0):
             labels[region] = crowd_value.get(crowd, class_of[annotation["category_id"]])
@@ -137,13 +207,16 @@ def cache_key(files: list[Path], crowd: str) -> str:
 def read_coco(root: str | Path, train_split: str = "train2014", val_split: str = "val2014", train_list: str = "",
               val_list: str = "", keep_unlabelled: bool = False, crowd: str = "ignore",
               mask_cache: str | Path = "data/coco_masks", workers: int = 0,
-              max_pixels: int = DEFAULT_MAX_PIXELS) -> Dataset:
+              max_pixels: int = DEFAULT_MAX_PIXELS, max_annotation_bytes: int = DEFAULT_MAX_ANNOTATION_BYTES,
+              follow_links: bool = False) -> Dataset:
     """Validate a COCO root (module docstring), rasterise its missing masks and return its Dataset.
 
     'train' and 'val' hold the images of each split's JSON that have at least one annotation (all of them
     with keep_unlabelled), restricted to the ids of `train_list` / `val_list` (files under root) when given.
     An id is the image's file name without its suffix. Every kept image is decoded once, in `workers`
-    processes (0: one per core), and checked against the size its JSON gives.
+    processes (0: one per core), and checked against the size its JSON gives. Annotation files are read by
+    read_annotations (at most max_annotation_bytes); images, lists and annotation files must resolve inside the
+    root unless follow_links (files.check_inside).
     """
     root = Path(root)
     if not root.is_dir():
@@ -156,7 +229,8 @@ def read_coco(root: str | Path, train_split: str = "train2014", val_split: str =
     splits, labels, images, jobs = {}, {}, {}, []
     class_names: list[str] | None = None
     files = [annotation_file(root, split) for split in (train_split, val_split)]
-    contents = [read_annotations(path) for path in files]
+    contents = [read_annotations(check_inside(path, root, follow_links), max_annotation_bytes, max_pixels)
+                for path in files]
     mask_folder = Path(mask_cache) / cache_key(files, crowd)
     for name, split, path, content, id_list in zip(("train", "val"), (train_split, val_split), files, contents,
                                                    (train_list, val_list)):
@@ -177,8 +251,11 @@ def read_coco(root: str | Path, train_split: str = "train2014", val_split: str =
         for image in content["images"]:
             file_name = str(image["file_name"])
             image_id = check_image_id(Path(file_name).stem, f"{path}: image {image['id']}")
-            if Path(file_name).name != file_name or image_id in images:
-                raise DataError(f"{path}: image file {file_name!r} is not a plain name, or listed twice")
+            if Path(file_name).name != file_name:
+                raise DataError(f"{path}: image {image['id']}: file name {file_name!r} is not a plain name")
+            if image_id in images:
+                raise DataError(f"{path}: image {image['id']}: id {image_id!r} is listed twice (also as "
+                                f"{images[image_id]})")
             annotations = by_image[image["id"]]
             classes = sorted({class_of[a["category_id"]] for a in annotations})
             if not classes and not keep_unlabelled:
@@ -186,10 +263,10 @@ def read_coco(root: str | Path, train_split: str = "train2014", val_split: str =
             ids.append(image_id)
             labels[image_id] = classes
             images[image_id] = f"{split}/{file_name}"
-            jobs.append((root / images[image_id], mask_folder / f"{image_id}.png", int(image["height"]),
+            jobs.append((check_inside(root / images[image_id], root, follow_links), mask_folder / f"{image_id}.png", int(image["height"]),
                          int(image["width"]), annotations))
         if id_list:
-            listed = read_id_list(root / id_list)
+            listed = read_id_list(check_inside(root / id_list, root, follow_links))
             unknown = sorted(set(listed) - set(ids))
             if unknown:
                 raise DataError(f"{root / id_list}: id {unknown[0]!r} is not a labelled image of {path.name}")
