@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import re
 import subprocess
@@ -122,6 +123,55 @@ def ran_under_torchrun(module: str, nproc: int) -> bool:
     return True
 
 
+SAMPLE_BYTES = 1 << 20  # an input file's fingerprint reads its size and this many bytes at each end
+
+
+def _file_sample(path: Path) -> bytes:
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        head = handle.read(SAMPLE_BYTES)
+        handle.seek(max(0, size - SAMPLE_BYTES))
+        return f"{size}:".encode() + head + handle.read(SAMPLE_BYTES)
+
+
+def shard_fingerprint(module: str, params: Params) -> str:
+    """Return a digest of what a shard of `module` is made from: the params, and every artifact of the stages
+    before it in the DAG (a file: its size and first and last MiB; a folder: its files' names and sizes). Shards
+    of one run share it on any machine; a shard made with other params or other inputs does not."""
+    stage = module.rsplit(".", 1)[1]
+    digest = hashlib.sha256(f"{module}\n{params.model_dump_json()}".encode())
+    for upstream in list(OUTPUTS)[:list(OUTPUTS).index(stage)]:
+        for path in OUTPUTS[upstream]:
+            if path.is_file():
+                digest.update(str(path).encode() + _file_sample(path))
+            elif path.is_dir():
+                for file in sorted(p for p in path.rglob("*") if p.is_file()):
+                    digest.update(f"{file}:{file.stat().st_size}".encode())
+    return digest.hexdigest()
+
+
+def shard_marker(module: str, index: int, count: int) -> Path:
+    """Return the file that says shard `index` of `count` of the stage finished, and from what (its fingerprint)."""
+    primary = next(iter(OUTPUTS[module.rsplit(".", 1)[1]]))
+    return Path(f"{shard_path(primary, index, count)}.done")
+
+
+def check_shards(module: str, params: Params, count: int) -> list[Path]:
+    """Return the shards' markers after checking that all `count` shards finished from this run's params and
+    inputs; a DataError naming the first shard that did not."""
+    expected = shard_fingerprint(module, params)
+    markers = [shard_marker(module, index, count) for index in range(count)]
+    for index, marker in enumerate(markers):
+        try:
+            made_from = json.loads(marker.read_text())["fingerprint"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise DataError(f"{marker}: shard {index} of {count} is missing or did not finish (run it again)") from None
+        if made_from != expected:
+            raise DataError(f"{marker}: shard {index} of {count} was made with other params or inputs than this "
+                            "merge (run every shard again)")
+    return markers
+
+
 def run_sharded(module: str, params: Params, shard: str, merge: int,
                 work: Callable[[int, int, torch.device], None], combine: Callable[[int, float | None], None]) -> None:
     """Run a per-image stage in one process, as dist.nproc ranks under torchrun, or as one `--shard i/n`.
@@ -129,12 +179,17 @@ def run_sharded(module: str, params: Params, shard: str, merge: int,
     work(index, count, device) does shard `index` of `count`: with count 1 the whole stage, into its outputs;
     otherwise into shard_path(output, index, count) beside each. combine(count, seconds) merges `count` shards
     into the outputs and removes them; seconds is the sharded work's wall time under torchrun (rank 0 merges
-    once every rank is done), None for `--merge n` after shards that ran apart.
+    once every rank is done), None for `--merge n` after shards that ran apart. Each finished shard writes a
+    marker with its shard_fingerprint; a merge first checks that every shard finished from the same params and
+    inputs (check_shards), and removes the markers after.
     """
     if merge:
         if merge < 1:
             raise ParamsError(f"--merge {merge}: give the number of shards (at least 1)")
+        markers = check_shards(module, params, merge)
         combine(merge, None)
+        for marker in markers:
+            remove_path(marker)
         return
     if not shard and ran_under_torchrun(module, params.dist.nproc):
         return
@@ -145,9 +200,14 @@ def run_sharded(module: str, params: Params, shard: str, merge: int,
         index, count = parse_shard(shard) if shard else (rank, size)
         started = time.perf_counter()
         work(index, count, device)
+        if count > 1:
+            write_json(shard_marker(module, index, count), {"fingerprint": shard_fingerprint(module, params)})
         barrier()
         if count > 1 and size > 1 and rank == 0:
+            markers = check_shards(module, params, count)
             combine(count, time.perf_counter() - started)
+            for marker in markers:
+                remove_path(marker)
         elif shard and count > 1:
             typer.echo(f"wrote shard {index} of {count}; once all are written: python -m {module} --merge {count}")
 

@@ -238,3 +238,43 @@ def test_label_folder_shards_merge_into_the_one_pass_folder_and_scores(tmp_path)
         with LabelDirWriter(tmp_path / "bad", dataset) as writer:
             merge_label_dirs([tmp_path / "nowhere"], writer, ids)
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_merge_refuses_shards_of_other_params_or_inputs_and_unfinished_ones(tmp_path, monkeypatch):
+    from stages._common import check_shards, shard_fingerprint, shard_marker
+    from wsss_core.config import Params
+    from wsss_core.errors import DataError
+    from wsss_core.io import write_json
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data/prepared").mkdir(parents=True)
+    (tmp_path / "data/prepared/dataset.json").write_text("{}")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models/cls.pt").write_bytes(b"weights of run 1")
+    params, module = Params(), "stages.export_cams"
+    for index in range(2):
+        write_json(shard_marker(module, index, 2), {"fingerprint": shard_fingerprint(module, params)})
+    assert shard_marker(module, 1, 2) == tmp_path.joinpath("cams/cams.h5.shard-1-of-2.done").relative_to(tmp_path)
+    assert check_shards(module, params, 2) == [shard_marker(module, 0, 2), shard_marker(module, 1, 2)]
+    other = params.model_copy(update={"cams": params.cams.model_copy(update={"flip": False})})
+    with pytest.raises(DataError, match=r"cams.h5.shard-0-of-2.done: shard 0 of 2 was made with other params"):
+        check_shards(module, other, 2)
+    (tmp_path / "models/cls.pt").write_bytes(b"weights of run 2")  # retrained between the shards and the merge
+    with pytest.raises(DataError, match="was made with other params or inputs"):
+        check_shards(module, params, 2)
+    (tmp_path / "models/cls.pt").write_bytes(b"weights of run 1")
+    shard_marker(module, 1, 2).unlink()  # shard 1 was killed before it finished
+    with pytest.raises(DataError, match=r"shard-1-of-2.done: shard 1 of 2 is missing or did not finish"):
+        check_shards(module, params, 2)
+
+
+def test_a_truncated_shard_store_is_one_line(tmp_path):
+    from wsss_core.errors import DataError
+
+    part = tmp_path / "a.h5"
+    with CamStoreWriter(part, {"method": "cam"}) as writer:
+        writer.write("x", np.ones((1, 2, 2)), np.array([1]))
+    part.write_bytes(part.read_bytes()[:100])
+    with pytest.raises(DataError, match=r"a.h5: unreadable shard store, truncated or not HDF5"):
+        merge_stores([part], tmp_path / "merged.h5", ["x"])
+    assert not (tmp_path / "merged.h5").exists()

@@ -196,7 +196,14 @@ def merge_stores(parts: list[Path], destination: str | Path, ids: list[str]) -> 
     for part in parts:
         if not Path(part).is_file():
             raise DataError(f"{part}: shard store not found (run every shard before merging)")
-    handles = [h5py.File(part, "r") for part in parts]
+    handles = []
+    for part in parts:
+        try:
+            handles.append(h5py.File(part, "r"))
+        except OSError as err:
+            for handle in handles:
+                handle.close()
+            raise DataError(f"{part}: unreadable shard store, truncated or not HDF5 ({err})") from None
     try:
         owner: dict[str, h5py.File] = {}
         for part, handle in zip(parts, handles):
