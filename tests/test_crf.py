@@ -184,3 +184,19 @@ def test_usable_cores_follow_the_affinity_the_cgroup_quota_and_torchrun(tmp_path
     assert usable_cores(str(tmp_path / "none")) == 4
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
     assert usable_cores(str(tmp_path / "none")) == 1
+
+
+def fails_on_b(job):
+    if job[0] == "b":
+        raise ValueError("boom")
+    return job[0]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_failing_job_stops_the_pool_with_one_line_naming_it(workers):
+    from wsss_core.errors import DataError
+
+    jobs = [("a", 1), ("b", 2), ("c", 3)]
+    with pytest.raises(DataError, match=r"^dcrf: job 1 \(b\) failed in a worker \(ValueError: boom\)$"):
+        list(run_pool(fails_on_b, jobs, workers=workers, total=3))
+    assert list(run_pool(fails_on_b, [("a", 1), ("c", 3)], workers=workers)) == ["a", "c"]

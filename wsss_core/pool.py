@@ -9,6 +9,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 from tqdm import tqdm
 
+from wsss_core.errors import DataError, WsssError
+
 MAX_CHUNKSIZE = 4
 """Largest number of jobs sent to a worker at once: a chunk of VOC-sized arrays stays small and the tail balances."""
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -20,6 +22,32 @@ def _single_threaded_worker() -> None:
         os.environ[name] = "1"
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
+
+
+class _Failure:
+    """What a worker returns instead of raising: the error, to be raised in the parent naming the job."""
+
+    def __init__(self, error: BaseException):
+        self.error = error if isinstance(error, WsssError) else None
+        self.text = f"{type(error).__name__}: {error}"
+
+
+class _Guarded:
+    """function(job), with any exception turned into a _Failure (picklable, for pool workers)."""
+
+    def __init__(self, function: Callable):
+        self.function = function
+
+    def __call__(self, job):
+        try:
+            return self.function(job)
+        except Exception as err:  # noqa: BLE001 - reported in the parent, naming the job
+            return _Failure(err)
+
+
+def _job_name(job, index: int) -> str:
+    first = job[0] if isinstance(job, tuple) and job else None
+    return f"job {index} ({first})" if isinstance(first, str) else f"job {index}"
 
 
 def usable_cores(quota_file: str = "/sys/fs/cgroup/cpu.max") -> int:
@@ -43,7 +71,9 @@ def run_pool(function: Callable, jobs: Iterable, workers: int, total: int | None
     workers=0 uses the cores this process may use (usable_cores: affinity, cgroup quota, shared among
     torchrun's local processes) so that sharded stages and allocations do not oversubscribe them; workers=1 runs in this process. function must be picklable (top
     level, or a functools.partial of one). total (the number of jobs, when known) sizes the chunks
-    and the progress bar, which shows rate and ETA.
+    and the progress bar, which shows rate and ETA. A job that raises stops the pool: a WsssError is raised as it
+    is, any other error as a DataError naming the job (its index, and its id when the job is a tuple starting
+    with one), so the stage fails in one line and its writers remove their temporaries.
     """
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
@@ -54,16 +84,30 @@ def run_pool(function: Callable, jobs: Iterable, workers: int, total: int | None
 
 def _pool_results(function: Callable, jobs: Iterable, workers: int, total: int | None, desc: str) -> Iterator:
     """The generator behind run_pool; workers >= 1."""
+    names: list[str] = []
+
+    def named(items: Iterable) -> Iterator:
+        for index, job in enumerate(items):
+            names.append(_job_name(job, index))
+            yield job
+
+    def checked(result, index: int):
+        if isinstance(result, _Failure):
+            raise result.error or DataError(f"{desc}: {names[index]} failed in a worker ({result.text})")
+        return result
+
+    guarded = _Guarded(function)
     with tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True) as progress:
         if workers == 1:
-            for job in jobs:
-                result = function(job)
+            for index, job in enumerate(named(jobs)):
+                result = checked(guarded(job), index)
                 progress.update()
                 yield result
             return
         chunksize = max(1, min(MAX_CHUNKSIZE, (total or 0) // (workers * 4)))
         with Pool(workers, initializer=_single_threaded_worker) as pool:
-            for result in pool.imap(function, jobs, chunksize=chunksize):
+            for index, result in enumerate(pool.imap(guarded, named(jobs), chunksize=chunksize)):
+                result = checked(result, index)
                 progress.update()
                 yield result
 
