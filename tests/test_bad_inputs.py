@@ -97,6 +97,7 @@ PARAM_CASES = [
     ({"cams": {"sweep": [0.1, 0.5]}}, "eval_cams", "cams.sweep: give [start, stop, step], got 2 numbers"),
     ({"seed": -1}, "train_cls", "seed: Input should be greater than or equal to 0"),
     ({"data": {"seed": -1}}, "prepare", "data.seed: Input should be greater than or equal to 0"),
+    ({"seed": 4294967296}, "train_cls", "seed: Input should be less than or equal to 4294967295"),
     ({"cls": {"num_workers": -1}}, "train_cls", "cls.num_workers: Input should be greater than or equal to 0"),
     ({"cls": {"resize_long": []}}, "train_cls", "cls.resize_long: List should have at least 2 items"),
     ({"cls": {"resize_long": [0, 0]}}, "train_cls", "cls.resize_long.0: Input should be greater than or equal to 1"),

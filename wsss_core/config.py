@@ -49,6 +49,7 @@ def _threshold_range(sweep: list[float]) -> list[float]:
 
 ResizeRange = Annotated[list[PositiveInt], Field(min_length=2, max_length=2), AfterValidator(_ordered_pair)]
 ThresholdRange = Annotated[list[float], AfterValidator(_threshold_range)]
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]  # numpy's legacy seeding (and so every library) takes 32 bits
 
 
 class Section(BaseModel):
@@ -118,7 +119,7 @@ class DataParams(Section):
     # The folder (or file) the raw data come from, relative to the repo root: the prepare stage depends on it,
     # so new photos, labels or masks there re-run it. Each preset sets it (voc, tags: their root).
     source: str = "conf/data/synthetic.yaml"
-    seed: NonNegativeInt = 0
+    seed: Seed = 0
     # Images with more pixels (width x height) are refused with one line (wsss_core.data.images).
     max_pixels: PositiveInt = DEFAULT_MAX_PIXELS
     # List, class and labels files larger than this many bytes are refused before reading (wsss_core.data.files).
@@ -333,7 +334,7 @@ class Params(Section):
     # The conf/ profile params.yaml was composed with (cpu: sizes for a 2-core machine; paper: the papers').
     profile: str = "cpu"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: NonNegativeInt = 0
+    seed: Seed = 0
     dist: DistParams = DistParams()
     data: DataParams = DataParams()
     cls: ClsParams = ClsParams()
