@@ -220,3 +220,21 @@ def test_a_huge_rle_or_image_size_fails_with_its_message_under_a_2_gb_address_sp
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "annotations[0]: RLE size [100000, 100000] differs from the image's [33, 41]" in result.stdout
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c["images"][0].update(height="abc"), "images[0]: height and width must be positive integers"),
+    (lambda c: c["annotations"][0].update(segmentation=None), "annotations[0]: segmentation must be polygons"),
+    (lambda c: c["annotations"][0]["segmentation"][0].__setitem__(1, float("nan")), "holds a value that is not a"),
+    (lambda c: c["annotations"][0].update(segmentation={"size": [100_000, 100_000], "counts": "x"}), "RLE size"),
+])
+def test_malformed_coco_through_prepare_is_one_line_and_leaves_nothing(coco_root, tmp_path, monkeypatch, change,
+                                                                        message):
+    from tests.test_bad_inputs import assert_empty, assert_one_line_error, run, write_params
+
+    edit_json(coco_root / "annotations" / "instances_train2014.json", change)
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path, {"data": {"name": "coco", "coco": {"root": "coco", "mask_cache": "masks"}}})
+    assert_one_line_error(run("prepare"), message)
+    assert_empty(tmp_path / "data")
+    assert not list(tmp_path.glob("masks/**/*.tmp"))
