@@ -136,6 +136,8 @@ def edit_json(path, change):
     (lambda c: c["annotations"][0].update(image_id="1"), r"annotations\[0\]: image_id and category_id must be "
                                                          r"integers"),
     (lambda c: c["annotations"][0].update(category_id=[18]), r"annotations\[0\]: image_id and category_id"),
+    (lambda c: c["categories"].extend({"id": 100 + n, "name": f"c{n}"} for n in range(255)),
+     r"instances_train2014.json: 259 categories, at most 254 fit a label map"),
     (lambda c: c["annotations"][0].update(iscrowd=2), r"annotations\[0\]: iscrowd must be 0 or 1, got 2"),
     (lambda c: c["annotations"][0].update(segmentation=None), r"annotations\[0\]: segmentation must be polygons or "
                                                               r"an RLE object \{size, counts\}, got NoneType"),

@@ -58,6 +58,8 @@ CASES = {
                                      "more than the 4096 allowed (data.max_text_bytes)"),
     "val list in UTF-16": (lambda r: (r / "val.txt").write_bytes("a\n".encode("utf-16")),
                            {"val_list": "val.txt"}, "val.txt: UTF-16 text"),
+    "more classes than a label map holds": (lambda r: (r / "classes.txt").write_text(
+        "".join(f"c{n}\n" for n in range(255)) + "cat\ndog\nfish\ntree\n"), {}, "classes.txt: 259 classes, at most 254"),
     "decompression-bomb mask": (lambda r: bomb_mask(r), {}, "masks/a.png"),
     "image linked from outside the root": (lambda r: link_outside(r, "images/a.jpg"), {},
                                            "images/a.jpg: leads outside the data root"),

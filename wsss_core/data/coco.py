@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wsss_core.data.dataset import Dataset, check_image_id
+from wsss_core.data.dataset import MAX_CLASSES, Dataset, check_image_id
 from wsss_core.data.files import check_inside, read_json
 from wsss_core.data.images import DEFAULT_MAX_PIXELS
 from wsss_core.data.palette import VOID, write_label_png
@@ -142,6 +142,8 @@ def category_order(categories: list[dict], path: Path) -> tuple[list[str], dict[
     ids = [category["id"] for category in ordered]
     if len(set(ids)) != len(ids):
         raise DataError(f"{path}: a category id is listed twice")
+    if len(ids) > MAX_CLASSES:
+        raise DataError(f"{path}: {len(ids)} categories, at most {MAX_CLASSES} fit a label map")
     names = [str(category["name"]) for category in ordered]
     if "background" in names:
         raise DataError(f"{path}: a category is named 'background', which is class 0")

@@ -32,6 +32,7 @@ IMAGE_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*/[A-Za-z0-9][A-Za-z0-9_.-]*\.
 """An image's path under the root in a manifest: one plain folder (images/, train2014/, ...) and a plain name."""
 
 
+MAX_CLASSES = 254  # foreground classes at most: label maps are uint8, 0 background, 255 ignore
 MAX_ID_LENGTH = 200  # characters; file systems allow 255 bytes a name, and ids get suffixes (.png, .shard-...)
 
 

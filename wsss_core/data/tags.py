@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from wsss_core.data.dataset import Dataset, check_image_id
+from wsss_core.data.dataset import MAX_CLASSES, Dataset, check_image_id
 from wsss_core.data.files import DEFAULT_MAX_TEXT_BYTES, check_inside, read_csv_rows, read_json, read_text
 from wsss_core.data.images import DEFAULT_MAX_PIXELS
 from wsss_core.data.voc import carve_val, check_image_file, mask_classes, read_id_list
@@ -119,6 +119,9 @@ def read_tags(root: str | Path, labels: str = "labels.csv", classes: str = "clas
         class_names = list(dict.fromkeys(name for names in tags.values() for name in names if name != BACKGROUND))
         if not class_names:
             raise DataError(f"{root / labels}: no class name besides {BACKGROUND!r} (and no {classes})")
+    if len(class_names) > MAX_CLASSES:
+        raise DataError(f"{class_file if class_file.is_file() else root / labels}: {len(class_names)} classes, at most "
+                        f"{MAX_CLASSES} fit a label map")
     index = {name: number for number, name in enumerate(class_names, start=1)}
     labels_of: dict[str, list[int]] = {}
     for image_id, names in tags.items():
