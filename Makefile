@@ -31,7 +31,7 @@ seeds: install
 	  start=$$(date +%s); \
 	  $(RUN) dvc exp run $(ARGS) -S seed=$$seed; \
 	  $(RUN) wsss collect --since $$start --variant '$(VARIANT)' $(if $(filter-out undefined,$(origin CONTROL)),--control '$(CONTROL)') \
-	    --command "dvc exp run $(strip $(ARGS)) -S seed=$$seed"; \
+	    --command "$(strip dvc exp run $(ARGS)) -S seed=$$seed"; \
 	done
 	$(RUN) wsss report
 

@@ -77,7 +77,7 @@ def collect(
         raise DataError("metrics/: no score file of a finished run (run `dvc repro` or `dvc exp run` first)")
     name = name or "-".join(filter(None, (params.data.name, params.method, variant))) + f"-seed{params.seed}"
     record = {"name": name, "method": params.method, "data": params.data.name, "profile": params.profile,
-              "seed": params.seed, "variant": variant, "control": control, "command": command,
+              "seed": params.seed, "variant": variant, "control": control, "command": " ".join(command.split()),
               "commit": git_commit(), "created": time.strftime("%Y-%m-%d %H:%M:%S"), "headline": values,
               "per_class": per_class(metrics), "seconds": stage_seconds(since)}
     path = runs / f"{name}.json"
