@@ -1,7 +1,8 @@
 """`wsss collect` and `wsss report`: results as data, never typed.
 
 `wsss collect` stores the workspace's finished run (its params' method, data, profile and seed, every score
-file's headline numbers and per-class IoU, each stage's wall time, the git commit and the command) as one
+file's headline numbers and per-class IoU, each stage's wall time with the cores and torch threads it had, the
+git commit and the command) as one
 JSON record in results/runs/. `wsss report` groups the records by (method, variant, data, profile), aggregates
 the seeds (mean, std, n) and writes docs/results.md, the offline page docs/results.html and the README's
 results block.
@@ -9,10 +10,12 @@ results block.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
 
+import torch
 import typer
 
 from stages._common import load_params, read_score_files, reports_errors
@@ -79,7 +82,8 @@ def collect(
     record = {"name": name, "method": params.method, "data": params.data.name, "profile": params.profile,
               "seed": params.seed, "variant": variant, "control": control, "command": " ".join(command.split()),
               "commit": git_commit(), "created": time.strftime("%Y-%m-%d %H:%M:%S"), "headline": values,
-              "per_class": per_class(metrics), "seconds": stage_seconds(since)}
+              "per_class": per_class(metrics), "seconds": stage_seconds(since), "cores": len(os.sched_getaffinity(0)),
+              "threads": torch.get_num_threads()}
     path = runs / f"{name}.json"
     write_json(path, record)
     typer.echo(f"wrote {path}")

@@ -1,9 +1,11 @@
 """Results as data: seed aggregation, comparisons, `wsss collect`, `wsss report` and the README's generated table."""
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from stages.cli import app
@@ -126,6 +128,7 @@ def test_collect_stores_the_workspace_run(tmp_path, monkeypatch):
     stored = json.loads((tmp_path / "results/runs/synthetic-cam-x-seed0.json").read_text())
     assert stored["headline"]["cam"] == 0.5 and stored["headline"]["rw"] is None
     assert stored["seconds"] == {"eval_cams": 3.0} and stored["per_class"] == {"cam": {"background": 0.8}}
+    assert stored["cores"] == len(os.sched_getaffinity(0)) and stored["threads"] == torch.get_num_threads()
     assert (stored["method"], stored["data"], stored["seed"], stored["command"]) == ("cam", "synthetic", 0,
                                                                                       "dvc exp run")
     (tmp_path / "metrics/cam.json").unlink()

@@ -1,7 +1,8 @@
 """Results as data: one run's headline numbers, runs grouped and aggregated over seeds (mean, std, n).
 
-A *run record* is a JSON file: {'name', 'method', 'data', 'profile', 'seed', 'variant', 'overrides', 'command',
-'commit', 'created', 'headline': {column: value}, 'per_class': {stage: {class: iou}}, 'seconds': {stage: s}}.
+A *run record* is a JSON file: {'name', 'method', 'data', 'profile', 'seed', 'variant', 'control', 'command',
+'commit', 'created', 'headline': {column: value}, 'per_class': {stage: {class: iou}}, 'seconds': {stage: s},
+'cores', 'threads'} (the CPU cores the run could use and torch's threads: wall times depend on them).
 Runs that differ only in their seed form one row of the results report. Nothing here knows DVC or reads
 params.yaml: the caller hands in metrics dicts and run records.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -248,15 +250,20 @@ def render_markdown(rows: list[Row]) -> str:
            "A difference is called inside the spread when it is no larger than the larger of the two standard",
            "deviations.", "", *(comparisons(rows) or ["- none recorded"]), "",
            "## Wall time per stage (s, mean over the runs that ran the stage; cached stages count as not measured)",
-           "", "| method | data | " + " | ".join(TIMED_STAGES) + " |", "|---|---|" + "---|" * len(TIMED_STAGES)]
+           "", "cores / threads: the CPU cores each run could use and torch's threads; a row that lists several mixes",
+           "runs made under different limits, so its times are only indicative.", "",
+           "| method | data | cores / threads | " + " | ".join(TIMED_STAGES) + " |",
+           "|---|---|---|" + "---|" * len(TIMED_STAGES)]
     for row in rows:
-        out.append(f"| {row_label(row)} | {row.data} | "
+        limits = sorted({f"{run.get('cores', '?')} / {run.get('threads', '?')}" for run in row.runs})
+        out.append(f"| {row_label(row)} | {row.data} | {', '.join(limits)} | "
                    + " | ".join(_seconds(row.seconds(stage)) for stage in TIMED_STAGES) + " |")
     out += ["", "## How to reproduce each row", ""]
     for row in rows:
         commits = sorted({run["commit"] for run in row.runs})
-        out.append(f"- **{row_label(row)}, {row.data}, profile {row.profile}** (seeds {', '.join(map(str, row.seeds))};"
-                   f" commit {', '.join(commits)}): `{row.runs[0]['command']}`")
+        command = re.sub(r"-S seed=\d+", "-S seed=N", row.runs[0]["command"])
+        out.append(f"- **{row_label(row)}, {row.data}, profile {row.profile}** (N = {', '.join(map(str, row.seeds))};"
+                   f" commit {', '.join(commits)}): `{command}`")
     return "\n".join(out) + "\n"
 
 
