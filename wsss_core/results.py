@@ -298,7 +298,7 @@ def _svg_bars(labels: list[str], spreads: list[Spread], *, width: int = 560, bar
               references: dict[str, float] | None = None) -> str:
     """Return an inline SVG of horizontal bars (mean in %, a whisker of ± std) with dashed reference lines."""
     left, scale = 150, (width - 200) / 100
-    height = bar * len(labels) + 30
+    height = bar * len(labels) + 14 + 14 * len(references or {})
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-size="11" '
              f'font-family="sans-serif">']
     for index, (label, spread) in enumerate(zip(labels, spreads)):
@@ -314,12 +314,13 @@ def _svg_bars(labels: list[str], spreads: list[Spread], *, width: int = 560, bar
             low, high = (value - spread.std * 100) * scale, (value + spread.std * 100) * scale
             parts.append(f'<line x1="{left + low:.1f}" x2="{left + high:.1f}" y1="{y + bar / 2}" y2="{y + bar / 2}" '
                          f'stroke="#222"/>')
-        parts.append(f'<text x="{left + max(value, 0) * scale + 6:.1f}" y="{y + bar - 5}">'
-                     f'{_escape(spread.text())}</text>')
-    for name, value in (references or {}).items():
+        end = max(value, 0) + (spread.std or 0) * 100  # the label starts past the whisker
+        parts.append(f'<text x="{left + end * scale + 6:.1f}" y="{y + bar - 5}">{_escape(spread.text())}</text>')
+    bottom = 4 + bar * len(labels)
+    for index, (name, value) in enumerate((references or {}).items()):  # one text line each, so none overlaps
         x = left + value * 100 * scale
-        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="2" y2="{height - 22}" stroke="#c44" '
-                     f'stroke-dasharray="3,3"/><text x="{x + 2:.1f}" y="{height - 8}" fill="#c44">'
+        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="2" y2="{bottom + 14 * index + 4}" stroke="#c44" '
+                     f'stroke-dasharray="3,3"/><text x="{x + 2:.1f}" y="{bottom + 14 * index + 14}" fill="#c44">'
                      f'{_escape(name)} {value * 100:.1f}</text>')
     parts.append("</svg>")
     return "".join(parts)
