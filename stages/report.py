@@ -46,6 +46,13 @@ def stage_seconds(since: float) -> dict[str, float]:
     return seconds
 
 
+def data_label(params) -> str:
+    """Return the data a run used: 'synthetic', or the reader's root folder name ('voc12-mini', 'VOC2012', ...)."""
+    if params.data.name == "synthetic":
+        return "synthetic"
+    return Path(getattr(params.data, params.data.name).root).resolve().name or params.data.name
+
+
 def git_commit() -> str:
     """Return HEAD's short hash, with '+changes' when tracked code or configuration differs from it."""
     try:
@@ -78,8 +85,9 @@ def collect(
     values = headline(metrics)
     if all(value is None for value in values.values()):
         raise DataError("metrics/: no score file of a finished run (run `dvc repro` or `dvc exp run` first)")
-    name = name or "-".join(filter(None, (params.data.name, params.method, variant))) + f"-seed{params.seed}"
-    record = {"name": name, "method": params.method, "data": params.data.name, "profile": params.profile,
+    data = data_label(params)
+    name = name or "-".join(filter(None, (data, params.method, variant))) + f"-seed{params.seed}"
+    record = {"name": name, "method": params.method, "data": data, "profile": params.profile,
               "seed": params.seed, "variant": variant, "control": control, "command": " ".join(command.split()),
               "commit": git_commit(), "created": time.strftime("%Y-%m-%d %H:%M:%S"), "headline": values,
               "per_class": per_class(metrics), "seconds": stage_seconds(since), "cores": len(os.sched_getaffinity(0)),

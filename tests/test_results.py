@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from typer.testing import CliRunner
 
 from stages.cli import app
@@ -131,6 +132,11 @@ def test_collect_stores_the_workspace_run(tmp_path, monkeypatch):
     assert stored["cores"] == len(os.sched_getaffinity(0)) and stored["threads"] == torch.get_num_threads()
     assert (stored["method"], stored["data"], stored["seed"], stored["command"]) == ("cam", "synthetic", 0,
                                                                                       "dvc exp run")
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["data"].update(name="voc", voc={**params["data"]["voc"], "root": "elsewhere/voc12-mini"})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert CliRunner().invoke(app, ["collect", "--command", "x"]).exit_code == 0
+    assert json.loads((tmp_path / "results/runs/voc12-mini-cam-seed0.json").read_text())["data"] == "voc12-mini"
     (tmp_path / "metrics/cam.json").unlink()
     nothing = CliRunner().invoke(app, ["collect", "--command", "x"])
     assert nothing.exit_code == 2 and "no score file" in nothing.output
