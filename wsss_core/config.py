@@ -112,6 +112,10 @@ class CocoParams(Section):
     mask_cache: str = "data/coco_masks"
     # Annotation JSONs larger than this many bytes are refused before reading (COCO 2014's train file: ~330 MB).
     max_annotation_bytes: PositiveInt = 2**30
+    # Numbers in one annotation's polygons at most, and how far (a fraction of the image's size) outside the
+    # image a polygon coordinate may lie (wsss_core/data/coco.py, check_segmentation).
+    max_polygon_values: PositiveInt = 200_000
+    coordinate_margin: NonNegativeFloat = 0.25
 
 
 class DataParams(Section):

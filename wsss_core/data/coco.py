@@ -43,9 +43,10 @@ MASK_FORMAT = "coco-masks-v1"
 DEFAULT_MAX_ANNOTATION_BYTES = 2**30
 """Annotation JSONs larger than this are refused before reading (COCO 2014's train file is about 330 MB)."""
 MAX_POLYGON_VALUES = 200_000
-"""Numbers in one annotation's polygons at most (COCO's largest has a few thousand)."""
+"""Default of data.coco.max_polygon_values: numbers in one annotation's polygons (COCO's largest: a few thousand)."""
 COORDINATE_MARGIN = 0.25
-"""Polygon coordinates may lie this fraction of the image's size outside it (pycocotools clips them)."""
+"""Default of data.coco.coordinate_margin: polygon coordinates may lie this fraction of the image's size outside it
+(pycocotools clips them)."""
 
 
 def annotation_file(root: Path, split: str) -> Path:
@@ -57,8 +58,8 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def read_annotations(path: Path, max_bytes: int = DEFAULT_MAX_ANNOTATION_BYTES,
-                     max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
+def read_annotations(path: Path, max_bytes: int = DEFAULT_MAX_ANNOTATION_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
+                     max_polygon_values: int = MAX_POLYGON_VALUES, margin: float = COORDINATE_MARGIN) -> dict:
     """Return a COCO instance annotation JSON after checking every record the reader uses: ids are integers and
     unique, sizes positive integers of at most max_pixels pixels, segmentations polygons or RLE that fit their
     image (check_segmentation). A problem is a DataError naming the file, the list and the record's index."""
@@ -97,22 +98,24 @@ def read_annotations(path: Path, max_bytes: int = DEFAULT_MAX_ANNOTATION_BYTES,
         if annotation.get("iscrowd", 0) not in (0, 1) or isinstance(annotation.get("iscrowd", 0), bool):
             raise DataError(f"{where}: iscrowd must be 0 or 1, got {annotation.get('iscrowd')!r}")
         if annotation["image_id"] in sizes:  # an unlisted image is reported by read_coco
-            check_segmentation(annotation["segmentation"], *sizes[annotation["image_id"]], where)
+            check_segmentation(annotation["segmentation"], *sizes[annotation["image_id"]], where, max_polygon_values,
+                               margin)
     return content
 
 
-def check_segmentation(segmentation, height: int, width: int, where: str) -> None:
+def check_segmentation(segmentation, height: int, width: int, where: str, max_polygon_values: int = MAX_POLYGON_VALUES,
+                       margin: float = COORDINATE_MARGIN) -> None:
     """Raise a DataError (prefixed with where) unless segmentation is what rasterise can decode within the image:
-    polygons (a list of lists of at least 3 (x, y) pairs of finite numbers within COORDINATE_MARGIN of the
-    image, MAX_POLYGON_VALUES numbers in all) or an RLE whose size is [height, width] (uncompressed counts:
+    polygons (a list of lists of at least 3 (x, y) pairs of finite numbers within `margin` x the image's size of
+    it, max_polygon_values numbers in all) or an RLE whose size is [height, width] (uncompressed counts:
     non-negative integers summing to height x width; compressed: a string)."""
     if isinstance(segmentation, list):
         if not segmentation or not all(isinstance(polygon, list) for polygon in segmentation):
             raise DataError(f"{where}: segmentation must be a non-empty list of polygons or an RLE object")
-        if sum(len(polygon) for polygon in segmentation) > MAX_POLYGON_VALUES:
-            raise DataError(f"{where}: more than {MAX_POLYGON_VALUES} polygon coordinates")
-        low_x, high_x = -COORDINATE_MARGIN * width, (1 + COORDINATE_MARGIN) * width
-        low_y, high_y = -COORDINATE_MARGIN * height, (1 + COORDINATE_MARGIN) * height
+        if sum(len(polygon) for polygon in segmentation) > max_polygon_values:
+            raise DataError(f"{where}: more than {max_polygon_values} polygon coordinates (data.coco.max_polygon_values)")
+        low_x, high_x = -margin * width, (1 + margin) * width
+        low_y, high_y = -margin * height, (1 + margin) * height
         for index, polygon in enumerate(segmentation):
             if len(polygon) < 6 or len(polygon) % 2:
                 raise DataError(f"{where}: polygon {index} has {len(polygon)} numbers (an even count, at least 6)")
@@ -120,7 +123,7 @@ def check_segmentation(segmentation, height: int, width: int, where: str) -> Non
                 raise DataError(f"{where}: polygon {index} holds a value that is not a finite number")
             if not (all(low_x <= x <= high_x for x in polygon[0::2]) and all(low_y <= y <= high_y for y in polygon[1::2])):
                 raise DataError(f"{where}: polygon {index} reaches beyond the {width}x{height} image (by more than "
-                                f"{COORDINATE_MARGIN:.0%} of its size)")
+                                f"{margin:.0%} of its size: data.coco.coordinate_margin)")
         return
     if not isinstance(segmentation, dict) or set(segmentation) != {"size", "counts"}:
         raise DataError(f"{where}: segmentation must be polygons or an RLE object {{size, counts}}, got "
@@ -210,6 +213,7 @@ def read_coco(root: str | Path, train_split: str = "train2014", val_split: str =
               val_list: str = "", keep_unlabelled: bool = False, crowd: str = "ignore",
               mask_cache: str | Path = "data/coco_masks", workers: int = 0,
               max_pixels: int = DEFAULT_MAX_PIXELS, max_annotation_bytes: int = DEFAULT_MAX_ANNOTATION_BYTES,
+              max_polygon_values: int = MAX_POLYGON_VALUES, coordinate_margin: float = COORDINATE_MARGIN,
               follow_links: bool = False) -> Dataset:
     """Validate a COCO root (module docstring), rasterise its missing masks and return its Dataset.
 
@@ -231,8 +235,8 @@ def read_coco(root: str | Path, train_split: str = "train2014", val_split: str =
     splits, labels, images, jobs = {}, {}, {}, []
     class_names: list[str] | None = None
     files = [annotation_file(root, split) for split in (train_split, val_split)]
-    contents = [read_annotations(check_inside(path, root, follow_links), max_annotation_bytes, max_pixels)
-                for path in files]
+    contents = [read_annotations(check_inside(path, root, follow_links), max_annotation_bytes, max_pixels,
+                                 max_polygon_values, coordinate_margin) for path in files]
     mask_folder = Path(mask_cache) / cache_key(files, crowd)
     for name, split, path, content, id_list in zip(("train", "val"), (train_split, val_split), files, contents,
                                                    (train_list, val_list)):
