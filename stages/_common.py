@@ -172,6 +172,15 @@ def check_shards(module: str, params: Params, count: int) -> list[Path]:
     return markers
 
 
+def _checked_merge(module: str, params: Params, count: int, seconds: float | None,
+                   combine: Callable[[int, float | None], None]) -> None:
+    """combine(count, seconds) once check_shards passes, then remove the shards' markers."""
+    markers = check_shards(module, params, count)
+    combine(count, seconds)
+    for marker in markers:
+        remove_path(marker)
+
+
 def run_sharded(module: str, params: Params, shard: str, merge: int,
                 work: Callable[[int, int, torch.device], None], combine: Callable[[int, float | None], None]) -> None:
     """Run a per-image stage in one process, as dist.nproc ranks under torchrun, or as one `--shard i/n`.
@@ -186,10 +195,7 @@ def run_sharded(module: str, params: Params, shard: str, merge: int,
     if merge:
         if merge < 1:
             raise ParamsError(f"--merge {merge}: give the number of shards (at least 1)")
-        markers = check_shards(module, params, merge)
-        combine(merge, None)
-        for marker in markers:
-            remove_path(marker)
+        _checked_merge(module, params, merge, None, combine)
         return
     if not shard and ran_under_torchrun(module, params.dist.nproc):
         return
@@ -204,10 +210,7 @@ def run_sharded(module: str, params: Params, shard: str, merge: int,
             write_json(shard_marker(module, index, count), {"fingerprint": shard_fingerprint(module, params)})
         barrier()
         if count > 1 and size > 1 and rank == 0:
-            markers = check_shards(module, params, count)
-            combine(count, time.perf_counter() - started)
-            for marker in markers:
-                remove_path(marker)
+            _checked_merge(module, params, count, time.perf_counter() - started, combine)
         elif shard and count > 1:
             typer.echo(f"wrote shard {index} of {count}; once all are written: python -m {module} --merge {count}")
 
