@@ -32,14 +32,14 @@ def prepare(params_file: Path = typer.Option(PARAMS_FILE, "--params", help="para
                 raise ParamsError("data.tags.root: give the folder holding images/ and the labels file")
             dataset = read_tags(tags.root, tags.labels, tags.classes, tags.val_list, tags.val_fraction, data.seed,
                                 max_pixels=data.max_pixels, max_text_bytes=data.max_text_bytes,
-                                follow_links=data.follow_links)
+                                max_parse_bytes=data.max_parse_bytes, follow_links=data.follow_links)
         elif data.name == "coco":
             coco = data.coco
             dataset = read_coco(coco.root, coco.train_split, coco.val_split, coco.train_list, coco.val_list,
                                 coco.keep_unlabelled, coco.crowd, coco.mask_cache, max_pixels=data.max_pixels,
                                 max_annotation_bytes=coco.max_annotation_bytes,
                                 max_polygon_values=coco.max_polygon_values, coordinate_margin=coco.coordinate_margin,
-                                follow_links=data.follow_links)
+                                max_parse_bytes=data.max_parse_bytes, follow_links=data.follow_links)
         else:
             voc = data.voc
             dataset = read_voc(voc.root, voc.train_list, voc.val_list, voc.val_fraction, data.seed, voc.use_aug,

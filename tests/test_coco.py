@@ -224,6 +224,32 @@ def test_a_huge_rle_or_image_size_fails_with_its_message_under_a_2_gb_address_sp
     assert "annotations[0]: RLE size [100000, 100000] differs from the image's [33, 41]" in result.stdout
 
 
+def test_an_annotation_file_past_the_parse_bound_fails_with_its_message_under_a_2_gb_address_space(coco_root,
+                                                                                                 tmp_path):
+    """120 MB of empty lists would take about 2.6 GB of Python objects to parse: under RLIMIT_AS = 2 GB and
+    max_parse_bytes = 1 GiB, read_coco refuses it in one line before decoding (with the bound at 1 TiB the same run
+    ends in a MemoryError, so the test can fail)."""
+    import subprocess
+    import sys
+
+    (coco_root / "annotations" / "instances_train2014.json").write_bytes(b"[" + b"[]," * 40_000_000 + b"[]]")
+    script = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))\n"
+              "from wsss_core.data.coco import read_coco\nfrom wsss_core.errors import DataError\n"
+              "try:\n    read_coco(sys.argv[1], mask_cache=sys.argv[2], workers=1, max_parse_bytes=int(sys.argv[3]))\n"
+              "except DataError as err:\n    print(err)\n")
+
+    def read_under_limit(max_parse_bytes: int):
+        return subprocess.run([sys.executable, "-c", script, str(coco_root), str(tmp_path / "cache"),
+                               str(max_parse_bytes)], capture_output=True, text=True, timeout=300)
+
+    result = read_under_limit(2**30)
+    assert result.returncode == 0, result.stderr
+    # 2 x 120,000,004 bytes (text, contents) + 40 x 40,000,000 commas + 100 x 40,000,002 brackets + 4096
+    assert ("instances_train2014.json: parsing it would take about 5,840,004,304 bytes of memory, more than the 1,073,741,824 allowed "
+            "(data.max_parse_bytes)") in result.stdout
+    assert "MemoryError" in read_under_limit(2**40).stderr
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda c: c["images"][0].update(height="abc"), "images[0]: height and width must be positive integers"),
     (lambda c: c["annotations"][0].update(segmentation=None), "annotations[0]: segmentation must be polygons"),

@@ -56,6 +56,10 @@ CASES = {
                                "labels.csv:3: image id 'a' is listed twice (first on line 1)"),
     "labels larger than the bound": (lambda r: labels_bytes(r, b"a,cat\nb,dog\n" + b"\n" * 5000), {},
                                      "more than the 4096 allowed (data.max_text_bytes)"),
+    "json labels past the parse bound": (lambda r: labels_bytes(r, b'{"a": [' + b"[]," * 1000 + b'[]]}', "labels.json"),
+                                         {"labels": "labels.json"},
+                                         "labels.json: parsing it would take about 150,638 bytes of memory, more "
+                                         "than the 100,000 allowed (data.max_parse_bytes)"),
     "val list in UTF-16": (lambda r: (r / "val.txt").write_bytes("a\n".encode("utf-16")),
                            {"val_list": "val.txt"}, "val.txt: UTF-16 text"),
     "more classes than a label map holds": (lambda r: (r / "classes.txt").write_text(
@@ -67,6 +71,9 @@ CASES = {
                                         "labels.csv: leads outside the data root"),
     "mask linked from outside": (lambda r: link_outside(r, "masks/a.png"), {}, "masks/a.png: leads outside the data"),
 }
+# data params a case needs besides its tags params
+DATA_PARAMS = {"labels larger than the bound": {"max_text_bytes": 4096},
+               "json labels past the parse bound": {"max_parse_bytes": 100_000}}
 
 
 def bomb_mask(root):
@@ -97,8 +104,7 @@ def test_a_malformed_tags_input_is_one_line_naming_the_file(tmp_path, monkeypatc
     make_tags_root(tmp_path, masks=("b",))
     breaker(tmp_path / "mine")
     monkeypatch.chdir(tmp_path)
-    extra = {"max_text_bytes": 4096} if case == "labels larger than the bound" else {}
-    tags_params(tmp_path, tags=tags, **extra)
+    tags_params(tmp_path, tags=tags, **DATA_PARAMS.get(case, {}))
     assert_one_line_error(run("prepare"), fragment)
     assert_empty(tmp_path / "data")
 
@@ -129,3 +135,38 @@ def test_utf8_with_a_byte_order_mark_is_read(tmp_path, monkeypatch):
     manifest = json.loads((tmp_path / "data/prepared/dataset.json").read_text())
     assert manifest["class_names"] == ["background", "cat", "dog"]
     assert np.array_equal(sorted(manifest["labels"]), ["a", "b", "c", "d"])
+
+
+JSON_SHAPES = {
+    "small ints": "[" + ",".join("0" for _ in range(20_000)) + "]",
+    "floats": "[" + ",".join("0.5" for _ in range(20_000)) + "]",
+    "empty lists": "[" + ",".join("[]" for _ in range(20_000)) + "]",
+    "empty objects": "[" + ",".join("{}" for _ in range(20_000)) + "]",
+    "one-key objects": "[" + ",".join('{"a":1}' for _ in range(10_000)) + "]",
+    "unique strings": "[" + ",".join(f'"{n}"' for n in range(10_000)) + "]",
+    "one large object": "{" + ",".join(f'"{n}":0' for n in range(10_000)) + "}",
+    "non-ASCII strings": "[" + ",".join('"\u00e9\u4e2d"' for _ in range(10_000)) + "]",
+    "COCO-like records": json.dumps([{"id": n, "image_id": n % 50, "bbox": [1.0, 2.0, 3.0, 4.0],
+                                      "segmentation": [[n * 0.25 + k for k in range(40)]]} for n in range(1000)]),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(JSON_SHAPES))
+def test_the_json_memory_estimate_is_never_under_the_measured_parse(tmp_path, shape):
+    """json_memory_estimate bounds what read_json allocates (text and objects, tracemalloc's peak) and stays
+    within 15x of it on every shape (about 2x on COCO-like records)."""
+    import tracemalloc
+
+    from wsss_core.data.files import json_memory_estimate, read_json
+
+    path = tmp_path / "shape.json"
+    path.write_text(JSON_SHAPES[shape], encoding="utf-8")
+    tracemalloc.start()
+    parsed = read_json(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert parsed == json.loads(JSON_SHAPES[shape])
+    estimate = json_memory_estimate(path.read_bytes())
+    assert peak <= estimate <= 15 * peak
+    if shape == "COCO-like records":
+        assert estimate <= 3 * peak

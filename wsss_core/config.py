@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal, Mapping
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
 
+from wsss_core.data.files import DEFAULT_MAX_PARSE_BYTES
 from wsss_core.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_TEXT_BYTES
 from wsss_core.errors import ParamsError
 
@@ -128,6 +129,9 @@ class DataParams(Section):
     max_pixels: PositiveInt = DEFAULT_MAX_PIXELS
     # List, class and labels files larger than this many bytes are refused before reading (wsss_core.data.files).
     max_text_bytes: PositiveInt = DEFAULT_MAX_TEXT_BYTES
+    # A JSON file (tags labels, COCO annotations) whose parse is estimated to take more bytes of memory (text and
+    # Python objects, wsss_core.data.files.json_memory_estimate) is refused before parsing.
+    max_parse_bytes: PositiveInt = DEFAULT_MAX_PARSE_BYTES
     # False: a data file or folder that is a link resolving outside the dataset root is refused, naming it.
     follow_links: bool = False
     synthetic: SyntheticParams = SyntheticParams()

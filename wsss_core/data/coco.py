@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from wsss_core.data.dataset import MAX_CLASSES, Dataset, check_image_id
-from wsss_core.data.files import check_inside, read_json
+from wsss_core.data.files import DEFAULT_MAX_PARSE_BYTES, check_inside, read_json
 from wsss_core.data.images import DEFAULT_MAX_PIXELS
 from wsss_core.data.palette import VOID, write_label_png
 from wsss_core.data.voc import check_image_file, read_id_list
@@ -59,13 +59,15 @@ def _is_int(value) -> bool:
 
 
 def read_annotations(path: Path, max_bytes: int = DEFAULT_MAX_ANNOTATION_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
-                     max_polygon_values: int = MAX_POLYGON_VALUES, margin: float = COORDINATE_MARGIN) -> dict:
+                     max_polygon_values: int = MAX_POLYGON_VALUES, margin: float = COORDINATE_MARGIN,
+                     max_parse_bytes: int = DEFAULT_MAX_PARSE_BYTES) -> dict:
     """Return a COCO instance annotation JSON after checking every record the reader uses: ids are integers and
     unique, sizes positive integers of at most max_pixels pixels, segmentations polygons or RLE that fit their
-    image (check_segmentation). A problem is a DataError naming the file, the list and the record's index."""
+    image (check_segmentation). A problem is a DataError naming the file, the list and the record's index. The file
+    is at most max_bytes and parses within max_parse_bytes (files.read_json)."""
     if not path.is_file():
         raise DataError(f"{path}: annotation file not found")
-    content = read_json(path, max_bytes)
+    content = read_json(path, max_bytes, max_parse_bytes, "data.coco.max_annotation_bytes")
     if not isinstance(content, dict) or not all(isinstance(content.get(key), list)
                                                 for key in ("images", "annotations", "categories")):
         raise DataError(f"{path}: a COCO instance file needs the lists 'images', 'annotations' and 'categories'")
@@ -214,14 +216,14 @@ def read_coco(root: str | Path, train_split: str = "train2014", val_split: str =
               mask_cache: str | Path = "data/coco_masks", workers: int = 0,
               max_pixels: int = DEFAULT_MAX_PIXELS, max_annotation_bytes: int = DEFAULT_MAX_ANNOTATION_BYTES,
               max_polygon_values: int = MAX_POLYGON_VALUES, coordinate_margin: float = COORDINATE_MARGIN,
-              follow_links: bool = False) -> Dataset:
+              max_parse_bytes: int = DEFAULT_MAX_PARSE_BYTES, follow_links: bool = False) -> Dataset:
     """Validate a COCO root (module docstring), rasterise its missing masks and return its Dataset.
 
     'train' and 'val' hold the images of each split's JSON that have at least one annotation (all of them
     with keep_unlabelled), restricted to the ids of `train_list` / `val_list` (files under root) when given.
     An id is the image's file name without its suffix. Every kept image is decoded once, in `workers`
     processes (0: one per core), and checked against the size its JSON gives. Annotation files are read by
-    read_annotations (at most max_annotation_bytes); images, lists and annotation files must resolve inside the
+    read_annotations (at most max_annotation_bytes, parsed within max_parse_bytes); images, lists and annotation files must resolve inside the
     root unless follow_links (files.check_inside).
     """
     root = Path(root)
@@ -236,7 +238,7 @@ def read_coco(root: str | Path, train_split: str = "train2014", val_split: str =
     class_names: list[str] | None = None
     files = [annotation_file(root, split) for split in (train_split, val_split)]
     contents = [read_annotations(check_inside(path, root, follow_links), max_annotation_bytes, max_pixels,
-                                 max_polygon_values, coordinate_margin) for path in files]
+                                 max_polygon_values, coordinate_margin, max_parse_bytes) for path in files]
     mask_folder = Path(mask_cache) / cache_key(files, crowd)
     for name, split, path, content, id_list in zip(("train", "val"), (train_split, val_split), files, contents,
                                                    (train_list, val_list)):

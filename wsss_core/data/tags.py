@@ -22,7 +22,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from wsss_core.data.dataset import MAX_CLASSES, Dataset, check_image_id
-from wsss_core.data.files import DEFAULT_MAX_TEXT_BYTES, check_inside, read_csv_rows, read_json, read_text
+from wsss_core.data.files import (DEFAULT_MAX_PARSE_BYTES, DEFAULT_MAX_TEXT_BYTES, check_inside, read_csv_rows, read_json,
+                                  read_text)
 from wsss_core.data.images import DEFAULT_MAX_PIXELS
 from wsss_core.data.voc import carve_val, check_image_file, mask_classes, read_id_list
 from wsss_core.errors import DataError
@@ -52,13 +53,14 @@ def read_class_list(path: Path, max_bytes: int = DEFAULT_MAX_TEXT_BYTES) -> list
     return names
 
 
-def read_tag_file(path: Path, max_bytes: int = DEFAULT_MAX_TEXT_BYTES) -> dict[str, list[str]]:
+def read_tag_file(path: Path, max_bytes: int = DEFAULT_MAX_TEXT_BYTES,
+                  max_parse_bytes: int = DEFAULT_MAX_PARSE_BYTES) -> dict[str, list[str]]:
     """Return {id: [tag names]} in file order from a CSV (`id,labels`) or JSON ({id: [names]}) labels file
     (UTF-8; an id listed twice, in either format, is a DataError naming it)."""
     if not path.is_file():
         raise DataError(f"{path}: labels file not found")
     if path.suffix.lower() == ".json":
-        raw = read_json(path, max_bytes)
+        raw = read_json(path, max_bytes, max_parse_bytes)
         if not isinstance(raw, dict):
             raise DataError(f"{path}: must map each image id to a list of class names")
         for image_id, names in raw.items():
@@ -100,18 +102,19 @@ def _image_file(root: Path, image_id: str, follow_links: bool) -> str:
 def read_tags(root: str | Path, labels: str = "labels.csv", classes: str = "classes.txt", val_list: str = "",
               val_fraction: float = 0.2, seed: int = 0, progress: bool = True,
               max_pixels: int = DEFAULT_MAX_PIXELS, max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES,
-              follow_links: bool = False) -> Dataset:
+              max_parse_bytes: int = DEFAULT_MAX_PARSE_BYTES, follow_links: bool = False) -> Dataset:
     """Validate a tags root (module docstring) and return its Dataset with 'train' and 'val' splits.
 
     `classes` is read when the file exists; `val_list` (relative to root) names the val ids, else
     `val_fraction` of the ids are carved (seeded). Masks, where present, are checked against their image.
-    The labels, classes and val files are UTF-8 of at most max_text_bytes; images, masks and those files must
+    The labels, classes and val files are UTF-8 of at most max_text_bytes (a JSON labels file parses within
+    max_parse_bytes); images, masks and those files must
     resolve inside the root unless follow_links (files.check_inside).
     """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: dataset root not found")
-    tags = read_tag_file(check_inside(root / labels, root, follow_links), max_text_bytes)
+    tags = read_tag_file(check_inside(root / labels, root, follow_links), max_text_bytes, max_parse_bytes)
     class_file = check_inside(root / classes, root, follow_links)
     if class_file.is_file():
         class_names = read_class_list(class_file, max_text_bytes)
