@@ -84,6 +84,30 @@ def test_no_absolute_paths_in_the_configuration():
         assert "/work/" not in path.read_text() and "\n  root: /" not in path.read_text(), path
 
 
+def leaves(mapping: dict, prefix: tuple = ()) -> dict[tuple, object]:
+    """{key path: value} of every non-mapping value (an empty mapping is a value) of a config file's mapping."""
+    found = {}
+    for key, value in (mapping or {}).items():
+        if isinstance(value, dict) and value:
+            found.update(leaves(value, prefix + (key,)))
+        elif key != "defaults":
+            found[prefix + (key,)] = value
+    return found
+
+
+@pytest.mark.parametrize("method_file", sorted(p.name for p in (REPO / "conf/method").glob("*.yaml")))
+def test_a_method_file_holds_only_what_differs_from_the_defaults(method_file):
+    """Every value of conf/method/<name>.yaml other than `method:` differs from conf/config.yaml's, or overrides a
+    key that a data or profile file (composed before it) sets."""
+    base = leaves(yaml.safe_load((REPO / "conf/config.yaml").read_text()))
+    set_before = {key for group in ("data", "profile") for path in (REPO / "conf" / group).glob("*.yaml")
+                  for key in leaves(yaml.safe_load(path.read_text()))}
+    restated = [".".join(key) for key, value in leaves(yaml.safe_load((REPO / "conf/method" / method_file)
+                                                                      .read_text())).items()
+                if key != ("method",) and key in base and base[key] == value and key not in set_before]
+    assert restated == [], f"{method_file} restates the defaults of {restated}"
+
+
 def test_partial_mapping_fills_defaults():
     params = parse({"cls": {"epochs": 2}})
     assert params.cls.epochs == 2 and params.cls.lr == Params().cls.lr
