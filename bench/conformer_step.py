@@ -12,8 +12,9 @@ import argparse
 import torch
 from step_timing import median_step_seconds
 
-from wsss_core.config import CONFORMER_BACKBONES, parse_params
+from wsss_core.config import parse_params
 from wsss_core.methods import get_method, method_params
+from wsss_core.models.catalog import CONFORMER_BACKBONES
 from wsss_core.training import build_optimizer
 
 OFF = {"enabled": False}

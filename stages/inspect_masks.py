@@ -9,7 +9,7 @@ import typer
 
 from stages._common import load_params, reports_errors
 from stages.artifacts import CRF_LABELS, MANIFEST, PARAMS_FILE, PSEUDO_MASKS, REFINED_STORE, RW_STORE, SEG_CHECKPOINT
-from wsss_core.cams.evaluate import cam_labels
+from wsss_core.cams.labels import cam_labels
 from wsss_core.cams.store import CamStore
 from wsss_core.checkpoint import read_checkpoint
 from wsss_core.data.dataset import Dataset

@@ -23,7 +23,7 @@ from wsss_core.io import remove_path, shard_path, shard_paths, write_json
 from wsss_core.metrics import ConfusionMatrix, class_map_aucs, dataset_baselines, describe_miou, mean_or_none, scored_report
 from wsss_core.models.affinity_net import AffinityNet
 from wsss_core.refine.propagate import iterate_random_walk
-from wsss_core.refine.pseudo import argmax_labels
+from wsss_core.cams.labels import argmax_labels
 
 
 @reports_errors

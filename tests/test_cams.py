@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from tests.fixtures import make_dataset
 from tests.tiny import tiny_cam_net
-from wsss_core.cams.evaluate import cam_labels, cam_metrics, threshold_grid
+from wsss_core.cams.evaluate import cam_metrics, threshold_grid
+from wsss_core.cams.labels import cam_labels
 from wsss_core.cams.infer import iterate_cams, multiscale_maps, normalize_present
 from wsss_core.cams.store import CamStore, CamStoreWriter
 from wsss_core.errors import DataError

@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from wsss_core.errors import ParamsError
+from wsss_core.models.catalog import CONFORMER_SIZES
 from wsss_core.models.conformer import (
-    CONFORMER_SIZES, ETRANS_PRESETS, TRANSCAM_SWITCHES, Conformer, EfficientAttention, build_conformer,
+    ETRANS_PRESETS, TRANSCAM_SWITCHES, Conformer, EfficientAttention, build_conformer,
     conformer_cpu, conformer_s, load_conformer_weights,
 )
 

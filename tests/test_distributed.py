@@ -23,7 +23,8 @@ from wsss_core.distributed import (RankSlices, data_parallel, global_batches, is
 from wsss_core.errors import DataError, ParamsError
 from wsss_core.io import shard_path
 from wsss_core.methods.cam import CamMethod
-from wsss_core.training import EpochSeededSet, ParamGroup, StepLoss, fit
+from wsss_core.models.groups import ParamGroup
+from wsss_core.training import EpochSeededSet, StepLoss, fit
 
 RECIPE = TrainRecipe(epochs=3, batch_size=8, lr=0.05, weight_decay=1e-3)
 

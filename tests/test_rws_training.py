@@ -18,7 +18,8 @@ from wsss_core.errors import DataError
 from wsss_core.models.deeplab import build_segmenter
 from wsss_core.seg import rws_training
 from wsss_core.seg.rws_training import blended_forward, phase_steps, train_with_rws, write_rws_report
-from wsss_core.training import EpochSeededSet, ParamGroup, fit
+from wsss_core.models.groups import ParamGroup
+from wsss_core.training import EpochSeededSet, fit
 
 
 def test_phase_steps_split_the_budget_and_refuse_one_too_small():

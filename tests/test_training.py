@@ -8,7 +8,8 @@ from torch.utils.data import DataLoader
 
 from wsss_core.config import ClsParams, TrainRecipe
 from wsss_core.errors import ParamsError
-from wsss_core.training import EpochSeededSet, ParamGroup, batches_per_epoch, build_optimizer, fit, lr_factor
+from wsss_core.models.groups import ParamGroup
+from wsss_core.training import EpochSeededSet, batches_per_epoch, build_optimizer, fit, lr_factor
 
 
 def test_poly_cosine_step_and_warmup_factors_by_hand():

@@ -108,6 +108,16 @@ def test_deps_cover_the_code_the_stage_runs(stage):
 
 
 @pytest.mark.parametrize("stage", sorted(OUTPUTS))
+def test_deps_list_no_code_the_stage_does_not_run(stage):
+    """A code dep outside the stage's import closure would re-run it for nothing (editing the synthetic generator
+    re-ran the random walk through a scoring import it did not use)."""
+    needed = {str(path.relative_to(REPO)) for path in import_closure(REPO / "stages" / f"{stage}.py")}
+    unused = sorted(dep for dep in DVC_YAML[stage]["deps"] if dep.startswith("wsss_core")
+                    and not any(path == dep or path.startswith(dep.rstrip("/") + "/") for path in needed))
+    assert not unused, f"{stage} lists code it does not run as deps: {unused}"
+
+
+@pytest.mark.parametrize("stage", sorted(OUTPUTS))
 def test_stage_inputs_are_other_stages_outputs(stage):
     """Every non-code dep is an artifact some earlier stage writes (prepare's raw data come from data.source)."""
     written = {str(path) for outputs in OUTPUTS.values() for path in outputs} | {"${data.source}"}
@@ -130,6 +140,49 @@ def test_core_packages_below_methods_never_import_it():
             above = {str(file.relative_to(REPO)) for file in imported_files(path)
                      if file.parent.name == "methods" or file.parent.name == "stages"}
             assert not above, (str(path.relative_to(REPO)), above)
+
+
+def documented_floors() -> dict[str, int]:
+    """Return {package or module of wsss_core: floor} from docs/architecture.md's `floor N  a, b` lines."""
+    floors = {}
+    for line in (REPO / "docs/architecture.md").read_text().splitlines():
+        words = line.split(maxsplit=2)
+        if len(words) == 3 and words[0] == "floor" and words[1].isdigit():
+            floors.update({name.strip(): int(words[1]) for name in words[2].split(",")})
+    return floors
+
+
+def test_every_core_import_goes_down_a_documented_floor():
+    """Each import between wsss_core's packages and modules (function-level imports included) goes to a lower
+    floor of docs/architecture.md's table: no import upwards, sideways or in a circle."""
+    floors = documented_floors()
+    core = REPO / "wsss_core"
+
+    def unit(path: Path) -> str:
+        parts = path.relative_to(core).parts
+        return parts[0] if len(parts) > 1 else path.stem
+
+    units = {unit(path) for path in core.rglob("*.py")} - {"__init__"}
+    assert units <= set(floors), f"no documented floor for {sorted(units - set(floors))}"
+    wrong = sorted(f"{path.relative_to(REPO)} imports {unit(file)}" for path in core.rglob("*.py")
+                   for file in imported_files(path) if core in file.parents and unit(file) != unit(path)
+                   and unit(path) != "__init__" and floors[unit(file)] >= floors[unit(path)])
+    assert not wrong, wrong
+
+
+def test_prepare_loads_no_network_and_no_crf():
+    """`prepare` validates params (the method registry included) and reads data: importing it loads no network
+    module, no timm and no pydensecrf (methods import their networks where they build them)."""
+    import subprocess
+    import sys
+
+    script = "import sys, stages.prepare; print('\\n'.join(sorted(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
+                            check=True).stdout.split()
+    networks = [name for name in loaded if name.startswith("wsss_core.models.")
+                and name not in ("wsss_core.models.catalog", "wsss_core.models.groups")]
+    assert networks == [] and "timm" not in loaded and "pydensecrf" not in loaded, (networks, "timm" in loaded)
+    assert "wsss_core.methods.agen" in loaded  # the registry is there: the test looks at the real import path
 
 
 def test_no_core_file_knows_dvc():

@@ -17,7 +17,7 @@ from wsss_core.config import ClsParams
 from wsss_core.methods.base import Method, MethodParams, ModelParams, RawMap, RefineParams
 from wsss_core.models.backbones import Backbone
 from wsss_core.models.cam_net import CamNet
-from wsss_core.training import ParamGroup
+from wsss_core.models.groups import ParamGroup
 
 
 class ToyModel(ModelParams):

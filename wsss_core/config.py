@@ -14,16 +14,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SerializeAsAn
 from wsss_core.data.files import DEFAULT_MAX_PARSE_BYTES
 from wsss_core.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_TEXT_BYTES
 from wsss_core.errors import ParamsError
+from wsss_core.models.catalog import CNN_BACKBONES
 
-BACKBONES = ("resnet18", "resnet50", "resnet101", "resnest101e", "tf_efficientnet_lite0")
-"""timm backbones a classifier, AffinityNet or DeepLabV3+ can be built on (the one list)."""
-Backbone = Literal[BACKBONES]
-VIT_BACKBONES = ("deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224")
-"""timm ViTs a transformer method's classifier (MCTformer-V2) can be built on."""
-CONFORMER_BACKBONES = ("conformer_cpu", "conformer_tiny_patch16", "conformer_small_patch16", "conformer_base_patch16")
-"""Conformer sizes (models/conformer.py: the official three and a CPU size) for `transcam` and `conformer_ms`."""
-VGG_BACKBONES = ("vgg16",)
-"""VGG-16 as DeepLab-LargeFOV (models/agen.py), AGEN's classification branch."""
+Backbone = Literal[CNN_BACKBONES]
 
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -177,9 +170,9 @@ class TrainRecipe(Section):
 
 
 class ClsParams(TrainRecipe):
-    # A CNN of BACKBONES, a ViT of VIT_BACKBONES or a Conformer of CONFORMER_BACKBONES for the transformer
-    # methods, VGG-16 for AGEN (each method says which it takes).
-    backbone: Literal[BACKBONES + VIT_BACKBONES + CONFORMER_BACKBONES + VGG_BACKBONES] = "resnet18"
+    # The classifier's network: the active method checks it against the backbones it takes (`Method.backbones`,
+    # names from wsss_core/models/catalog.py: timm CNNs, DeiTs, Conformers, VGG-16 for AGEN).
+    backbone: str = "resnet18"
     # Local state-dict path, "efficientnet_lite0" (weights from the lite0 package) or "" (random init).
     pretrained: str = ""
     output_stride: Literal[8, 16, 32] = 16

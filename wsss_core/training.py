@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -16,6 +15,7 @@ from wsss_core.config import TrainRecipe
 from wsss_core.distributed import (RankSlices, data_parallel, global_batches, is_main, mean_over_ranks, per_rank_batch,
                                    sync_batchnorm, world)
 from wsss_core.errors import DataError, ParamsError
+from wsss_core.models.groups import ParamGroup
 
 
 PROGRESS_EVERY = 10  # steps between progress-bar loss readings (each waits for the GPU)
@@ -55,26 +55,6 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-@dataclass
-class ParamGroup:
-    """Parameters trained alike: lr = recipe lr * lr_mult; weight decay only where weight_decay is True.
-
-    name "backbone" marks pretrained layers (their BatchNorm is what `freeze_bn` freezes).
-    """
-
-    name: str
-    params: list[nn.Parameter]
-    lr_mult: float = 1.0
-    weight_decay: bool = True
-
-
-def backbone_and_new_groups(backbone: nn.Module, model: nn.Module, new_layer_lr_mult: float) -> list[ParamGroup]:
-    """Return [backbone at lr x1, every other parameter of model at lr x new_layer_lr_mult], all with weight decay."""
-    known = {id(p) for p in backbone.parameters()}
-    return [ParamGroup("backbone", list(backbone.parameters())),
-            ParamGroup("new", [p for p in model.parameters() if id(p) not in known], new_layer_lr_mult)]
 
 
 def build_optimizer(groups: list[ParamGroup], recipe: TrainRecipe) -> torch.optim.Optimizer:

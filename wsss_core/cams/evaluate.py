@@ -7,32 +7,13 @@ import numpy as np
 from tqdm import tqdm
 
 from wsss_core.cams.calibration import part_body_activation
+from wsss_core.cams.labels import cam_peaks
 from wsss_core.cams.store import CamStore
 from wsss_core.config import CamsParams, DataParams
 from wsss_core.data.dataset import Dataset
 from wsss_core.data.synthetic import SyntheticSpec
 from wsss_core.metrics import (NO_MASKS, ConfusionMatrix, class_map_aucs, dataset_baselines, iou_report, map_correlations,
                               mean_average_precision, mean_or_none, scored_report)
-
-
-def cam_peaks(cam: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Return (class index of the strongest CAM, its value), each [H, W]; (0, 0) where k = 0.
-
-    cam: [k, H, W] for classes keys [k].
-    """
-    if cam.shape[0] == 0:
-        return np.zeros(cam.shape[1:], np.uint8), np.zeros(cam.shape[1:], cam.dtype)
-    return np.asarray(keys, dtype=np.uint8)[cam.argmax(0)], cam.max(0)
-
-
-def cam_labels(cam: np.ndarray, keys: np.ndarray, bg_threshold: float) -> np.ndarray:
-    """Return uint8 [H, W]: keys[argmax_c cam] where max_c cam > bg_threshold, else 0.
-
-    The background score is the constant threshold, and ties go to background (argmax over
-    [threshold, cam...] picks the first maximum).
-    """
-    best_class, peak = cam_peaks(cam, keys)
-    return np.where(peak > bg_threshold, best_class, 0).astype(np.uint8)
 
 
 def threshold_grid(start: float, stop: float, step: float) -> list[float]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 import weakref
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,10 +31,12 @@ from wsss_core.config import ClsParams, CrfParams, NonNegativeFloat, NonNegative
 from wsss_core.data.palette import VOID
 from wsss_core.errors import ParamsError
 from wsss_core.methods.base import Method, MethodParams, ModelParams, register_method
-from wsss_core.models.agen import AGEN_CLS_BACKBONES, AGEN_SEG_BACKBONES, AGM_STAGES, NEW_LAYER_INITS, STAGE1_STRIDE, \
-    AGENNet
+from wsss_core.models.catalog import AGEN_CLS_BACKBONES, AGEN_SEG_BACKBONES, AGEN_STAGE1_STRIDE, AGM_STAGES, \
+    NEW_LAYER_INITS
 from wsss_core.pool import WorkerPool
-from wsss_core.seg.losses import balanced_seed_loss, boundary_loss
+
+if TYPE_CHECKING:
+    from wsss_core.models.agen import AGENNet
 
 Stage = Literal[AGM_STAGES]
 
@@ -150,11 +152,13 @@ class AGENMethod(Method):
         if not set(model.coam_stages) <= set(model.agm_stages):
             raise ParamsError(f"methods.agen.model.coam_stages {model.coam_stages}: a CoAM needs the AGM of its "
                               f"stage (agm_stages {model.agm_stages})")
-        if model.shared_stem == "conv1" and STAGE1_STRIDE[params.cls.backbone] != STAGE1_STRIDE[model.seg_backbone]:
+        if model.shared_stem == "conv1" and AGEN_STAGE1_STRIDE[params.cls.backbone] != AGEN_STAGE1_STRIDE[model.seg_backbone]:
             raise ParamsError(f"methods.agen.model.shared_stem conv1: cls.backbone {params.cls.backbone} and "
                               f"seg_backbone {model.seg_backbone} end stage 1 at different strides (use conv1_conv2)")
 
     def build_classifier(self, cls: ClsParams, num_classes: int, *, pretrained: bool = True) -> AGENNet:
+        from wsss_core.models.agen import AGENNet
+
         model = self.params.model
         return AGENNet(num_classes, cls_backbone=cls.backbone, seg_backbone=model.seg_backbone,
                        cls_pretrained=cls.pretrained if pretrained else "",
@@ -176,6 +180,8 @@ class AGENMethod(Method):
         crf_ms (the step's CRF wall time) and unseeded_* per head (the share of the images in which a labelled
         class got no seed pixel: under the paper's rule all their seeds are background). During the first
         seg_warmup_steps calls the seeding and boundary parts (and unseeded_*) are 0 and not computed."""
+        from wsss_core.seg.losses import balanced_seed_loss, boundary_loss  # the CRF's pydensecrf, when training
+
         settings = self.params.model
         warming_up = self._steps_trained < settings.seg_warmup_steps
         self._steps_trained += 1

@@ -30,8 +30,9 @@ from torch import nn
 
 from wsss_core.cams.store import CamStore, transform_store
 from wsss_core.checkpoint import load_checkpoint
-from wsss_core.config import BACKBONES, ClsParams, Params, Section
+from wsss_core.config import ClsParams, Params, Section
 from wsss_core.errors import ParamsError
+from wsss_core.models.catalog import CNN_BACKBONES
 
 
 CLASSIFIER_SHAPE_KEYS = ("backbone", "output_stride")  # cls params that shape every classifier
@@ -74,7 +75,7 @@ class Method:
     Params: ClassVar[type[MethodParams]] = MethodParams
     refines: ClassVar[bool] = False  # False: the refine stage passes the CAM store through (hard link)
     has_segmenter: ClassVar[bool] = False  # True: segmenter() gives a segmentation branch (pseudo.source: export)
-    backbones: ClassVar[tuple[str, ...]] = BACKBONES  # the cls.backbone values its classifier can be built on
+    backbones: ClassVar[tuple[str, ...]] = CNN_BACKBONES  # the cls.backbone values its classifier can be built on
 
     def __init__(self, params: MethodParams | None = None):
         self.params = params if params is not None else self.Params()

@@ -24,8 +24,7 @@ from wsss_core.config import ClsParams, Fraction, Params, PositiveInt, Section
 from wsss_core.errors import ParamsError
 from wsss_core.methods.base import register_method
 from wsss_core.methods.transcam import TransCAMMethod, TransCAMModelParams, TransCAMParams
-from wsss_core.models.conformer import CONFORMER_SIZES
-from wsss_core.models.conformer_ms import MFUC, build_conformer_ms
+from wsss_core.models.catalog import CONFORMER_SIZES
 
 
 class CSConvParams(Section):
@@ -102,6 +101,8 @@ class ConformerMSMethod(TransCAMMethod):
 
     def network(self, cls: ClsParams, num_classes: int) -> nn.Module:
         """Return the ablation row's network (`build_conformer_ms`) with K + 1 outputs per head."""
+        from wsss_core.models.conformer_ms import build_conformer_ms
+
         model = self.params.model
         etrans = model.etrans
         attention = None
@@ -118,6 +119,8 @@ class ConformerMSMethod(TransCAMMethod):
 
     def learned_values(self, model) -> dict[str, float]:
         """Return the mean |alpha_x| and |alpha_c| over the MFUCs (0 at initialisation), when there are any."""
+        from wsss_core.models.conformer_ms import MFUC
+
         couplings = [module for module in model.modules() if isinstance(module, MFUC)]
         if not couplings:
             return {}

@@ -15,19 +15,22 @@ Spec: ../shared/methods/semantic_modulation.md.
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from wsss_core.config import VIT_BACKBONES, ClsParams, NonNegativeFloat, NonNegativeInt, Params, Section
+from wsss_core.config import ClsParams, NonNegativeFloat, NonNegativeInt, Params, Section
 from wsss_core.errors import ParamsError
 from wsss_core.methods.base import ExportParams, Method, MethodParams, ModelParams, RawMap, RefineParams, \
     chosen_blocks, register_method, sum_blocks
-from wsss_core.models.mctformer import DEIT_DEPTH, MCTformerV2, build_mctformer
+from wsss_core.models.catalog import DEIT_DEPTH, VIT_BACKBONES
 from wsss_core.refine.attention import ROUNDINGS, joint_refine, semantic_modulation
+
+if TYPE_CHECKING:
+    from wsss_core.models.mctformer import MCTformerV2
 
 
 class MCTModelParams(ModelParams):
@@ -101,6 +104,8 @@ class MCTMethod(Method):
                 chosen_blocks(getattr(refine, key), depth, f"methods.{self.name}.refine.{key}")
 
     def build_classifier(self, cls: ClsParams, num_classes: int, *, pretrained: bool = True) -> MCTformerV2:
+        from wsss_core.models.mctformer import build_mctformer
+
         model = self.params.model
         return build_mctformer(cls.backbone, num_classes, pretrained=cls.pretrained if pretrained else "",
                                head_kernel=model.head_kernel, final_norm=model.final_norm, drop_path=model.drop_path,

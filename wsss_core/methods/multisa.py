@@ -6,7 +6,7 @@ max-normalised like the CAM). The attention lives inside the classifier: no refi
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import torch
 import torch.nn.functional as F
@@ -14,14 +14,16 @@ from pydantic import Field
 
 from wsss_core.config import ClsParams, PositiveFloat, PositiveInt
 from wsss_core.methods.base import Method, MethodParams, ModelParams, register_method
-from wsss_core.models.backbones import Backbone
-from wsss_core.models.multisa import MAX_LAYERS, MultiSANet
+from wsss_core.models.catalog import MULTISA_MAX_LAYERS
+
+if TYPE_CHECKING:
+    from wsss_core.models.multisa import MultiSANet
 
 
 class MultiSAModelParams(ModelParams):
     """Multi-SA's network; each default is the spec's recommendation where the paper is silent (spec section 7)."""
 
-    layers: Annotated[int, Field(ge=0, le=MAX_LAYERS)] = 3  # k: the last k taps attended and stacked; 0 = plain CAM
+    layers: Annotated[int, Field(ge=0, le=MULTISA_MAX_LAYERS)] = 3  # k: the last k taps attended and stacked; 0 = plain CAM
     scale: Literal["none", "sqrt_d"] = "none"  # attention logits as the paper (none) or / sqrt(d)
     reduction: PositiveInt = 1  # Q/K channels = c / reduction; the paper's is 1 (8: SAGAN's, non-faithful)
     sa_bias: bool = False  # biases in the Q/K/V convs (the equations have none)
@@ -43,6 +45,9 @@ class MultiSAMethod(Method):
     Params = MultiSAParams
 
     def build_classifier(self, cls: ClsParams, num_classes: int, *, pretrained: bool = True) -> MultiSANet:
+        from wsss_core.models.backbones import Backbone
+        from wsss_core.models.multisa import MultiSANet
+
         return MultiSANet(Backbone(cls.backbone, cls.output_stride, cls.pretrained if pretrained else ""),
                           num_classes, **self.params.model.model_dump())
 

@@ -26,11 +26,11 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from wsss_core.config import CONFORMER_BACKBONES, ClsParams, NonNegativeInt, Params
+from wsss_core.config import ClsParams, NonNegativeInt, Params
 from wsss_core.errors import ParamsError
 from wsss_core.methods.base import ExportParams, Method, MethodParams, ModelParams, RawMap, RefineParams, \
     chosen_blocks, register_method, sum_blocks
-from wsss_core.models.conformer import CONFORMER_DEPTH, build_conformer, load_conformer_weights
+from wsss_core.models.catalog import CONFORMER_BACKBONES, CONFORMER_DEPTH
 from wsss_core.refine.attention import TRANSCAM_MODES, attention_refine
 
 
@@ -116,11 +116,15 @@ class TransCAMMethod(Method):
 
     def network(self, cls: ClsParams, num_classes: int) -> nn.Module:
         """Return the randomly initialised network with K + 1 outputs per head (channel 0: background)."""
+        from wsss_core.models.conformer import build_conformer
+
         model = self.params.model
         return build_conformer(cls.backbone, num_classes + 1, cam_head_kernel=model.head_kernel,
                                drop_path=model.drop_path)
 
     def build_classifier(self, cls: ClsParams, num_classes: int, *, pretrained: bool = True) -> nn.Module:
+        from wsss_core.models.conformer import load_conformer_weights
+
         network = self.network(cls, num_classes)
         if pretrained and cls.pretrained:
             skipped = load_conformer_weights(network, cls.pretrained)

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsss_core.config import BACKBONES
 from wsss_core.errors import ParamsError
+from wsss_core.models.catalog import CNN_BACKBONES
 from wsss_core.models.pretrained import LITE0_PACKAGE_NAME, load_backbone_file, load_lite0_package_weights
-from wsss_core.training import ParamGroup, backbone_and_new_groups
+from wsss_core.models.groups import ParamGroup, backbone_and_new_groups
 
 LEVEL_CHANNELS = (64, 128, 256)
 FEATURE_CHANNELS = 448
@@ -33,8 +33,8 @@ class AffinityNet(nn.Module):
 
     def __init__(self, backbone: str, pretrained: str = "", param_key: str = "affinity.pretrained", dilated: bool = True):
         super().__init__()
-        if backbone not in BACKBONES:
-            raise ParamsError(f"affinity.backbone {backbone!r} is not one of: {', '.join(BACKBONES)}")
+        if backbone not in CNN_BACKBONES:
+            raise ParamsError(f"affinity.backbone {backbone!r} is not one of: {', '.join(CNN_BACKBONES)}")
         output_stride = {"output_stride": self.stride} if dilated else {}
         full = timm.create_model(backbone, pretrained=False, **output_stride)
         if pretrained == LITE0_PACKAGE_NAME:

@@ -22,19 +22,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsss_core.errors import ParamsError
+from wsss_core.models.catalog import (AGEN_CLS_BACKBONES, AGEN_SEG_BACKBONES, AGEN_STAGE1_STRIDE, AGM_STAGES,
+                                      NEW_LAYER_INITS)
 from wsss_core.models.pretrained import (LITE0_PACKAGE_NAME, load_backbone_file, load_lite0_package_weights,
                                         read_state_dict)
 from wsss_core.models.resnet38d import ResNet38d, load_resnet38d_weights
-from wsss_core.training import ParamGroup
+from wsss_core.models.groups import ParamGroup
 
-AGEN_CLS_BACKBONES = ("vgg16", "tf_efficientnet_lite0")
-"""Backbones of branch A (cls.backbone)."""
-AGEN_SEG_BACKBONES = ("resnet38d", "tf_efficientnet_lite0")
-"""Backbones of branch B (methods.agen.model.seg_backbone)."""
-AGM_STAGES = (3, 4, 5)
 SHARED_STEMS = {"conv1_conv2": 2, "conv1": 1}  # the number of stages both branches share
 COAM_IMPLS = ("sdpa", "explicit")
-STAGE1_STRIDE = {"vgg16": 1, "resnet38d": 1, "tf_efficientnet_lite0": 2}  # sharing stage 1 alone needs equal ones
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CAM_STRIDE = 8
 LITE0_STAGE_CHANNELS = (32, 16, 24, 40, 320, 1280)
@@ -237,7 +233,7 @@ class AGENNet(nn.Module):
         branch_b = backbone_stages(seg_backbone, width=width, pretrained=seg_pretrained,
                                    param_key="methods.agen.model.seg_pretrained")
         shared = SHARED_STEMS[shared_stem]
-        if shared == 1 and STAGE1_STRIDE[cls_backbone] != STAGE1_STRIDE[seg_backbone]:
+        if shared == 1 and AGEN_STAGE1_STRIDE[cls_backbone] != AGEN_STAGE1_STRIDE[seg_backbone]:
             raise ValueError(f"shared_stem conv1: {cls_backbone} and {seg_backbone} end stage 1 at different strides")
         self.stem = nn.Sequential(*branch_a.modules[:shared])
         self.cls_stages = nn.ModuleList(branch_a.modules[shared:5])  # up to stage 5
@@ -325,7 +321,6 @@ class AGENNet(nn.Module):
                 ParamGroup("new", new, new_layer_lr_mult), ParamGroup("gain", gains, new_layer_lr_mult, False)]
 
 
-NEW_LAYER_INITS = ("normal", "xavier", "kaiming")
 
 
 def init_new_layers(module: nn.Module, scheme: str) -> None:

@@ -5,8 +5,8 @@ import timm
 import torch
 from torch import nn
 
-from wsss_core.config import BACKBONES
 from wsss_core.errors import ParamsError
+from wsss_core.models.catalog import CNN_BACKBONES
 from wsss_core.models.pretrained import LITE0_PACKAGE_NAME, load_backbone_file, load_lite0_package_weights
 
 
@@ -15,8 +15,8 @@ class Backbone(nn.Module):
 
     def __init__(self, name: str, output_stride: int = 16, pretrained: str = "", param_key: str = "cls.pretrained"):
         super().__init__()
-        if name not in BACKBONES:
-            raise ParamsError(f"backbone {name!r} is not one of: {', '.join(BACKBONES)}")
+        if name not in CNN_BACKBONES:
+            raise ParamsError(f"backbone {name!r} is not one of: {', '.join(CNN_BACKBONES)}")
         self.body = timm.create_model(name, pretrained=False, output_stride=output_stride)
         if pretrained == LITE0_PACKAGE_NAME:
             if name != "tf_efficientnet_lite0":

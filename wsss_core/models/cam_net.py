@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsss_core.models.backbones import Backbone
-from wsss_core.training import ParamGroup, backbone_and_new_groups
+from wsss_core.models.groups import ParamGroup, backbone_and_new_groups
 
 
 class CamNet(nn.Module):

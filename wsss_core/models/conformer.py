@@ -51,21 +51,15 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from wsss_core.errors import ParamsError
+from wsss_core.models.catalog import CONFORMER_DEPTH, CONFORMER_SIZES
 from wsss_core.models.hooks import AttentionRecorder
 from wsss_core.models.pretrained import read_state_dict
-from wsss_core.training import ParamGroup
+from wsss_core.models.groups import ParamGroup
 
-CONFORMER_DEPTH = 12  # blocks of every released Conformer
 STEM_CHANNELS = 64  # stem width and the official `base_channel`: CNN stage s = 0, 1, 2 has 64 * channel_ratio * 2**s
 EXPANSION = 4  # bottleneck: mid channels = output channels / 4
 TRANSCAM_SWITCHES = {"last_fusion_stride": 1, "cam_head_kernel": 3}
 HEAD_PREFIXES = ("trans_cls_head.", "conv_cls_head.")  # the classification heads: new for every task
-CONFORMER_SIZES = {  # the official sizes (github.com/pengzhiliang/Conformer) and a CPU size for tests
-    "conformer_tiny_patch16": {"channel_ratio": 1, "embed_dim": 384, "num_heads": 6, "drop_path_rate": 0.1},
-    "conformer_small_patch16": {"channel_ratio": 4, "embed_dim": 384, "num_heads": 6, "drop_path_rate": 0.1},
-    "conformer_base_patch16": {"channel_ratio": 6, "embed_dim": 576, "num_heads": 9, "drop_path_rate": 0.1},
-    "conformer_cpu": {"channel_ratio": 1, "embed_dim": 192, "num_heads": 3, "drop_path_rate": 0.0},
-}
 ETRANS_PRESETS = {  # EfficientAttention kwargs (spec 2.5): D_h = D (pretrained weights load) or D/4 at D = 384
     "default": {"sr_ratio": 2, "sr_mode": "pool1x2", "splits": 4, "split_mode": "channel"},
     "paper_budget": {"inner_dim": 96, "sr_ratio": 2, "sr_mode": "pool1x2", "splits": 4, "split_mode": "channel"},

@@ -46,11 +46,12 @@ from timm.layers import trunc_normal_
 from timm.layers.attention import Attention
 from torch import nn
 
+from wsss_core.models.catalog import CONFORMER_SIZES
 from wsss_core.models.conformer import (
-    CONFORMER_SIZES, STEM_CHANNELS, BatchNorm, CouplingDown, CouplingUp, EfficientAttention, LayerNorm,
+    STEM_CHANNELS, BatchNorm, CouplingDown, CouplingUp, EfficientAttention, LayerNorm,
     _init_weights, build_conformer, cam_and_attention, conformer_parameter_groups, run_block, transformer_block,
 )
-from wsss_core.training import ParamGroup
+from wsss_core.models.groups import ParamGroup
 
 LEVELS = 3  # pyramid strides 8, 16, 32
 TOKEN_LEVEL = 1  # the stride-16 level, on the transformer's token grid

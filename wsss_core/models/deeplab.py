@@ -8,7 +8,7 @@ from torch import nn
 
 from wsss_core.models.backbones import Backbone
 from wsss_core.models.pretrained import load_backbone_file
-from wsss_core.training import ParamGroup, backbone_and_new_groups
+from wsss_core.models.groups import ParamGroup, backbone_and_new_groups
 
 SEG_ARCHS = ("deeplabv3plus", "deeplabv3_resnet50", "deeplabv3_resnet101")
 ASPP_CHANNELS = 256  # DeepLabV3+'s width of ASPP and decoder (the `channels` default)

@@ -18,13 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsss_core.config import VIT_BACKBONES
 from wsss_core.errors import ParamsError
+from wsss_core.models.catalog import DEIT_DEPTH, VIT_BACKBONES
 from wsss_core.models.hooks import AttentionRecorder
 from wsss_core.models.pretrained import read_state_dict
-from wsss_core.training import ParamGroup
+from wsss_core.models.groups import ParamGroup
 
-DEIT_DEPTH = 12  # blocks of every DeiT in VIT_BACKBONES
 NEW_KEYS = ("cam_head.weight", "cam_head.bias")  # not in a timm DeiT state dict
 DROPPED_PREFIXES = ("head.", "head_dist.")  # timm's ImageNet classifier
 

@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsss_core.models.backbones import Backbone
-from wsss_core.training import ParamGroup
+from wsss_core.models.catalog import MULTISA_MAX_LAYERS
+from wsss_core.models.groups import ParamGroup
 
 ATTENTION_CHUNK = 4096  # query rows per softmax block: bounds the [rows, N] attention in memory, exact result
-MAX_LAYERS = 3
 
 
 class SelfAttention(nn.Module):
@@ -81,14 +81,14 @@ class MultiSANet(nn.Module):
                  fuse_bias: bool = False, classifier_bias: bool = False, align_corners: bool = False,
                  bias_lr_mult: float = 2.0):
         super().__init__()
-        if not 0 <= layers <= MAX_LAYERS:
-            raise ValueError(f"layers must be in 0..{MAX_LAYERS}, got {layers}")
+        if not 0 <= layers <= MULTISA_MAX_LAYERS:
+            raise ValueError(f"layers must be in 0..{MULTISA_MAX_LAYERS}, got {layers}")
         self.backbone = backbone
         info = backbone.body.feature_info
         candidates = [(info[-3]["module"], info[-3]["num_chs"], info[-3]["reduction"]),
                       (info[-2]["module"], info[-2]["num_chs"], info[-2]["reduction"]),
                       (None, backbone.channels, backbone.output_stride)]  # None: the final features
-        self.taps = candidates[MAX_LAYERS - layers:]  # (module name or None, channels, stride), finest first
+        self.taps = candidates[MULTISA_MAX_LAYERS - layers:]  # (module name or None, channels, stride), finest first
         self.blocks = nn.ModuleList(SelfAttention(channels, reduction=reduction, scale=scale, bias=sa_bias,
                                                   beta_init=beta_init) for _, channels, _ in self.taps)
         self.inline, self.align_corners, self.bias_lr_mult = inline, align_corners, bias_lr_mult

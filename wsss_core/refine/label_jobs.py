@@ -15,7 +15,7 @@ from wsss_core.data.dataset import Dataset
 from wsss_core.pool import run_pool
 from wsss_core.refine.affinity_labels import irn_affinity_label_map, psa_affinity_label_map
 from wsss_core.refine.crf import crf_on_labels, dense_crf
-from wsss_core.refine.pseudo import argmax_labels
+from wsss_core.cams.labels import argmax_labels
 
 
 def affinity_label_job(job: tuple, settings: AffinityParams) -> tuple[str, np.ndarray]:

@@ -6,17 +6,12 @@ from pathlib import Path
 
 import numpy as np
 
-from wsss_core.cams.evaluate import cam_labels
+from wsss_core.cams.labels import argmax_labels, cam_labels
 from wsss_core.cams.store import CamStore
 from wsss_core.config import PseudoParams
 from wsss_core.data.label_dir import check_label_dir, read_label_dir
 from wsss_core.data.palette import VOID
 from wsss_core.pipeline import compared_source, sources_used
-
-
-def argmax_labels(scores: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    """Return uint8 [H, W] class indices of argmax over scores [k+1, H, W] (channel 0 background, then keys)."""
-    return np.concatenate([[0], keys]).astype(np.uint8)[scores.argmax(0)]
 
 
 def rw_labels(store: CamStore, image_id: str) -> np.ndarray:
