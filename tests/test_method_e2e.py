@@ -1,6 +1,7 @@
 """End-to-end: a second method (the test-only `toy`) added as a contributor would, run through DVC."""
 import json
 import re
+import subprocess
 
 import h5py
 import pytest
@@ -14,17 +15,19 @@ TOY_SECTION = {"model": {"width": 8}, "export": {}, "refine": {"power": 1.0}}
 
 @pytest.fixture(scope="module")
 def toy_repo(tmp_path_factory):
-    """A repo copy with the test-only `toy` method installed as a contributor would add one."""
+    """A repo copy with the test-only `toy` method installed as a contributor would add one: its module and its
+    config file, no other file edited (the registry imports every module of wsss_core/methods/)."""
     repo = copy_repo(tmp_path_factory.mktemp("toy"), TINY_PARAMS)
     source = (REPO / "tests/toy_method.py").read_text()
     (repo / "wsss_core/methods/toy.py").write_text(source + "\n\nregister_method(ToyMethod)\n")
     (repo / "wsss_core/methods/toy.py").write_text(
         (repo / "wsss_core/methods/toy.py").read_text().replace(
             "from wsss_core.methods.base import Method,", "from wsss_core.methods.base import register_method, Method,"))
-    init = repo / "wsss_core/methods/__init__.py"
-    init.write_text(init.read_text() + "from wsss_core.methods import toy  # registers \"toy\"\n")
     (repo / "conf/method/toy.yaml").write_text("# @package _global_\nmethod: toy\n" + yaml.safe_dump(
-        {"methods": {"toy": TOY_SECTION}, "cls": {"optimizer": "sgd", "schedule": "poly"}}))
+        {"methods": {"toy": TOY_SECTION}}))  # its section: not in conf/config.yaml, which holds the shipped ones
+    touched = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=repo, check=True,
+                             capture_output=True, text=True).stdout.split("\n")
+    assert sorted(line[3:] for line in touched if line) == ["conf/method/toy.yaml", "wsss_core/methods/toy.py"]
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "add the toy method")
     return repo

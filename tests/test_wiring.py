@@ -32,8 +32,11 @@ def module_file(name: str) -> Path | None:
 
 
 def imported_files(path: Path) -> set[Path]:
-    """Return the files of our modules that `path` imports (from X import Y: Y's file when Y is a module)."""
+    """Return the files of our modules that `path` imports (from X import Y: Y's file when Y is a module; a
+    package __init__ that imports its modules with pkgutil.iter_modules imports every one of them)."""
     found = set()
+    if path.name == "__init__.py" and "pkgutil.iter_modules(__path__)" in path.read_text():
+        found |= set(path.parent.glob("*.py")) - {path}
     for node in ast.walk(ast.parse(path.read_text())):
         names = []
         if isinstance(node, ast.Import):
