@@ -2,9 +2,9 @@
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 RUN := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" HF_HUB_OFFLINE=1
-PYTEST_ARGS ?= -m "not slow" --dist loadfile
+PYTEST_ARGS ?= -m "not slow and not e2e" --dist loadfile
 
-.PHONY: install repro repro-voc seeds report test test-all
+.PHONY: install repro repro-voc seeds report test test-e2e test-all
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -42,5 +42,9 @@ report: install
 test: install
 	$(RUN) $(PYTHON) -m pytest -n 2 $(PYTEST_ARGS); status=$$?; [ $$status -eq 5 ] && status=0; exit $$status
 
+# The quick loop (`make test`) leaves out the e2e tests (DVC runs, spawned processes) and the slow ones (real data,
+# the full DAG); `make test-e2e` adds the first, `make test-all` runs every test.
+test-e2e: PYTEST_ARGS = -m "not slow" --dist loadfile
+test-e2e: test
 test-all: PYTEST_ARGS = --dist loadfile
 test-all: test

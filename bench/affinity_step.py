@@ -10,9 +10,9 @@ import argparse
 import torch
 from step_timing import median_step_seconds
 
+from wsss_core.affinity.pairs import neighbour_offsets
 from wsss_core.config import AffinityParams
 from wsss_core.models.affinity_net import AffinityNet, affinity_loss, pair_affinities
-from wsss_core.refine.pairs import neighbour_offsets
 from wsss_core.training import build_optimizer
 
 

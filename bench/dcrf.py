@@ -20,8 +20,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from wsss_core.crf import dense_crf
 from wsss_core.pool import run_pool
-from wsss_core.refine.crf import dense_crf
 
 VOC_MINI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "voc12-mini"
 VOC_SIZE = (375, 500)

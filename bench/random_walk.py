@@ -18,9 +18,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from wsss_core.affinity.pairs import neighbour_offsets
+from wsss_core.affinity.random_walk import random_walk, random_walk_dense
 from wsss_core.models.affinity_net import pair_affinities
-from wsss_core.refine.pairs import neighbour_offsets
-from wsss_core.refine.random_walk import random_walk, random_walk_dense
 
 
 def smooth_noise(generator: torch.Generator, shape: tuple[int, ...], passes: int = 3) -> torch.Tensor:

@@ -18,9 +18,9 @@ from unittest import mock
 import numpy as np
 import torch
 
+from wsss_core.cams.attention import neighbour_count, semantic_modulation_reference
 from wsss_core.methods import REGISTRY
 from wsss_core.methods import mct as mct_module
-from wsss_core.refine.attention import neighbour_count, semantic_modulation_reference
 
 
 def modulation_patch_loop(c2p: torch.Tensor, p2p: torch.Tensor, *, ratio: float = 0.3, alpha: float = 1.2,

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
+from wsss_core.cams.attention import TRANSCAM_MODES, attention_refine
 from wsss_core.models.conformer import TRANSCAM_SWITCHES, conformer_s
-from wsss_core.refine.attention import TRANSCAM_MODES, attention_refine
 
 VOC_CLASSES = 21
 

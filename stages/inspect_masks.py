@@ -17,7 +17,7 @@ from wsss_core.data.label_dir import read_label_dir
 from wsss_core.data.palette import colorize
 from wsss_core.errors import DataError
 from wsss_core.io import save_image
-from wsss_core.refine.pseudo import rw_labels
+from wsss_core.pseudo import rw_labels
 from wsss_core.seg.infer import segment, segmenter_from_checkpoint
 from wsss_core.viz import captioned, hstack, label_overlay, vstack
 

@@ -15,15 +15,22 @@ import typer
 
 from stages._common import MERGE_OPTION, SHARD_OPTION, load_params, reports_errors, run_sharded, single_command, skipped
 from stages.artifacts import AFFINITY_CHECKPOINT, MANIFEST, PARAMS_FILE, REFINED_STORE, RW_METRICS, RW_STORE
+from wsss_core.affinity.propagate import iterate_random_walk
+from wsss_core.cams.labels import argmax_labels
 from wsss_core.cams.store import CamStore, CamStoreWriter, merge_stores
 from wsss_core.checkpoint import load_checkpoint
 from wsss_core.data.dataset import Dataset
 from wsss_core.errors import DataError
 from wsss_core.io import remove_path, shard_path, shard_paths, write_json
-from wsss_core.metrics import ConfusionMatrix, class_map_aucs, dataset_baselines, describe_miou, mean_or_none, scored_report
+from wsss_core.metrics import (
+    ConfusionMatrix,
+    class_map_aucs,
+    dataset_baselines,
+    describe_miou,
+    mean_or_none,
+    scored_report,
+)
 from wsss_core.models.affinity_net import AffinityNet
-from wsss_core.refine.propagate import iterate_random_walk
-from wsss_core.cams.labels import argmax_labels
 
 
 @reports_errors

@@ -6,15 +6,22 @@ from pathlib import Path
 
 import typer
 
-from stages._common import (load_params, log_epoch, ran_under_torchrun, reports_errors, single_command, skipped,
-                            training_curves)
+from stages._common import (
+    load_params,
+    log_epoch,
+    ran_under_torchrun,
+    reports_errors,
+    single_command,
+    skipped,
+    training_curves,
+)
 from stages.artifacts import AFFINITY_CHECKPOINT, AFFINITY_CURVES, AFFINITY_LABELS, MANIFEST, PARAMS_FILE
+from wsss_core.affinity.affinity_training import AffinitySet, train_affinity_net
 from wsss_core.checkpoint import save_checkpoint
 from wsss_core.data.dataset import Dataset
 from wsss_core.data.label_dir import check_label_dir
 from wsss_core.distributed import is_main, process_group
 from wsss_core.models.affinity_net import AffinityNet
-from wsss_core.refine.affinity_training import AffinitySet, train_affinity_net
 from wsss_core.training import resolve_device, seed_everything
 
 

@@ -1,9 +1,13 @@
 import numpy as np
 import pytest
 
-from wsss_core.refine.affinity_labels import (affinity_pair_labels, downsample_labels, irn_affinity_label_map,
-                                              psa_affinity_label_map)
-from wsss_core.refine.pairs import neighbour_offsets
+from wsss_core.affinity.affinity_labels import (
+    affinity_pair_labels,
+    downsample_labels,
+    irn_affinity_label_map,
+    psa_affinity_label_map,
+)
+from wsss_core.affinity.pairs import neighbour_offsets
 
 V = 255
 LABELS = np.array([[0, 0, 1, V],

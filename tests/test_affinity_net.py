@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
+from wsss_core.affinity.pairs import neighbour_offsets
+from wsss_core.cams.labels import argmax_labels
 from wsss_core.data.label_dir import LabelDirWriter, read_label_dir
 from wsss_core.models.affinity_net import AffinityNet, affinity_loss, pair_affinities
-from wsss_core.refine.pairs import neighbour_offsets
-from wsss_core.cams.labels import argmax_labels
-from wsss_core.refine.pseudo import disagreement_to_void
+from wsss_core.pseudo import disagreement_to_void
 
 
 def test_pair_affinities_equal_brute_force():

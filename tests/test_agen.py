@@ -11,10 +11,10 @@ from wsss_core.cams.seeds import images_missing_a_class, seed_probabilities, thr
 from wsss_core.config import CrfParams, parse_params
 from wsss_core.errors import ParamsError
 from wsss_core.methods import get_method, method_params
-from wsss_core.methods import agen as agen_method
 from wsss_core.methods.agen import AGENMethod, AGENParams, padding_mask
 from wsss_core.models.agen import AGENNet, AGENOutputs, ContextAttention, coam_attention, init_new_layers
 from wsss_core.pool import WorkerPool
+from wsss_core.seg import losses as seg_losses
 from wsss_core.seg.losses import balanced_seed_loss, boundary_loss, clipped_distribution
 from wsss_core.training import batchnorm_layers
 
@@ -489,7 +489,7 @@ def test_feature_resolution_seeds_run_at_each_map_grid(monkeypatch):
         grids.append(tuple(seeds.shape[-2:]))
         return balanced_seed_loss(logits, seeds)
 
-    monkeypatch.setattr(agen_method, "balanced_seed_loss", recording)
+    monkeypatch.setattr(seg_losses, "balanced_seed_loss", recording)  # imported where the loss runs
     _, parts = tiny_method(seed_resolution="feature").training_loss(FixedOutputs(zero_outputs()), batch())
     assert grids == [(5, 5), (5, 5), (5, 5), (9, 9)]  # top, AGM-5, AGM-4, AGM-3 at their own grids
     grids.clear()

@@ -8,6 +8,8 @@ import pytest
 
 from tests.pipeline import TINY_PARAMS, copy_repo, dvc
 
+pytestmark = pytest.mark.e2e
+
 TINY_AGEN = ["method=agen", "cls.backbone=vgg16", "cls.pretrained=''", "seg.pretrained=''",
              "methods.agen.model.width=0.0625", "methods.agen.model.cls_head_channels=16",
              "methods.agen.model.agm_cls_channels=8", "methods.agen.model.agm_seg_channels=8",

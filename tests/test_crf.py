@@ -4,8 +4,8 @@ import pytest
 from pydensecrf.utils import unary_from_softmax
 
 from wsss_core.config import CrfParams
+from wsss_core.crf import crf_labels, crf_on_labels, dense_crf
 from wsss_core.pool import run_pool
-from wsss_core.refine.crf import crf_labels, crf_on_labels, dense_crf
 
 RED, BLUE = (200, 40, 40), (40, 40, 200)
 
@@ -153,8 +153,8 @@ def test_pool_matches_single_process_in_order():
 
 
 def test_each_label_mode_defaults_to_its_papers_kernel_and_dcrf_can_take_label_unaries():
+    from wsss_core.affinity.label_jobs import crf_job
     from wsss_core.config import AffinityParams, DcrfParams
-    from wsss_core.refine.label_jobs import crf_job
 
     settings = AffinityParams()
     assert (settings.psa_label_crf.bilateral_sxy, settings.psa_label_crf.bilateral_srgb) == (80.0, 13.0)  # PSA

@@ -18,8 +18,15 @@ from wsss_core.cams.infer import export_cams
 from wsss_core.cams.store import CamStoreWriter, merge_stores
 from wsss_core.config import TrainRecipe
 from wsss_core.data.label_dir import LabelDirWriter, merge_label_dirs
-from wsss_core.distributed import (RankSlices, data_parallel, global_batches, is_main, parse_shard, process_group,
-                                   shard_of)
+from wsss_core.distributed import (
+    RankSlices,
+    data_parallel,
+    global_batches,
+    is_main,
+    parse_shard,
+    process_group,
+    shard_of,
+)
 from wsss_core.errors import DataError, ParamsError
 from wsss_core.io import shard_path
 from wsss_core.methods.cam import CamMethod
@@ -98,6 +105,7 @@ def two_process_run(tmp_path_factory):
     return out_dir
 
 
+@pytest.mark.e2e
 def test_ddp_gradients_are_the_one_process_gradients(two_process_run):
     images, targets = next(iter(DataLoader(BlobSet(), batch_size=8)))
     expected = one_step_gradients(blob_model(), images, targets)
@@ -108,6 +116,7 @@ def test_ddp_gradients_are_the_one_process_gradients(two_process_run):
     assert max(gradient.abs().max() for gradient in expected.values()) > 1e-3  # a test that could fail
 
 
+@pytest.mark.e2e
 def test_two_processes_train_as_one_with_the_global_batch(tmp_path, two_process_run):
     train_blobs(tmp_path, 0)
     one = torch.load(tmp_path / "weights0.pt", weights_only=True)

@@ -9,13 +9,18 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
+from wsss_core.cams.attention import (
+    joint_refine,
+    neighbour_count,
+    semantic_modulation,
+    semantic_modulation_reference,
+    semantic_neighbours,
+)
 from wsss_core.config import ClsParams, parse_params
 from wsss_core.errors import ParamsError
 from wsss_core.methods import REGISTRY, get_method, method_params
 from wsss_core.models.hooks import AttentionRecorder, explicit_attention
 from wsss_core.models.mctformer import NEW_KEYS, MCTformerV2, build_mctformer, load_deit_weights
-from wsss_core.refine.attention import (joint_refine, neighbour_count, semantic_modulation,
-                                       semantic_modulation_reference, semantic_neighbours)
 
 CLASSES = 3
 

@@ -10,6 +10,8 @@ import yaml
 from tests.conftest import REPO
 from tests.pipeline import TINY_PARAMS, copy_repo, dvc, git, recompose
 
+pytestmark = pytest.mark.e2e
+
 TOY_SECTION = {"model": {"width": 8}, "export": {}, "refine": {"power": 1.0}}
 
 

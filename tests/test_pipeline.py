@@ -14,6 +14,8 @@ from tests.pipeline import TINY_PARAMS, copy_repo, dvc, git, recompose
 from wsss_core.data.dataset import Dataset
 from wsss_core.data.palette import read_label_png
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def tiny_repo(tmp_path_factory):

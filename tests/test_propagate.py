@@ -1,7 +1,7 @@
 import numpy as np
 
+from wsss_core.affinity.propagate import walked_scores, with_background
 from wsss_core.config import RwParams
-from wsss_core.refine.propagate import walked_scores, with_background
 
 
 def test_background_channel_alpha_and_constant_modes():

@@ -10,14 +10,14 @@ from typer.testing import CliRunner
 from stages.cli import app
 from tests.fixtures import make_dataset
 from wsss_core.checkpoint import save_checkpoint
+from wsss_core.config import CrfParams
+from wsss_core.crf import dense_crf
 from wsss_core.data.palette import read_label_png
 from wsss_core.data.transforms import normalize
 from wsss_core.errors import DataError
 from wsss_core.models.backbones import Backbone
 from wsss_core.models.cam_net import CamNet
 from wsss_core.models.deeplab import build_segmenter
-from wsss_core.config import CrfParams
-from wsss_core.refine.crf import dense_crf
 from wsss_core.seg.infer import list_images, predict_probabilities, score_split, segment
 from wsss_core.seg.training import segmentation_loss
 

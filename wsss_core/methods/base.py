@@ -2,7 +2,7 @@
 
 A method is one short subclass of `Method` in its own module, registered with `@register_method`;
 the registry is the only list of method names. Methods compose the packages below them
-(`models/`, `cams/`, `refine/`), which take callables and arrays and never import `methods/`.
+(`models/`, `cams/`, `affinity/`), which take callables and arrays and never import `methods/`.
 
 The hooks, in pipeline order:
 
@@ -33,7 +33,6 @@ from wsss_core.checkpoint import load_checkpoint
 from wsss_core.config import ClsParams, Params, Section
 from wsss_core.errors import ParamsError
 from wsss_core.models.catalog import CNN_BACKBONES
-
 
 CLASSIFIER_SHAPE_KEYS = ("backbone", "output_stride")  # cls params that shape every classifier
 

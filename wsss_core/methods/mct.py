@@ -22,12 +22,21 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from wsss_core.cams.attention import ROUNDINGS, joint_refine, semantic_modulation
 from wsss_core.config import ClsParams, NonNegativeFloat, NonNegativeInt, Params, Section
 from wsss_core.errors import ParamsError
-from wsss_core.methods.base import ExportParams, Method, MethodParams, ModelParams, RawMap, RefineParams, \
-    chosen_blocks, register_method, sum_blocks
+from wsss_core.methods.base import (
+    ExportParams,
+    Method,
+    MethodParams,
+    ModelParams,
+    RawMap,
+    RefineParams,
+    chosen_blocks,
+    register_method,
+    sum_blocks,
+)
 from wsss_core.models.catalog import DEIT_DEPTH, VIT_BACKBONES
-from wsss_core.refine.attention import ROUNDINGS, joint_refine, semantic_modulation
 
 if TYPE_CHECKING:
     from wsss_core.models.mctformer import MCTformerV2

@@ -18,8 +18,8 @@ from torch import nn
 
 from wsss_core.errors import ParamsError
 from wsss_core.models.catalog import CNN_BACKBONES
-from wsss_core.models.pretrained import LITE0_PACKAGE_NAME, load_backbone_file, load_lite0_package_weights
 from wsss_core.models.groups import ParamGroup, backbone_and_new_groups
+from wsss_core.models.pretrained import LITE0_PACKAGE_NAME, load_backbone_file, load_lite0_package_weights
 
 LEVEL_CHANNELS = (64, 128, 256)
 FEATURE_CHANNELS = 448
@@ -90,7 +90,7 @@ class AffinityNet(nn.Module):
 def pair_affinities(features: torch.Tensor, offsets: list[tuple[int, int]]) -> torch.Tensor:
     """Return exp(-mean_c |f(y,x) - f(y+dy,x+dx)|) as [B, O, h, w]; 0 where the neighbour is outside.
 
-    features: [B, C, h, w]; offsets: from wsss_core.refine.pairs.neighbour_offsets.
+    features: [B, C, h, w]; offsets: from wsss_core.affinity.pairs.neighbour_offsets.
     """
     batch, _, height, width = features.shape
     out = features.new_zeros(batch, len(offsets), height, width)

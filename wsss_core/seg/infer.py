@@ -11,13 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from wsss_core.config import CrfParams
+from wsss_core.crf import dense_crf
 from wsss_core.data.dataset import Dataset
 from wsss_core.data.transforms import normalize
 from wsss_core.errors import DataError
 from wsss_core.metrics import ConfusionMatrix
 from wsss_core.models.deeplab import build_segmenter
-from wsss_core.config import CrfParams
-from wsss_core.refine.crf import dense_crf
 
 SEG_CHECKPOINT_KEYS = ("arch", "backbone", "output_stride", "decoder_channels")  # seg params that shape the network
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from wsss_core.config import CrfParams
+from wsss_core.crf import dense_crf
 from wsss_core.data.palette import VOID
-from wsss_core.refine.crf import dense_crf
 
 CrfMap = Callable[[Callable, Sequence], list]  # (function, jobs) -> [function(job) for job in jobs], maybe pooled
 

@@ -23,7 +23,7 @@ import warnings
 
 import torch
 
-from wsss_core.refine.pairs import valid_pair_mask
+from wsss_core.affinity.pairs import valid_pair_mask
 
 
 def check_logt(logt: int) -> None:

@@ -11,8 +11,8 @@ from typing import Callable
 
 import numpy as np
 
+from wsss_core.affinity.pairs import neighbour_offsets, shifted, valid_pair_mask
 from wsss_core.data.palette import VOID
-from wsss_core.refine.pairs import neighbour_offsets, shifted, valid_pair_mask
 
 MarginalsCRF = Callable[[np.ndarray, np.ndarray], np.ndarray]
 LabelCRF = Callable[[np.ndarray, np.ndarray, int], np.ndarray]

@@ -8,14 +8,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from wsss_core.affinity.pairs import neighbour_offsets
+from wsss_core.affinity.random_walk import random_walk
 from wsss_core.cams.store import CamStore
 from wsss_core.config import RwParams
 from wsss_core.data.dataset import Dataset, size_batches
 from wsss_core.data.transforms import normalize
 from wsss_core.distributed import shard_of
 from wsss_core.models.affinity_net import AffinityNet, pair_affinities
-from wsss_core.refine.pairs import neighbour_offsets
-from wsss_core.refine.random_walk import random_walk
 
 
 def with_background(cam: np.ndarray, rw: RwParams) -> np.ndarray:

@@ -9,13 +9,13 @@ from typing import Iterator
 
 import numpy as np
 
+from wsss_core.affinity.affinity_labels import irn_affinity_label_map, psa_affinity_label_map
+from wsss_core.cams.labels import argmax_labels
 from wsss_core.cams.store import CamStore
 from wsss_core.config import AffinityParams, DcrfParams
+from wsss_core.crf import crf_on_labels, dense_crf
 from wsss_core.data.dataset import Dataset
 from wsss_core.pool import run_pool
-from wsss_core.refine.affinity_labels import irn_affinity_label_map, psa_affinity_label_map
-from wsss_core.refine.crf import crf_on_labels, dense_crf
-from wsss_core.cams.labels import argmax_labels
 
 
 def affinity_label_job(job: tuple, settings: AffinityParams) -> tuple[str, np.ndarray]:

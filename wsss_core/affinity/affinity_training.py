@@ -7,13 +7,13 @@ from typing import Callable
 import numpy as np
 import torch
 
+from wsss_core.affinity.affinity_labels import affinity_pair_labels, downsample_labels
+from wsss_core.affinity.pairs import neighbour_offsets
 from wsss_core.config import AffinityParams
 from wsss_core.data.dataset import Dataset
 from wsss_core.data.palette import read_label_png
 from wsss_core.data.transforms import augment_with_labels, normalize
 from wsss_core.models.affinity_net import AffinityNet, affinity_loss, pair_affinities
-from wsss_core.refine.affinity_labels import affinity_pair_labels, downsample_labels
-from wsss_core.refine.pairs import neighbour_offsets
 from wsss_core.training import EpochSeededSet, fit
 
 

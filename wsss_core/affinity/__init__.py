@@ -1,0 +1,1 @@
+"""Affinity: labels from confident CAM regions, AffinityNet training pairs and loss, the random walk."""
