@@ -26,7 +26,8 @@ def toy_repo(tmp_path_factory):
         (repo / "wsss_core/methods/toy.py").read_text().replace(
             "from wsss_core.methods.base import Method,", "from wsss_core.methods.base import register_method, Method,"))
     (repo / "conf/method/toy.yaml").write_text("# @package _global_\nmethod: toy\n" + yaml.safe_dump(
-        {"methods": {"toy": TOY_SECTION}}))  # its section: not in conf/config.yaml, which holds the shipped ones
+        {"methods": {"toy": TOY_SECTION},  # its section: not in conf/config.yaml, which holds the shipped ones
+         "method_code": {"module": "wsss_core/methods/toy.py", "base_module": "wsss_core/methods/toy.py"}}))
     touched = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=repo, check=True,
                              capture_output=True, text=True).stdout.split("\n")
     assert sorted(line[3:] for line in touched if line) == ["conf/method/toy.yaml", "wsss_core/methods/toy.py"]
@@ -52,6 +53,11 @@ def test_a_second_method_plugs_in_and_a_refine_sweep_reruns_only_refine_onwards(
     onestep = json.loads((toy_repo / "metrics/seg_onestep.json").read_text())
     assert 0 < onestep["miou"] <= 1 and onestep["protocol"]["images"] == 8
     assert json.loads((toy_repo / "metrics/rw.json").read_text())["miou"] is None  # export: no walk needed
+
+    toy_module = toy_repo / "wsss_core/methods/toy.py"
+    toy_module.write_text(toy_module.read_text() + "# edited\n")  # its own code is a dep of its stages
+    assert {"train_cls", "export_cams"} <= set(json.loads(dvc(toy_repo, "status", "--json").stdout))
+    toy_module.write_text(toy_module.read_text().removesuffix("# edited\n"))
 
     recompose(toy_repo, "method=toy", "pseudo.source=export", "methods.toy.refine.power=2.0")
     stale = set(json.loads(dvc(toy_repo, "status", "--json").stdout))

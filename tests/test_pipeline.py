@@ -104,6 +104,12 @@ def test_whole_dag_caches_reruns_only_what_changed_and_runs_experiments(tiny_rep
     live = json.loads((tiny_repo / "dvclive/train_seg/metrics.json").read_text())
     assert 0 < live["val_miou"] <= 1 and live["loss"] > 0
     assert "Running stage" not in dvc(tiny_repo, "repro").stdout  # everything cached
+    others = ("wsss_core/methods/agen.py", "wsss_core/models/agen.py", "wsss_core/data/synthetic.py")
+    for path in others:  # another method's code and the generator: nothing of `cam` from the classifier on
+        (tiny_repo / path).write_text((tiny_repo / path).read_text() + "# edited\n")
+    assert set(json.loads(dvc(tiny_repo, "status", "--json").stdout)) == {"prepare", "eval_cams", "refine"}
+    for path in others:
+        (tiny_repo / path).write_text((tiny_repo / path).read_text().removesuffix("# edited\n"))
     first = dataset.ids("train")[0]
     for flags, tiles in (([], 7), (["--labels-only"], 5)):  # image, CAM, RW, CRF, pseudo, DeepLab, GT
         subprocess.run([sys.executable, "-m", "stages.cli", "masks", "show", first, "--out", "m.png", *flags],

@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import ast
+import functools
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
+from stages._common import compose
 from stages.artifacts import OUTPUTS
 from tests.conftest import REPO
+from wsss_core.methods import REGISTRY
 
 DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 # Modules that route data and report errors but compute no output: a change to them need not re-run stages.
@@ -31,7 +35,8 @@ def module_file(name: str) -> Path | None:
     return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
 
 
-def imported_files(path: Path) -> set[Path]:
+@functools.cache
+def imported_files(path: Path) -> frozenset[Path]:
     """Return the files of our modules that `path` imports (from X import Y: Y's file when Y is a module; a
     package __init__ that imports its modules with pkgutil.iter_modules imports every one of them)."""
     found = set()
@@ -47,7 +52,7 @@ def imported_files(path: Path) -> set[Path]:
             file = module_file(name)
             if file is not None and file.is_file():
                 found.add(file)
-    return found
+    return frozenset(found)
 
 
 def is_plumbing(path: Path) -> bool:
@@ -59,11 +64,17 @@ def is_plumbing(path: Path) -> bool:
     return path.name == "__init__.py" and all(isinstance(node, ast.Expr) for node in body)
 
 
-def import_closure(path: Path) -> set[Path]:
+METHODS_PACKAGE = REPO / "wsss_core/methods/__init__.py"
+
+
+@functools.cache
+def import_closure(path: Path, method: str | None = None) -> frozenset[Path]:
     """Return every non-plumbing file of ours that running `path` imports, directly or through others.
 
     Plumbing modules are neither listed nor followed: what they import serves routing and
-    validation (e.g. the method registry, to validate params), not the stage's outputs.
+    validation (e.g. the method registry, to validate params), not the stage's outputs. With a method
+    name, the registry package counts as importing only `base.py` and that method's module: the other
+    methods' modules only register themselves, and their code runs only when they are the method.
     """
     seen, todo = set(), [path]
     while todo:
@@ -73,12 +84,15 @@ def import_closure(path: Path) -> set[Path]:
         seen.add(current)
         if is_plumbing(current):
             continue
+        if current == METHODS_PACKAGE and method is not None:
+            todo.extend([current.parent / "base.py", current.parent / f"{method}.py"])
+            continue
         todo.extend(imported_files(current))
         for parent in current.relative_to(REPO).parents:  # importing a.b.c runs a/__init__ and a/b/__init__
             init = REPO / parent / "__init__.py"
             if parent != Path(".") and init.is_file():
                 todo.append(init)
-    return {file for file in seen if not is_plumbing(file)}
+    return frozenset(file for file in seen if not is_plumbing(file))
 
 
 def declared_outputs(stage: dict) -> set[str]:
@@ -100,31 +114,58 @@ def test_dvc_yaml_declares_exactly_the_table_outputs(stage):
     assert declared_outputs(DVC_YAML[stage]) == {str(path) for path in OUTPUTS[stage]}
 
 
+@functools.cache
+def method_code(method: str) -> dict[str, str]:
+    """Return the `method_code` section params.yaml holds with `-S method=<method>`."""
+    return yaml.safe_load(compose([f"method={method}"], REPO / "conf"))["method_code"]
+
+
+def resolved_deps(stage: str, method: str) -> list[str]:
+    """Return dvc.yaml's deps of stage with `${method_code.<slot>}` replaced as DVC does for the method."""
+    code = method_code(method)
+    return [re.sub(r"\$\{method_code\.(\w+)\}", lambda match: code[match.group(1)], dep)
+            for dep in DVC_YAML[stage]["deps"]]
+
+
+def covered(path: str, deps: list[str]) -> bool:
+    return any(path == dep or path.startswith(dep.rstrip("/") + "/") for dep in deps)
+
+
 @pytest.mark.parametrize("stage", sorted(OUTPUTS))
-def test_deps_cover_the_code_the_stage_runs(stage):
-    deps = [dep for dep in DVC_YAML[stage]["deps"]]
+@pytest.mark.parametrize("method", sorted(REGISTRY))
+def test_deps_cover_the_code_the_stage_runs(stage, method):
+    """Each stage lists every file of ours it runs, for every method: the shared ones by name, the method's own
+    through its `method_code` (tests/test_method_e2e.py runs the same check on the added `toy`)."""
     assert DVC_YAML[stage]["cmd"] == f"python -m stages.{stage}"
-    needed = {str(path.relative_to(REPO)) for path in import_closure(REPO / "stages" / f"{stage}.py")}
-    missing = sorted(path for path in needed if not any(
-        path == dep or path.startswith(dep.rstrip("/") + "/") for dep in deps))
-    assert not missing, f"{stage} runs code dvc.yaml does not list as a dep: {missing}"
+    needed = {str(path.relative_to(REPO)) for path in import_closure(REPO / "stages" / f"{stage}.py", method)}
+    missing = sorted(path for path in needed if not covered(path, resolved_deps(stage, method)))
+    assert not missing, f"{stage} with method {method} runs code dvc.yaml does not list as a dep: {missing}"
 
 
 @pytest.mark.parametrize("stage", sorted(OUTPUTS))
 def test_deps_list_no_code_the_stage_does_not_run(stage):
-    """A code dep outside the stage's import closure would re-run it for nothing (editing the synthetic generator
-    re-ran the random walk through a scoring import it did not use)."""
-    needed = {str(path.relative_to(REPO)) for path in import_closure(REPO / "stages" / f"{stage}.py")}
-    unused = sorted(dep for dep in DVC_YAML[stage]["deps"] if dep.startswith("wsss_core")
-                    and not any(path == dep or path.startswith(dep.rstrip("/") + "/") for path in needed))
-    assert not unused, f"{stage} lists code it does not run as deps: {unused}"
+    """A code dep that no method's run of the stage imports would re-run it for nothing (editing the synthetic
+    generator re-ran the random walk through a scoring import it did not use)."""
+    unused = set.intersection(*(
+        {dep for dep in resolved_deps(stage, method) if dep.startswith("wsss_core") and not any(
+            covered(str(path.relative_to(REPO)), [dep])
+            for path in import_closure(REPO / "stages" / f"{stage}.py", method))}
+        for method in REGISTRY))
+    assert not unused, f"{stage} lists code it does not run as deps: {sorted(unused)}"
+
+
+@pytest.mark.parametrize("method", sorted(REGISTRY))
+def test_method_code_names_only_the_methods_own_files(method):
+    """A method's `method_code` files are ones its classifier's run imports (no other method's file)."""
+    needed = {str(path.relative_to(REPO)) for path in import_closure(REPO / "stages/train_cls.py", method)}
+    assert set(method_code(method).values()) <= needed
 
 
 @pytest.mark.parametrize("stage", sorted(OUTPUTS))
 def test_stage_inputs_are_other_stages_outputs(stage):
     """Every non-code dep is an artifact some earlier stage writes (prepare's raw data come from data.source)."""
     written = {str(path) for outputs in OUTPUTS.values() for path in outputs} | {"${data.source}"}
-    data = [dep for dep in DVC_YAML[stage]["deps"] if not dep.startswith(("stages/", "wsss_core"))]
+    data = [dep for dep in DVC_YAML[stage]["deps"] if not dep.startswith(("stages/", "wsss_core", "${method_code."))]
     assert set(data) <= written, set(data) - written
 
 

@@ -322,6 +322,21 @@ class SegParams(TrainRecipe):
     montage_images: NonNegativeInt = 8
 
 
+CodePath = Annotated[str, Field(pattern=r"^wsss_core/[A-Za-z0-9_/]+\.py$", max_length=200)]
+
+
+class MethodCodeParams(Section):
+    """The active method's own code files, beyond what every method shares. dvc.yaml lists them as deps of the
+    stages that build or run the classifier (train_cls, export_cams, refine, evaluate), so that editing another
+    method's files re-runs none of them; each conf/method/<name>.yaml sets its own, and tests/test_wiring.py
+    checks them against what the method's module imports. Nothing reads them at run time."""
+
+    module: CodePath = "wsss_core/methods/cam.py"
+    base_module: CodePath = "wsss_core/methods/cam.py"  # the method module it extends (semod: mct's), or its own
+    network: CodePath = "wsss_core/models/cam_net.py"
+    base_network: CodePath = "wsss_core/models/cam_net.py"  # the network file it builds on, or its own
+
+
 class DistParams(Section):
     """Processes per training or per-image stage (torchrun starts them when nproc > 1; 1 runs plain Python)."""
 
@@ -341,6 +356,7 @@ class Params(Section):
     cls: ClsParams = ClsParams()
     # Each method's own section {model: {...}, refine: {...}}, validated by its registered model.
     methods: dict[str, SerializeAsAny[Section]] = {}
+    method_code: MethodCodeParams = MethodCodeParams()
     cams: CamsParams = CamsParams()
     affinity: AffinityParams = AffinityParams()
     rw: RwParams = RwParams()
