@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 class MultiSAModelParams(ModelParams):
     """Multi-SA's network; each default is the spec's recommendation where the paper is silent (spec section 7)."""
 
-    layers: Annotated[int, Field(ge=0, le=MULTISA_MAX_LAYERS)] = 3  # k: the last k taps attended and stacked; 0 = plain CAM
+    # k: the last k taps attended and stacked; 0 = plain CAM
+    layers: Annotated[int, Field(ge=0, le=MULTISA_MAX_LAYERS)] = 3
     scale: Literal["none", "sqrt_d"] = "none"  # attention logits as the paper (none) or / sqrt(d)
     reduction: PositiveInt = 1  # Q/K channels = c / reduction; the paper's is 1 (8: SAGAN's, non-faithful)
     sa_bias: bool = False  # biases in the Q/K/V convs (the equations have none)
