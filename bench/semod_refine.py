@@ -75,11 +75,10 @@ def main() -> None:
     every_class = np.arange(1, args.classes + 1)
 
     def ours():
-        return method.refine(np.zeros((len(keys), height, width), np.float32), keys, raw, method.params.refine)
+        return method.refine(np.zeros((len(keys), height, width), np.float32), keys, raw)
 
     def all_classes_then_present():  # MCTformer: refine every class, keep the image's (rows keys - 1)
-        cams = method.refine(np.zeros((args.classes, height, width), np.float32), every_class, raw,
-                             method.params.refine)
+        cams = method.refine(np.zeros((args.classes, height, width), np.float32), every_class, raw)
         return cams[keys - 1]
 
     fast, expected = seconds_per_image(ours, args.repeats)

@@ -2,17 +2,57 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import typer
 
 from stages._common import load_params, reports_errors, single_command
 from stages.artifacts import MANIFEST, PARAMS_FILE
+from wsss_core.config import DataParams
 from wsss_core.data.coco import read_coco
+from wsss_core.data.dataset import Dataset
 from wsss_core.data.synthetic import SyntheticSpec, generate_synthetic
 from wsss_core.data.tags import read_tags
 from wsss_core.data.voc import read_voc
 from wsss_core.errors import ParamsError
 from wsss_core.io import atomic_path
+
+
+def synthetic_source(data: DataParams, staging: Path) -> Dataset:
+    """Generate the synthetic set inside the staging folder and read it as a VOC tree."""
+    spec = SyntheticSpec(seed=data.seed, **data.synthetic.model_dump())
+    class_names = generate_synthetic(staging / "synthetic", spec)
+    return read_voc(staging / "synthetic", val_list="ImageSets/Segmentation/val.txt", class_names=class_names,
+                    max_pixels=data.max_pixels)
+
+
+def voc_source(data: DataParams, staging: Path) -> Dataset:
+    voc = data.voc
+    return read_voc(voc.root, voc.train_list, voc.val_list, voc.val_fraction, data.seed, voc.use_aug,
+                    max_pixels=data.max_pixels, max_text_bytes=data.max_text_bytes, follow_links=data.follow_links)
+
+
+def tags_source(data: DataParams, staging: Path) -> Dataset:
+    tags = data.tags
+    if not tags.root:
+        raise ParamsError("data.tags.root: give the folder holding images/ and the labels file")
+    return read_tags(tags.root, tags.labels, tags.classes, tags.val_list, tags.val_fraction, data.seed,
+                     max_pixels=data.max_pixels, max_text_bytes=data.max_text_bytes,
+                     max_parse_bytes=data.max_parse_bytes, follow_links=data.follow_links)
+
+
+def coco_source(data: DataParams, staging: Path) -> Dataset:
+    coco = data.coco
+    return read_coco(coco.root, coco.train_split, coco.val_split, coco.train_list, coco.val_list,
+                     coco.keep_unlabelled, coco.crowd, coco.mask_cache, max_pixels=data.max_pixels,
+                     max_annotation_bytes=coco.max_annotation_bytes, max_polygon_values=coco.max_polygon_values,
+                     coordinate_margin=coco.coordinate_margin, max_parse_bytes=data.max_parse_bytes,
+                     follow_links=data.follow_links)
+
+
+SOURCES: dict[str, Callable[[DataParams, Path], Dataset]] = {
+    "synthetic": synthetic_source, "voc": voc_source, "tags": tags_source, "coco": coco_source}
+"""Each `data.name`'s reader, given the data section and the staging folder of data/prepared/."""
 
 
 @reports_errors
@@ -21,30 +61,7 @@ def prepare(params_file: Path = typer.Option(PARAMS_FILE, "--params", help="para
     data = load_params(params_file).data
     out_dir = MANIFEST.parent
     with atomic_path(out_dir, folder=True) as staging:
-        if data.name == "synthetic":
-            spec = SyntheticSpec(seed=data.seed, **data.synthetic.model_dump())
-            class_names = generate_synthetic(staging / "synthetic", spec)
-            dataset = read_voc(staging / "synthetic", val_list="ImageSets/Segmentation/val.txt",
-                               class_names=class_names, max_pixels=data.max_pixels)
-        elif data.name == "tags":
-            tags = data.tags
-            if not tags.root:
-                raise ParamsError("data.tags.root: give the folder holding images/ and the labels file")
-            dataset = read_tags(tags.root, tags.labels, tags.classes, tags.val_list, tags.val_fraction, data.seed,
-                                max_pixels=data.max_pixels, max_text_bytes=data.max_text_bytes,
-                                max_parse_bytes=data.max_parse_bytes, follow_links=data.follow_links)
-        elif data.name == "coco":
-            coco = data.coco
-            dataset = read_coco(coco.root, coco.train_split, coco.val_split, coco.train_list, coco.val_list,
-                                coco.keep_unlabelled, coco.crowd, coco.mask_cache, max_pixels=data.max_pixels,
-                                max_annotation_bytes=coco.max_annotation_bytes,
-                                max_polygon_values=coco.max_polygon_values, coordinate_margin=coco.coordinate_margin,
-                                max_parse_bytes=data.max_parse_bytes, follow_links=data.follow_links)
-        else:
-            voc = data.voc
-            dataset = read_voc(voc.root, voc.train_list, voc.val_list, voc.val_fraction, data.seed, voc.use_aug,
-                               max_pixels=data.max_pixels, max_text_bytes=data.max_text_bytes,
-                               follow_links=data.follow_links)
+        dataset = SOURCES[data.name](data, staging)
         dataset.save(staging / MANIFEST.name)
     counts = ", ".join(f"{split} {len(ids)}" for split, ids in dataset.splits.items())
     typer.echo(f"prepared {data.name}: {counts} images, {dataset.num_classes} classes -> {out_dir}")

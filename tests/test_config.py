@@ -188,6 +188,15 @@ def test_stage_prints_one_line_error_and_exits_2(tmp_path):
     assert lines == [f"error: {params}: method 'foo' is not one of: {', '.join(METHODS)}"]
 
 
+def test_prepare_has_a_reader_for_every_data_source():
+    from typing import get_args
+
+    from stages.prepare import SOURCES
+    from wsss_core.config import DataParams
+
+    assert set(SOURCES) == set(get_args(DataParams.model_fields["name"].annotation))
+
+
 def test_synthetic_params_mirror_the_generator_defaults():
     """The generator's spec and its params section must not drift apart."""
     from dataclasses import asdict

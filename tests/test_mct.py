@@ -16,7 +16,7 @@ from wsss_core.cams.attention import (
     semantic_modulation_reference,
     semantic_neighbours,
 )
-from wsss_core.config import ClsParams, parse_params
+from wsss_core.config import parse_params
 from wsss_core.errors import ParamsError
 from wsss_core.methods import REGISTRY, get_method, method_params
 from wsss_core.models.hooks import AttentionRecorder, explicit_attention
@@ -292,7 +292,7 @@ def stored_views(tokens_grid=(3, 4), layers=4, seed=0) -> dict[str, np.ndarray]:
 
 def refine_with(name: str, raw: dict, keys=(1, 3), size=(48, 64), **refine) -> np.ndarray:
     method = REGISTRY[name](REGISTRY[name].Params(refine=refine))
-    return method.refine(np.zeros((len(keys), *size), np.float32), np.asarray(keys), raw, method.params.refine)
+    return method.refine(np.zeros((len(keys), *size), np.float32), np.asarray(keys), raw)
 
 
 def test_refined_cams_are_min_max_normalised_present_classes_and_semod_at_alpha_0_is_mct():

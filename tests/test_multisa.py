@@ -261,3 +261,17 @@ def test_collapsed_head_equals_the_fuse_conv_pixel_by_pixel(biases):
         torch.testing.assert_close(net.cams(images), F.relu(net.classifier(fused)), atol=1e-4, rtol=1e-4)
         bias = net.classifier.bias + net.classifier.weight.flatten(1) @ net.fuse.bias if biases else 0
         torch.testing.assert_close(sum(shares) + (bias.view(1, -1, 1, 1) if biases else 0), raw, atol=1e-4, rtol=1e-4)
+
+
+def test_every_model_knob_is_an_argument_of_the_network():
+    """build_classifier passes each knob by name: a knob the network does not take (or one the method forgets
+    to pass) fails here rather than being dropped."""
+    import inspect
+
+    from wsss_core.methods.multisa import MultiSAMethod, MultiSAModelParams
+    from wsss_core.models.multisa import MultiSANet
+
+    arguments = set(inspect.signature(MultiSANet.__init__).parameters) - {"self", "backbone", "num_classes"}
+    assert set(MultiSAModelParams.model_fields) == arguments
+    source = inspect.getsource(MultiSAMethod.build_classifier)
+    assert all(f"{name}=model.{name}" in source for name in arguments)

@@ -170,7 +170,7 @@ def test_transcam_raw_maps_per_size_and_refine_against_the_loop(cpu_network, att
                                                              else 1.0))
     stored = {name: value.values.numpy() for name, value in raw.items()}
     keys = np.array([1, 3])
-    refined = method.refine(np.zeros((2, 48, 64), np.float32), keys, stored, method.params.refine)
+    refined = method.refine(np.zeros((2, 48, 64), np.float32), keys, stored)
     expected = torch.zeros(2, 48, 64)
     for label in ("native", "32"):
         summed = stored[f"attention_{label}"] if attention_layout == "sum" else stored[f"attention_{label}"].sum(1)
@@ -186,10 +186,10 @@ def test_transcam_refine_without_flip_uses_the_first_view_and_absent_keys_pass()
     method = transcam(refine={"flip": False, "mode": "convcam"})
     cam_logits = np.random.default_rng(0).normal(size=(2, 3, 3, 4)).astype(np.float32)
     raw = {"cam_logits_native": cam_logits, "attention_native": np.zeros((2, 13, 13), np.float32)}
-    refined = method.refine(np.zeros((1, 3, 4), np.float32), np.array([2]), raw, method.params.refine)
+    refined = method.refine(np.zeros((1, 3, 4), np.float32), np.array([2]), raw)
     np.testing.assert_allclose(refined, transcam_normalize(torch.from_numpy(cam_logits[0, 1:2])), atol=1e-6)
     empty = np.zeros((0, 3, 4), np.float32)
-    assert method.refine(empty, np.array([], dtype=np.int64), raw, method.params.refine) is empty
+    assert method.refine(empty, np.array([], dtype=np.int64), raw) is empty
 
 
 # conformer_ms: the switches and the shared hooks

@@ -98,7 +98,8 @@ class ToyMethod(Method):
     def segmenter(self, model: ToyNet) -> nn.Module:
         return ToySegmenter(model)
 
-    def refine(self, cam: np.ndarray, keys: np.ndarray, raw: dict[str, np.ndarray], params: ToyRefine) -> np.ndarray:
+    def refine(self, cam: np.ndarray, keys: np.ndarray, raw: dict[str, np.ndarray]) -> np.ndarray:
+        params: ToyRefine = self.params.refine
         if cam.shape[0] == 0:
             return cam
         stride_cam = torch.from_numpy(raw["stride_cam"][0][keys - 1])[None]  # view 0, the image's classes

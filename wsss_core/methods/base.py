@@ -15,7 +15,7 @@ The hooks, in pipeline order:
 - `raw_maps(model, images)`: maps stored as they are (token or stride resolution), at scale 1; what it
   stores may depend on the section's `export` knobs (deps of export_cams alone).
 - `segmenter(model)`: a module giving segmentation logits [B, K+1, h, w], or None.
-- `refine(cam, keys, raw, params)`: one image's refined CAMs; the base class owns the loop.
+- `refine(cam, keys, raw)`: one image's refined CAMs with `self.params.refine`; the base class owns the loop.
 """
 from __future__ import annotations
 
@@ -133,17 +133,14 @@ class Method:
         return None
 
     # refine
-    def refine(self, cam: np.ndarray, keys: np.ndarray, raw: dict[str, np.ndarray], params: RefineParams
-               ) -> np.ndarray:
-        """Return one image's refined CAMs [k, H, W] in [0, 1] from cam [k, H, W], keys [k] and its raw maps."""
+    def refine(self, cam: np.ndarray, keys: np.ndarray, raw: dict[str, np.ndarray]) -> np.ndarray:
+        """Return one image's refined CAMs [k, H, W] in [0, 1] from cam [k, H, W], keys [k] and its raw maps, with
+        this method's `params.refine` (validated once, by the section's model and `check`)."""
         raise NotImplementedError
-
-    def _refine_with_params(self, cam: np.ndarray, keys: np.ndarray, raw: dict[str, np.ndarray]) -> np.ndarray:
-        return self.refine(cam, keys, raw, self.params.refine)
 
     def refine_cams(self, source: Path, destination: Path, ids: list[str]) -> None:
         """Write the refined CAM store for ids (pass-through hard link for methods that do not refine)."""
-        refine = self._refine_with_params if self.refines else None
+        refine = self.refine if self.refines else None
         with CamStore(source) as store:
             transform_store(store, destination, ids, refine,
                             {"refined_by": self.name, "refine_params": self.params.refine.model_dump()})

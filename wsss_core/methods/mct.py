@@ -143,8 +143,8 @@ class MCTMethod(Method):
                 "p2p": RawMap(p2p.transpose(0, 1), "layers,tokens,tokens", grid) if self.params.export.p2p == "layers"
                 else RawMap(p2p.sum(0), "tokens,tokens", grid)}
 
-    def refine(self, cam: np.ndarray, keys: np.ndarray, raw: dict[str, np.ndarray], params: MCTRefineParams
-               ) -> np.ndarray:
+    def refine(self, cam: np.ndarray, keys: np.ndarray, raw: dict[str, np.ndarray]) -> np.ndarray:
+        params: MCTRefineParams = self.params.refine
         if len(keys) == 0:
             return cam
         views = raw["c2p"].shape[0] if params.flip else 1

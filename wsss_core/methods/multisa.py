@@ -49,8 +49,12 @@ class MultiSAMethod(Method):
         from wsss_core.models.backbones import Backbone
         from wsss_core.models.multisa import MultiSANet
 
+        model = self.params.model
         return MultiSANet(Backbone(cls.backbone, cls.output_stride, cls.pretrained if pretrained else ""),
-                          num_classes, **self.params.model.model_dump())
+                          num_classes, layers=model.layers, reduction=model.reduction, scale=model.scale,
+                          sa_bias=model.sa_bias, beta_init=model.beta_init, inline=model.inline,
+                          fuse_bias=model.fuse_bias, classifier_bias=model.classifier_bias,
+                          align_corners=model.align_corners, bias_lr_mult=model.bias_lr_mult)
 
     def cam_maps(self, model: MultiSANet, images: torch.Tensor) -> dict[str, torch.Tensor]:
         raw, shares = model.layer_cams(images)

@@ -172,8 +172,8 @@ class TransCAMMethod(Method):
                                           else RawMap(attention.sum(0), "tokens,tokens", grid))
         return maps
 
-    def refine(self, cam: np.ndarray, keys: np.ndarray, raw: dict[str, np.ndarray], params: TransCAMRefineParams
-               ) -> np.ndarray:
+    def refine(self, cam: np.ndarray, keys: np.ndarray, raw: dict[str, np.ndarray]) -> np.ndarray:
+        params: TransCAMRefineParams = self.params.refine
         if len(keys) == 0:
             return cam
         present = keys - 1
