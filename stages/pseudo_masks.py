@@ -10,16 +10,8 @@ from pathlib import Path
 import typer
 
 from stages._common import MERGE_OPTION, SHARD_OPTION, load_params, reports_errors, run_label_stage, single_command
-from stages.artifacts import (
-    CAM_STORE,
-    CRF_LABELS,
-    MANIFEST,
-    PARAMS_FILE,
-    PSEUDO_MASKS,
-    PSEUDO_METRICS,
-    REFINED_STORE,
-    RW_STORE,
-)
+from stages.artifacts import (CAM_STORE, CRF_LABELS, MANIFEST, PARAMS_FILE, PSEUDO_MASKS, PSEUDO_METRICS, REFINED_STORE,
+                              RW_STORE)
 from wsss_core.data.dataset import Dataset
 from wsss_core.data.label_dir import LabelDirWriter
 from wsss_core.metrics import describe_miou

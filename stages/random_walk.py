@@ -22,14 +22,8 @@ from wsss_core.checkpoint import load_checkpoint
 from wsss_core.data.dataset import Dataset
 from wsss_core.errors import DataError
 from wsss_core.io import remove_path, shard_path, shard_paths, write_json
-from wsss_core.metrics import (
-    ConfusionMatrix,
-    class_map_aucs,
-    dataset_baselines,
-    describe_miou,
-    mean_or_none,
-    scored_report,
-)
+from wsss_core.metrics import (ConfusionMatrix, class_map_aucs, dataset_baselines, describe_miou, mean_or_none,
+                               scored_report)
 from wsss_core.models.affinity_net import AffinityNet
 
 

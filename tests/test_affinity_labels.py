@@ -1,12 +1,8 @@
 import numpy as np
 import pytest
 
-from wsss_core.affinity.affinity_labels import (
-    affinity_pair_labels,
-    downsample_labels,
-    irn_affinity_label_map,
-    psa_affinity_label_map,
-)
+from wsss_core.affinity.affinity_labels import (affinity_pair_labels, downsample_labels, irn_affinity_label_map,
+                                                psa_affinity_label_map)
 from wsss_core.affinity.pairs import neighbour_offsets
 
 V = 255

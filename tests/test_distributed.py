@@ -18,15 +18,8 @@ from wsss_core.cams.infer import export_cams
 from wsss_core.cams.store import CamStoreWriter, merge_stores
 from wsss_core.config import TrainRecipe
 from wsss_core.data.label_dir import LabelDirWriter, merge_label_dirs
-from wsss_core.distributed import (
-    RankSlices,
-    data_parallel,
-    global_batches,
-    is_main,
-    parse_shard,
-    process_group,
-    shard_of,
-)
+from wsss_core.distributed import (RankSlices, data_parallel, global_batches, is_main, parse_shard, process_group,
+                                   shard_of)
 from wsss_core.errors import DataError, ParamsError
 from wsss_core.io import shard_path
 from wsss_core.methods.cam import CamMethod

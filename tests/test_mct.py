@@ -9,13 +9,8 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from wsss_core.cams.attention import (
-    joint_refine,
-    neighbour_count,
-    semantic_modulation,
-    semantic_modulation_reference,
-    semantic_neighbours,
-)
+from wsss_core.cams.attention import (joint_refine, neighbour_count, semantic_modulation, semantic_modulation_reference,
+                                      semantic_neighbours)
 from wsss_core.config import parse_params
 from wsss_core.errors import ParamsError
 from wsss_core.methods import REGISTRY, get_method, method_params

@@ -4,14 +4,8 @@ import pytest
 import torch
 
 from wsss_core.affinity.pairs import neighbour_offsets, valid_pair_mask
-from wsss_core.affinity.random_walk import (
-    affinity_matrix_dense,
-    pair_indices,
-    random_walk,
-    random_walk_dense,
-    transition_matrix_dense,
-    transition_operator,
-)
+from wsss_core.affinity.random_walk import (affinity_matrix_dense, pair_indices, random_walk, random_walk_dense,
+                                            transition_matrix_dense, transition_operator)
 
 
 def random_affinities(batch: int, radius: int, height: int, width: int, seed: int = 0,

@@ -25,17 +25,8 @@ from pydantic import Field
 from wsss_core.cams.attention import ROUNDINGS, joint_refine, semantic_modulation
 from wsss_core.config import ClsParams, NonNegativeFloat, NonNegativeInt, Params, Section
 from wsss_core.errors import ParamsError
-from wsss_core.methods.base import (
-    ExportParams,
-    Method,
-    MethodParams,
-    ModelParams,
-    RawMap,
-    RefineParams,
-    chosen_blocks,
-    register_method,
-    sum_blocks,
-)
+from wsss_core.methods.base import (ExportParams, Method, MethodParams, ModelParams, RawMap, RefineParams,
+                                    chosen_blocks, register_method, sum_blocks)
 from wsss_core.models.catalog import DEIT_DEPTH, VIT_BACKBONES
 
 if TYPE_CHECKING:
