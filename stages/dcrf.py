@@ -10,8 +10,8 @@ from pathlib import Path
 
 import typer
 
-from stages._common import (MERGE_OPTION, SHARD_OPTION, load_params, reports_errors, run_label_stage, single_command,
-                            skipped)
+from stages._common import load_params, reports_errors, single_command
+from stages._run import MERGE_OPTION, SHARD_OPTION, run_label_stage, skipped
 from stages.artifacts import CRF_LABELS, CRF_METRICS, MANIFEST, PARAMS_FILE, RW_STORE
 from wsss_core.affinity.label_jobs import crf_job, map_jobs
 from wsss_core.cams.store import CamStore

@@ -6,15 +6,15 @@ shard and rank 0 merges the shards into cams/cams.h5. Without torchrun, `--shard
 """
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 
 import torch
 import typer
 
-from stages._common import MERGE_OPTION, SHARD_OPTION, load_params, reports_errors, run_sharded, single_command
+from stages._common import load_params, reports_errors, single_command
+from stages._run import MERGE_OPTION, SHARD_OPTION, run_sharded
 from stages.artifacts import CAM_STORE, CLS_CHECKPOINT, EXPORT_SPEED, MANIFEST, PARAMS_FILE
-from wsss_core.cams.infer import export_cams as export
+from wsss_core.cams.infer import export_cams as write_cam_store
 from wsss_core.cams.store import merge_stores
 from wsss_core.data.dataset import Dataset
 from wsss_core.io import remove_path, shard_path, shard_paths, write_json
@@ -39,15 +39,13 @@ def export_cams(params_file: Path = typer.Option(PARAMS_FILE, "--params", help="
             "flip": params.cams.flip,
             "stride": model.cam_stride,
             "class_names": dataset.class_names,
+            # num_workers is a speed knob, left out so that the store's bytes do not depend on it
             "params": {"method": params.method, **method.checkpoint_params(params.cls),
-                       "cams": params.cams.model_dump()},
+                       "cams": params.cams.model_dump(exclude={"num_workers"})},
         }
-        rate = export(partial(method.cam_maps, model), dataset, ids,
-                      CAM_STORE if count == 1 else shard_path(CAM_STORE, index, count), attrs, mean=model.mean,
-                      std=model.std, scales=params.cams.scales, flip=params.cams.flip,
-                      batch_size=params.cams.batch_size, device=device, num_workers=params.cls.num_workers,
-                      raw_maps=partial(method.raw_maps, model), segment=method.segmenter(model), shard=(index, count),
-                      class_scores=partial(method.class_scores, model))
+        out = CAM_STORE if count == 1 else shard_path(CAM_STORE, index, count)
+        rate = write_cam_store(method.cam_hooks(model), dataset, ids, out, attrs, params.cams, device=device,
+                               shard=(index, count))
         if count == 1:
             write_speed(rate, len(ids))
 

@@ -11,8 +11,9 @@ from stages.artifacts import MANIFEST, PARAMS_FILE
 from wsss_core.config import DataParams
 from wsss_core.data.coco import read_coco
 from wsss_core.data.dataset import Dataset
-from wsss_core.data.synthetic import SyntheticSpec, generate_synthetic
+from wsss_core.data.synthetic import generate_synthetic
 from wsss_core.data.tags import read_tags
+from wsss_core.data.sources import VocParams
 from wsss_core.data.voc import read_voc
 from wsss_core.errors import ParamsError
 from wsss_core.io import atomic_path
@@ -20,34 +21,23 @@ from wsss_core.io import atomic_path
 
 def synthetic_source(data: DataParams, staging: Path) -> Dataset:
     """Generate the synthetic set inside the staging folder and read it as a VOC tree."""
-    spec = SyntheticSpec(seed=data.seed, **data.synthetic.model_dump())
-    class_names = generate_synthetic(staging / "synthetic", spec)
-    return read_voc(staging / "synthetic", val_list="ImageSets/Segmentation/val.txt", class_names=class_names,
-                    max_pixels=data.max_pixels)
+    class_names = generate_synthetic(staging / "synthetic", data.synthetic_spec())
+    return read_voc(VocParams(root=str(staging / "synthetic"), val_list="ImageSets/Segmentation/val.txt"),
+                    data.limits(), class_names=class_names)
 
 
 def voc_source(data: DataParams, staging: Path) -> Dataset:
-    voc = data.voc
-    return read_voc(voc.root, voc.train_list, voc.val_list, voc.val_fraction, data.seed, voc.use_aug,
-                    max_pixels=data.max_pixels, max_text_bytes=data.max_text_bytes, follow_links=data.follow_links)
+    return read_voc(data.voc, data.limits(), seed=data.seed)
 
 
 def tags_source(data: DataParams, staging: Path) -> Dataset:
-    tags = data.tags
-    if not tags.root:
+    if not data.tags.root:
         raise ParamsError("data.tags.root: give the folder holding images/ and the labels file")
-    return read_tags(tags.root, tags.labels, tags.classes, tags.val_list, tags.val_fraction, data.seed,
-                     max_pixels=data.max_pixels, max_text_bytes=data.max_text_bytes,
-                     max_parse_bytes=data.max_parse_bytes, follow_links=data.follow_links)
+    return read_tags(data.tags, data.limits(), seed=data.seed)
 
 
 def coco_source(data: DataParams, staging: Path) -> Dataset:
-    coco = data.coco
-    return read_coco(coco.root, coco.train_split, coco.val_split, coco.train_list, coco.val_list,
-                     coco.keep_unlabelled, coco.crowd, coco.mask_cache, max_pixels=data.max_pixels,
-                     max_annotation_bytes=coco.max_annotation_bytes, max_polygon_values=coco.max_polygon_values,
-                     coordinate_margin=coco.coordinate_margin, max_parse_bytes=data.max_parse_bytes,
-                     follow_links=data.follow_links)
+    return read_coco(data.coco, data.limits())
 
 
 SOURCES: dict[str, Callable[[DataParams, Path], Dataset]] = {

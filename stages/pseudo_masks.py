@@ -9,7 +9,8 @@ from pathlib import Path
 
 import typer
 
-from stages._common import MERGE_OPTION, SHARD_OPTION, load_params, reports_errors, run_label_stage, single_command
+from stages._common import load_params, reports_errors, single_command
+from stages._run import MERGE_OPTION, SHARD_OPTION, run_label_stage
 from stages.artifacts import (CAM_STORE, CRF_LABELS, MANIFEST, PARAMS_FILE, PSEUDO_MASKS, PSEUDO_METRICS, REFINED_STORE,
                               RW_STORE)
 from wsss_core.data.dataset import Dataset

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 import typer
 
-from stages._common import MERGE_OPTION, SHARD_OPTION, load_params, reports_errors, run_sharded, single_command, skipped
+from stages._common import load_params, reports_errors, single_command
+from stages._run import MERGE_OPTION, SHARD_OPTION, run_sharded, skipped
 from stages.artifacts import AFFINITY_CHECKPOINT, MANIFEST, PARAMS_FILE, REFINED_STORE, RW_METRICS, RW_STORE
 from wsss_core.affinity.propagate import iterate_random_walk
 from wsss_core.cams.labels import argmax_labels

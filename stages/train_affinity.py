@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from stages._common import (load_params, log_epoch, ran_under_torchrun, reports_errors, single_command, skipped,
-                            training_curves)
+from stages._common import load_params, log_epoch, reports_errors, single_command, training_curves
+from stages._run import ran_under_torchrun, skipped
 from stages.artifacts import AFFINITY_CHECKPOINT, AFFINITY_CURVES, AFFINITY_LABELS, MANIFEST, PARAMS_FILE
 from wsss_core.affinity.affinity_training import AffinitySet, train_affinity_net
 from wsss_core.checkpoint import save_checkpoint

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from stages._common import load_params, log_epoch, ran_under_torchrun, reports_errors, single_command, training_curves
+from stages._common import load_params, log_epoch, reports_errors, single_command, training_curves
+from stages._run import ran_under_torchrun
 from stages.artifacts import CLS_CHECKPOINT, CLS_CURVES, CLS_METRICS, MANIFEST, PARAMS_FILE
 from wsss_core.cams.classifier import train_classifier
 from wsss_core.checkpoint import save_checkpoint

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from stages._common import load_params, log_epoch, ran_under_torchrun, reports_errors, single_command, training_curves
+from stages._common import load_params, log_epoch, reports_errors, single_command, training_curves
+from stages._run import ran_under_torchrun
 from stages.artifacts import MANIFEST, PARAMS_FILE, PSEUDO_MASKS, RWS_REPORT, SEG_CHECKPOINT, SEG_CURVES
 from wsss_core.checkpoint import save_checkpoint
 from wsss_core.data.dataset import Dataset

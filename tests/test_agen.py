@@ -14,8 +14,8 @@ from wsss_core.methods import get_method, method_params
 from wsss_core.methods.agen import AGENMethod, AGENParams, padding_mask
 from wsss_core.models.agen import AGENNet, AGENOutputs, ContextAttention, coam_attention, init_new_layers
 from wsss_core.pool import WorkerPool
-from wsss_core.seg import losses as seg_losses
-from wsss_core.seg.losses import balanced_seed_loss, boundary_loss, clipped_distribution
+from wsss_core.cams import seed_losses
+from wsss_core.cams.seed_losses import balanced_seed_loss, boundary_loss, clipped_distribution
 from wsss_core.training import batchnorm_layers
 
 K = 20
@@ -476,9 +476,11 @@ def test_method_refuses_a_backbone_it_is_not_built_on():
 
 
 def test_the_boundary_crf_scales_the_kernel_widths():
-    crf = AGENParams().model.crf.crf_params()
+    crf = AGENParams().model.crf.at_output_stride()
+    assert type(crf) is CrfParams
     assert crf.bilateral_sxy == pytest.approx(80 / 12) and crf.gaussian_sxy == pytest.approx(0.25)
     assert crf.bilateral_compat == 10 and crf.gaussian_compat == 3 and crf.bilateral_srgb == 13
+    assert crf.iterations == 10 and crf.workers == 0
 
 
 def test_feature_resolution_seeds_run_at_each_map_grid(monkeypatch):
@@ -489,7 +491,7 @@ def test_feature_resolution_seeds_run_at_each_map_grid(monkeypatch):
         grids.append(tuple(seeds.shape[-2:]))
         return balanced_seed_loss(logits, seeds)
 
-    monkeypatch.setattr(seg_losses, "balanced_seed_loss", recording)  # imported where the loss runs
+    monkeypatch.setattr(seed_losses, "balanced_seed_loss", recording)  # imported where the loss runs
     _, parts = tiny_method(seed_resolution="feature").training_loss(FixedOutputs(zero_outputs()), batch())
     assert grids == [(5, 5), (5, 5), (5, 5), (9, 9)]  # top, AGM-5, AGM-4, AGM-3 at their own grids
     grids.clear()

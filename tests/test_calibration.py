@@ -3,7 +3,8 @@ import pytest
 
 from wsss_core.cams.calibration import part_body_activation
 from wsss_core.cams.store import CamStore, CamStoreWriter
-from wsss_core.data.synthetic import SyntheticSpec, render_sample
+from wsss_core.data.sources import SyntheticSpec
+from wsss_core.data.synthetic import render_sample
 
 
 def write_store(path, spec, ids, cam_of):
@@ -16,7 +17,7 @@ def write_store(path, spec, ids, cam_of):
 
 @pytest.mark.parametrize("target,expected", [("part", (1.0, 0.0)), ("object", (1.0, 1.0)), ("body", (0.0, 1.0))])
 def test_part_body_activation_on_hand_made_cams(tmp_path, target, expected):
-    spec = SyntheticSpec(n_train=6, n_val=0, image_size=96)
+    spec = SyntheticSpec(n_train=6, n_val=1, image_size=96)
     ids = [f"syn_train_{i:05d}" for i in range(6)]
     regions = {"part": lambda s, k: (s.labels == k) & s.part_mask,
                "object": lambda s, k: s.labels == k,
@@ -30,7 +31,7 @@ def test_part_body_activation_on_hand_made_cams(tmp_path, target, expected):
 
 def test_background_mean_averages_each_class_map_on_its_own_background(tmp_path):
     """A class map 0.5 on the background beside one at 0 gives 0.25 (the max over classes would give 0.5)."""
-    spec = SyntheticSpec(n_train=12, n_val=0, image_size=96)
+    spec = SyntheticSpec(n_train=12, n_val=1, image_size=96)
     ids = [f"syn_train_{i:05d}" for i in range(12)]
     two = [i for i in ids if len(set(render_sample(spec, "train", int(i[-5:])).classes)) == 2]
     assert two, "the spec should draw an image with two classes"

@@ -12,6 +12,7 @@ from wsss_core.cams.evaluate import cam_metrics, threshold_grid
 from wsss_core.cams.labels import cam_labels
 from wsss_core.cams.infer import iterate_cams, multiscale_maps, normalize_present
 from wsss_core.cams.store import CamStore, CamStoreWriter
+from wsss_core.config import CamsParams
 from wsss_core.errors import DataError
 from wsss_core.methods.cam import CamMethod
 
@@ -82,9 +83,9 @@ def test_normalize_present_keeps_only_present_classes_with_max_one():
 def test_iterate_cams_shapes_ranges_and_absent_classes(tmp_path):
     dataset = make_dataset(tmp_path)
     model = tiny_cam_net(3)
-    options = dict(mean=model.mean, std=model.std, scales=[1.0, 0.5], flip=True, device=torch.device("cpu"))
-    results = {i: (cam, keys) for i, cam, keys, _, _, _ in iterate_cams(cam_maps(model), dataset, dataset.ids("train"),
-                                                                     batch_size=2, **options)}
+    hooks, cpu = CamMethod().cam_hooks(model), torch.device("cpu")
+    results = {i: (cam, keys) for i, cam, keys, _, _, _ in iterate_cams(
+        hooks, dataset, dataset.ids("train"), CamsParams(scales=[1.0, 0.5], flip=True, batch_size=2), device=cpu)}
     assert set(results) == {"a", "b", "c"}
     for image_id, (cam, keys) in results.items():
         image = dataset.read_image(image_id)
@@ -94,8 +95,8 @@ def test_iterate_cams_shapes_ranges_and_absent_classes(tmp_path):
         positive = cam.reshape(len(keys), -1).max(1) > 0
         np.testing.assert_allclose(cam.reshape(len(keys), -1).max(1)[positive], 1.0, atol=1e-4)
     # batched export equals one-image-at-a-time export
-    single = {i: cam for i, cam, _, _, _, _ in iterate_cams(cam_maps(model), dataset, dataset.ids("train"),
-                                                         batch_size=1, **options)}
+    single = {i: cam for i, cam, _, _, _, _ in iterate_cams(
+        hooks, dataset, dataset.ids("train"), CamsParams(scales=[1.0, 0.5], flip=True, batch_size=1), device=cpu)}
     for image_id in results:
         np.testing.assert_allclose(results[image_id][0], single[image_id], atol=1e-5)
 

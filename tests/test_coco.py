@@ -7,6 +7,7 @@ import pytest
 from tests.coco_set import CLASS_OF, expected_mask, inside, rectangle, uncompressed_rle, write_split
 from wsss_core.data.coco import read_coco
 from wsss_core.data.dataset import Dataset
+from wsss_core.data.sources import CocoParams
 from wsss_core.errors import DataError
 
 W, H = 41, 33  # odd sizes
@@ -35,8 +36,8 @@ def coco_root(tmp_path):
     return root
 
 
-def read(root, tmp_path, **kwargs):
-    return read_coco(root, mask_cache=tmp_path / "cache", workers=1, **kwargs)
+def read(root, tmp_path, **section):
+    return read_coco(CocoParams(root=str(root), mask_cache=str(tmp_path / "cache"), **section), workers=1)
 
 
 def test_masks_equal_hand_rasterised_polygons_and_rle(coco_root, tmp_path):
@@ -215,8 +216,8 @@ def test_a_huge_rle_or_image_size_fails_with_its_message_under_a_2_gb_address_sp
     edit_json(coco_root / "annotations" / "instances_train2014.json", lambda c: c["annotations"][0].update(
         segmentation={"size": [100_000, 100_000], "counts": [0, 10 ** 10]}))
     script = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))\n"
-              "from wsss_core.data.coco import read_coco\nfrom wsss_core.errors import DataError\n"
-              "try:\n    read_coco(sys.argv[1], mask_cache=sys.argv[2], workers=1)\n"
+              "from wsss_core.data.coco import read_coco\nfrom wsss_core.data.sources import CocoParams\nfrom wsss_core.errors import DataError\n"
+              "try:\n    read_coco(CocoParams(root=sys.argv[1], mask_cache=sys.argv[2]), workers=1)\n"
               "except DataError as err:\n    print(err)\n")
     result = subprocess.run([sys.executable, "-c", script, str(coco_root), str(tmp_path / "cache")],
                             capture_output=True, text=True, timeout=120)
@@ -234,8 +235,10 @@ def test_an_annotation_file_past_the_parse_bound_fails_with_its_message_under_a_
 
     (coco_root / "annotations" / "instances_train2014.json").write_bytes(b"[" + b"[]," * 40_000_000 + b"[]]")
     script = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))\n"
-              "from wsss_core.data.coco import read_coco\nfrom wsss_core.errors import DataError\n"
-              "try:\n    read_coco(sys.argv[1], mask_cache=sys.argv[2], workers=1, max_parse_bytes=int(sys.argv[3]))\n"
+              "from wsss_core.data.coco import read_coco\nfrom wsss_core.data.sources import CocoParams\nfrom wsss_core.data.files import ReadLimits\n"
+              "from wsss_core.errors import DataError\ntry:\n"
+              "    read_coco(CocoParams(root=sys.argv[1], mask_cache=sys.argv[2]),\n"
+              "              ReadLimits(max_parse_bytes=int(sys.argv[3])), workers=1)\n"
               "except DataError as err:\n    print(err)\n")
 
     def read_under_limit(max_parse_bytes: int):

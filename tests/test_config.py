@@ -197,16 +197,15 @@ def test_prepare_has_a_reader_for_every_data_source():
     assert set(SOURCES) == set(get_args(DataParams.model_fields["name"].annotation))
 
 
-def test_synthetic_params_mirror_the_generator_defaults():
-    """The generator's spec and its params section must not drift apart."""
-    from dataclasses import asdict
+def test_the_synthetic_spec_is_the_section_with_data_seed_and_only_for_the_synthetic_source():
+    from wsss_core.config import DataParams
+    from wsss_core.data.sources import SyntheticParams, SyntheticSpec
 
-    from wsss_core.config import SyntheticParams
-    from wsss_core.data.synthetic import SyntheticSpec
-
-    spec = asdict(SyntheticSpec())
-    assert SyntheticParams().model_dump() == {key: spec[key] for key in SyntheticParams.model_fields}
-    assert set(spec) - set(SyntheticParams.model_fields) == {"seed"}  # seed comes from data.seed
+    data = DataParams(seed=7, synthetic=SyntheticParams(n_train=20, image_size=64))
+    spec = data.synthetic_spec()
+    assert type(spec) is SyntheticSpec and spec.seed == 7
+    assert {key: value for key, value in spec.model_dump().items() if key != "seed"} == data.synthetic.model_dump()
+    assert DataParams(name="voc").synthetic_spec() is None
 
 
 def test_wsss_compose_writes_what_dvc_would_and_refuses_unknown_groups(tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ import torch
 
 from tests.fixtures import make_dataset
 from wsss_core.cams.infer import iterate_cams
-from wsss_core.config import ClsParams
+from wsss_core.config import CamsParams, ClsParams
 from wsss_core.methods.cam import CamMethod
 from wsss_core.training import EpochSeededSet, fit
 
@@ -21,9 +21,9 @@ def test_amp_export_on_cuda_matches_fp32_on_cpu(tmp_path):
     method, model = CamMethod(), CamMethod().build_classifier(CLS, 3, pretrained=False).eval()
 
     def export(device):
-        options = dict(mean=model.mean, std=model.std, scales=[1.0, 0.5, 1.5], flip=True, batch_size=3)
+        cams = CamsParams(scales=[1.0, 0.5, 1.5], flip=True, batch_size=3)
         return {image_id: cam for image_id, cam, _, _, _, _ in iterate_cams(
-            partial(method.cam_maps, model.to(device)), dataset, dataset.ids("train"), device=device, **options)}
+            method.cam_hooks(model.to(device)), dataset, dataset.ids("train"), cams, device=device)}
 
     on_cpu, on_cuda = export(torch.device("cpu")), export(torch.device("cuda"))
     for image_id, cam in on_cpu.items():

@@ -2,7 +2,6 @@
 import json
 import os
 import socket
-from functools import partial
 
 import h5py
 import numpy as np
@@ -16,7 +15,7 @@ from tests.fixtures import make_dataset
 from tests.tiny import tiny_cam_net
 from wsss_core.cams.infer import export_cams
 from wsss_core.cams.store import CamStoreWriter, merge_stores
-from wsss_core.config import TrainRecipe
+from wsss_core.config import CamsParams, TrainRecipe
 from wsss_core.data.label_dir import LabelDirWriter, merge_label_dirs
 from wsss_core.distributed import (RankSlices, data_parallel, global_batches, is_main, parse_shard, process_group,
                                    shard_of)
@@ -170,9 +169,9 @@ def test_sharded_export_merges_into_the_one_pass_store(tmp_path):
     model = tiny_cam_net(3)
 
     def run(path, shard):
-        return export_cams(partial(CamMethod().cam_maps, model), dataset, dataset.ids("train"), path,
-                           {"method": "toy", "scales": [1.0, 0.5]}, mean=model.mean, std=model.std,
-                           scales=[1.0, 0.5], flip=True, batch_size=1, device=torch.device("cpu"), shard=shard)
+        return export_cams(CamMethod().cam_hooks(model), dataset, dataset.ids("train"), path,
+                           {"method": "toy", "scales": [1.0, 0.5]}, CamsParams(scales=[1.0, 0.5], batch_size=1),
+                           device=torch.device("cpu"), shard=shard)
 
     single = tmp_path / "cams.h5"
     run(single, (0, 1))
@@ -244,7 +243,7 @@ def test_label_folder_shards_merge_into_the_one_pass_folder_and_scores(tmp_path)
 
 
 def test_a_merge_refuses_shards_of_other_params_or_inputs_and_unfinished_ones(tmp_path, monkeypatch):
-    from stages._common import check_shards, shard_fingerprint, shard_marker
+    from stages._run import check_shards, shard_fingerprint, shard_marker
     from wsss_core.config import Params
     from wsss_core.errors import DataError
     from wsss_core.io import write_json

@@ -2,7 +2,6 @@
 parametrized suite over the registry), and the refine loop the base class owns."""
 from __future__ import annotations
 
-from functools import partial
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from tests.toy_method import ToyMethod
 from wsss_core.cams.infer import export_cams
 from wsss_core.cams.store import CamStore
 from wsss_core.checkpoint import save_checkpoint
-from wsss_core.config import ClsParams, parse_params
+from wsss_core.config import CamsParams, ClsParams, parse_params
 from wsss_core.errors import ParamsError
 from wsss_core.methods import REGISTRY, get_method, method_params, register_method
 from wsss_core.methods.cam import CamMethod
@@ -67,9 +66,8 @@ def test_export_refine_and_raw_maps_round_trip(method, model, tmp_path):
     dataset = make_dataset(tmp_path)
     ids = dataset.ids("train")
     store_path, refined_path = tmp_path / "cams.h5", tmp_path / "refined.h5"
-    export_cams(partial(method.cam_maps, model), dataset, ids, store_path, {"method": method.name},
-                mean=model.mean, std=model.std, scales=[1.0], flip=True, batch_size=2, device=torch.device("cpu"),
-                raw_maps=partial(method.raw_maps, model), segment=method.segmenter(model))
+    export_cams(method.cam_hooks(model), dataset, ids, store_path, {"method": method.name},
+                CamsParams(scales=[1.0], flip=True, batch_size=2), device=torch.device("cpu"))
     with CamStore(store_path) as store:
         for image_id in ids:
             image = dataset.read_image(image_id)

@@ -1,14 +1,19 @@
-from dataclasses import replace
-
 import numpy as np
 import pytest
 from PIL import Image
 
+from wsss_core.config import parse_params
 from wsss_core.data.palette import VOID, read_label_png
-from wsss_core.data.synthetic import CLASS_NAMES, SyntheticSpec, generate_synthetic, render_image
+from wsss_core.data.sources import MAX_SYNTHETIC_CLASSES, SyntheticSpec
+from wsss_core.data.synthetic import CLASS_NAMES, generate_synthetic, render_image
 from wsss_core.errors import ParamsError
 
 TINY = SyntheticSpec(n_train=12, n_val=4, image_size=96)
+
+
+def replace(spec: SyntheticSpec, **change) -> SyntheticSpec:
+    """Return spec with `change` applied (validated)."""
+    return SyntheticSpec(**{**spec.model_dump(), **change})
 
 
 def renders(spec: SyntheticSpec, count: int, seed: int = 0):
@@ -150,8 +155,12 @@ def test_water_class_comes_with_the_water_band():
     assert abs(np.mean([s.has_water for s in no_bias]) - 0.15) < 0.07
 
 
+def test_the_section_bounds_the_classes_by_the_generator_s_names():
+    assert MAX_SYNTHETIC_CLASSES == len(CLASS_NAMES)
+
+
 @pytest.mark.parametrize("change", [{"num_classes": 4}, {"num_classes": 9}, {"water_class": 7},
                                     {"part_fraction": 0.0}, {"n_train": 3}, {"max_distractors": -1}])
-def test_bad_spec_is_a_params_error(change):
-    with pytest.raises(ParamsError, match="synthetic spec"):
-        SyntheticSpec(**change)
+def test_bad_spec_is_a_params_error_naming_the_section(change):
+    with pytest.raises(ParamsError, match=r"data\.synthetic"):
+        parse_params({"data": {"synthetic": change}}, {})

@@ -7,6 +7,7 @@ from PIL import Image
 
 from wsss_core.data.dataset import Dataset
 from wsss_core.data.palette import write_label_png
+from wsss_core.data.sources import TagsParams
 from wsss_core.data.tags import read_tags
 from wsss_core.errors import DataError
 
@@ -31,7 +32,7 @@ def make_tags_root(tmp_path, rows="id,labels\na,cat;dog\nb,dog\nc,background\nd,
 
 
 def test_classes_come_in_first_seen_order_and_the_background_marker_means_no_class(tmp_path):
-    dataset = read_tags(make_tags_root(tmp_path), val_fraction=0.25, progress=False)
+    dataset = read_tags(TagsParams(root=str(make_tags_root(tmp_path)), val_fraction=0.25), progress=False)
     assert dataset.class_names == ["background", "cat", "dog", "fish", "tree"]
     assert dataset.labels == {"a": [1, 2], "b": [2], "c": [], "d": [3, 4]}
     assert sorted(dataset.ids("train") + dataset.ids("val")) == ["a", "b", "c", "d"] and len(dataset.ids("val")) == 1
@@ -42,7 +43,7 @@ def test_a_class_file_sets_the_order_and_classes_no_image_shows(tmp_path):
     names = [f"class{n}" for n in range(25)]
     root = make_tags_root(tmp_path, rows="a,class24\nb,class3 class0\nc,class3\nd,background\n",
                           classes="\n".join(names) + "\n")
-    dataset = read_tags(root, val_fraction=0.25, progress=False)
+    dataset = read_tags(TagsParams(root=str(root), val_fraction=0.25), progress=False)
     assert dataset.num_classes == 25 and dataset.labels["a"] == [25] and dataset.labels["b"] == [1, 4]
 
 
@@ -50,7 +51,7 @@ def test_json_labels_masks_for_some_images_and_the_manifest_round_trip(tmp_path)
     root = make_tags_root(tmp_path, rows={"a": ["cat"], "b": ["dog", "cat"], "c": ["background"], "d": ["dog"]},
                           labels_name="labels.json", masks=("a", "b"))
     (root / "val.txt").write_text("b\nd\n")
-    dataset = read_tags(root, labels="labels.json", val_list="val.txt", progress=False)
+    dataset = read_tags(TagsParams(root=str(root), labels="labels.json", val_list="val.txt"), progress=False)
     assert dataset.splits == {"train": ["a", "c"], "val": ["b", "d"]}
     assert [dataset.has_mask(i) for i in "abcd"] == [True, True, False, False]
     assert dataset.scored_ids(["a", "b", "c", "d"]) == ["a", "b"]
@@ -82,10 +83,11 @@ BAD_INPUTS = [  # (rows, classes, files, masks, message)
 def test_bad_inputs_are_one_line_errors_naming_the_file(tmp_path, rows, classes, files, masks, message):
     root = make_tags_root(tmp_path, rows=rows, classes=classes, files=files, masks=masks)
     if message is None:  # an extra image without tags is fine: only listed ids are read
-        assert sorted(read_tags(root, val_fraction=0.25, progress=False).labels) == ["a", "b", "c", "d"]
+        dataset = read_tags(TagsParams(root=str(root), val_fraction=0.25), progress=False)
+        assert sorted(dataset.labels) == ["a", "b", "c", "d"]
         return
     with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")) as err:
-        read_tags(root, val_fraction=0.25, progress=False)
+        read_tags(TagsParams(root=str(root), val_fraction=0.25), progress=False)
     assert "\n" not in str(err.value) and str(root) in str(err.value)
 
 
@@ -93,15 +95,15 @@ def test_two_images_for_one_id_and_a_mask_of_another_size_are_refused(tmp_path):
     root = make_tags_root(tmp_path, rows="a,cat\nb,dog\nc,cat\nd,cat\n", masks=("a",))
     Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(root / "images" / "a.png")
     with pytest.raises(DataError, match="id 'a' has several images"):
-        read_tags(root, val_fraction=0.25, progress=False)
+        read_tags(TagsParams(root=str(root), val_fraction=0.25), progress=False)
     (root / "images" / "a.png").unlink()
     write_label_png(root / "masks" / "b.png", np.zeros((10, 10), np.uint8))
     with pytest.raises(DataError, match="b.png: mask size 10x10 differs from its image 40x30"):
-        read_tags(root, val_fraction=0.25, progress=False)
+        read_tags(TagsParams(root=str(root), val_fraction=0.25), progress=False)
 
 
 def test_a_manifest_cannot_point_an_image_outside_the_root(tmp_path):
-    dataset = read_tags(make_tags_root(tmp_path), val_fraction=0.25, progress=False)
+    dataset = read_tags(TagsParams(root=str(make_tags_root(tmp_path)), val_fraction=0.25), progress=False)
     dataset.images["a"] = "../../etc/passwd"
     dataset.save(tmp_path / "dataset.json")
     with pytest.raises(DataError, match="is not images/<id>.jpg|jpeg|png"):
@@ -122,12 +124,13 @@ def test_scores_cover_the_images_with_masks_and_are_null_without_any(tmp_path):
     from wsss_core.data.label_dir import LabelDirWriter
     from wsss_core.metrics import describe_miou
 
-    tagged = read_tags(make_tags_root(tmp_path / "none"), val_fraction=0.25, progress=False)
+    tagged = read_tags(TagsParams(root=str(make_tags_root(tmp_path / "none")), val_fraction=0.25), progress=False)
     report = cam_metrics(FakeStore(), tagged, ["a", "b"], seed_bg_threshold=0.15, sweep=[0.1, 0.2, 0.1])
     assert report["miou"] is None and report["scored_images"] == 0 and report["sweep"] == {
         "skipped": "no ground-truth masks"}
     assert describe_report("CAM", report) == "CAM: not scored (no ground-truth masks)"
-    some = read_tags(make_tags_root(tmp_path / "some", masks=("a",)), val_fraction=0.25, progress=False)
+    some = read_tags(TagsParams(root=str(make_tags_root(tmp_path / "some", masks=("a",))), val_fraction=0.25),
+                     progress=False)
     report = cam_metrics(FakeStore(), some, ["a", "b"], seed_bg_threshold=0.15, sweep=[0.1, 0.2, 0.1])
     assert report["scored_images"] == 1 and report["miou"] == pytest.approx(1.0)  # a's CAM is its mask
     for dataset, expected in ((tagged, None), (some, 1.0)):

@@ -12,6 +12,7 @@ from PIL import Image
 
 from tests.pipeline import copy_repo, dvc, recompose
 from wsss_core.data.dataset import Dataset
+from wsss_core.data.sources import VocParams
 from wsss_core.data.voc import read_voc
 
 PHOTOS = 40
@@ -29,7 +30,7 @@ def renamed(voc_class: int) -> str:
 
 def write_tag_set(voc_mini, root):
     """Write root/images (links to the photos), labels.csv and classes.txt; return the VOC Dataset used."""
-    voc = read_voc(voc_mini, progress=False)
+    voc = read_voc(VocParams(root=str(voc_mini)), progress=False)
     ids = sorted(voc.ids("train"))[:PHOTOS]
     (root / "images").mkdir(parents=True)
     for image_id in ids:

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsss_core.config import ClsParams
-from wsss_core.methods.base import Method, MethodParams, ModelParams, RawMap, RefineParams
+from wsss_core.cams.store import RawMap
+from wsss_core.methods.base import Method, MethodParams, ModelParams, RefineParams
 from wsss_core.models.backbones import Backbone
 from wsss_core.models.cam_net import CamNet
 from wsss_core.models.groups import ParamGroup

@@ -9,21 +9,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Mapping
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, Field, SerializeAsAny, ValidationError, model_validator
 
-from wsss_core.data.files import DEFAULT_MAX_PARSE_BYTES
+from wsss_core.data.files import DEFAULT_MAX_PARSE_BYTES, ReadLimits
 from wsss_core.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_TEXT_BYTES
+from wsss_core.data.sources import CocoParams, SyntheticParams, SyntheticSpec, TagsParams, VocParams
 from wsss_core.errors import ParamsError
 from wsss_core.models.catalog import CNN_BACKBONES
+from wsss_core.sections import (Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Scales, Seed,
+                                Section)
 
 Backbone = Literal[CNN_BACKBONES]
-
-PositiveInt = Annotated[int, Field(ge=1)]
-NonNegativeInt = Annotated[int, Field(ge=0)]
-PositiveFloat = Annotated[float, Field(gt=0.0)]
-NonNegativeFloat = Annotated[float, Field(ge=0.0)]
-Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
-Scales = Annotated[list[PositiveFloat], Field(min_length=1)]
 
 
 def _ordered_pair(pair: list[int]) -> list[int]:
@@ -43,73 +39,6 @@ def _threshold_range(sweep: list[float]) -> list[float]:
 
 ResizeRange = Annotated[list[PositiveInt], Field(min_length=2, max_length=2), AfterValidator(_ordered_pair)]
 ThresholdRange = Annotated[list[float], AfterValidator(_threshold_range)]
-Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]  # numpy's legacy seeding (and so every library) takes 32 bits
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-
-class SyntheticParams(Section):
-    """Generator knobs, mirrored by wsss_core.data.synthetic.SyntheticSpec."""
-
-    n_train: PositiveInt = 300
-    n_val: PositiveInt = 60
-    image_size: PositiveInt = 192
-    num_classes: Annotated[int, Field(ge=5, le=8)] = 6
-    max_objects: PositiveInt = 3
-    max_distractors: NonNegativeInt = 2
-    part_fraction: Fraction = 0.10
-    void_width: NonNegativeInt = 2
-    water_class: NonNegativeInt = 2
-    water_bias: Fraction = 0.8
-    # Labelled bodies move this fraction towards their part's colour: weak evidence beyond the part.
-    body_tint: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.25
-
-
-class VocParams(Section):
-    # A folder in VOC layout; relative paths are from the repo root (where stages run).
-    root: str = "../shared/data/voc12-mini"
-    train_list: str = "ImageSets/Segmentation/train.txt"
-    # Empty: carve `val_fraction` of the train ids (seeded) as val.
-    val_list: str = ""
-    val_fraction: Fraction = 0.2
-    # Read train masks from SegmentationClassAug where present.
-    use_aug: bool = False
-
-
-class TagsParams(Section):
-    """Your own images with image-level tags (wsss_core/data/tags.py has the layout)."""
-
-    root: str = "data/tags"  # the folder holding images/ and the labels file; relative paths are from the repo root
-    labels: str = "labels.csv"  # CSV `id,labels` or JSON {id: [names]}, relative to root
-    classes: str = "classes.txt"  # read when it exists; else the labels file's names in first-seen order
-    # Empty: carve `val_fraction` of the ids (seeded) as val.
-    val_list: str = ""
-    val_fraction: Fraction = 0.2
-
-
-class CocoParams(Section):
-    """MS COCO 2014, or any set in its format (wsss_core/data/coco.py has the layout and the rasterising rule)."""
-
-    root: str = "data/coco"  # holding <split>/ image folders and annotations/instances_<split>.json
-    train_split: str = "train2014"
-    val_split: str = "val2014"
-    # Optional id lists (files under root) restricting a split; empty: every labelled image of the split.
-    train_list: str = ""
-    val_list: str = ""
-    # Keep images with no annotation (the papers drop them: 82,081 train / 40,137 val of 82,783 / 40,504).
-    keep_unlabelled: bool = False
-    # What crowd regions become in the masks: ignore (255), class (their category) or background (0).
-    crowd: Literal["ignore", "class", "background"] = "ignore"
-    # Rasterised masks are kept here (one subfolder per annotation content and rule), across prepare runs.
-    mask_cache: str = "data/coco_masks"
-    # Annotation JSONs larger than this many bytes are refused before reading (COCO 2014's train file: ~330 MB).
-    max_annotation_bytes: PositiveInt = 2**30
-    # Numbers in one annotation's polygons at most, and how far (a fraction of the image's size) outside the
-    # image a polygon coordinate may lie (wsss_core/data/coco.py, check_segmentation).
-    max_polygon_values: PositiveInt = 200_000
-    coordinate_margin: NonNegativeFloat = 0.25
 
 
 class DataParams(Section):
@@ -131,6 +60,15 @@ class DataParams(Section):
     voc: VocParams = VocParams()
     tags: TagsParams = TagsParams()
     coco: CocoParams = CocoParams()
+
+    def limits(self) -> ReadLimits:
+        """Return the bounds every reader applies (the limits above)."""
+        return ReadLimits(max_pixels=self.max_pixels, max_text_bytes=self.max_text_bytes,
+                          max_parse_bytes=self.max_parse_bytes, follow_links=self.follow_links)
+
+    def synthetic_spec(self) -> SyntheticSpec | None:
+        """Return the synthetic set this section generates (its knobs and `seed`), or None for a set on disk."""
+        return self.synthetic.with_seed(self.seed) if self.name == "synthetic" else None
 
 
 class TrainRecipe(Section):
@@ -182,6 +120,7 @@ class CamsParams(Section):
     scales: Scales = [1.0, 0.5, 1.5]  # IRN adds 2.0; dropped for the CPU default
     flip: bool = True
     batch_size: PositiveInt = 8
+    num_workers: NonNegativeInt = 0  # DataLoader processes reading the images (0: the exporting process)
     # CAM seeds: a pixel is background where every CAM is at most this (IRN's cam_eval_thres).
     seed_bg_threshold: Fraction = 0.15
     sweep: ThresholdRange = [0.05, 0.95, 0.05]  # start, stop (inclusive), step

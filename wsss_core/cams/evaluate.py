@@ -112,7 +112,7 @@ def score_cam_store(path: Path, dataset: Dataset, cams: CamsParams, data: DataPa
     ('synthetic_activation').
     """
     ids = dataset.ids("train")
-    spec = SyntheticSpec(seed=data.seed, **data.synthetic.model_dump()) if data.name == "synthetic" else None
+    spec = data.synthetic_spec()
     with CamStore(path) as store:
         store.check_covers(ids)
         report = cam_metrics(store, dataset, ids, seed_bg_threshold=cams.seed_bg_threshold, sweep=cams.sweep,

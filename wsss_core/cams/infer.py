@@ -1,35 +1,26 @@
 """Multi-scale, flip-augmented CAM inference (IRN's protocol) and export to a CAM store.
 
-Everything here takes the network's hooks as callables (`cam_maps`, `raw_maps`, `segment`), so it
-serves every method without knowing any.
+Everything here takes the network's hooks as one `CamHooks` object that the method builds
+(`Method.cam_hooks`), and the `cams` section, so it serves every method without knowing any.
 """
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from wsss_core.cams.hooks import CamHooks, CamMaps, RawMaps, SegmentLogits
 from wsss_core.cams.store import CamStoreWriter, RawArray
+from wsss_core.config import CamsParams
 from wsss_core.data.dataset import Dataset, size_batches
 from wsss_core.data.transforms import normalize
 from wsss_core.distributed import shard_of
 from wsss_core.training import memory_format
-
-CamMaps = Callable[[torch.Tensor], dict[str, torch.Tensor]]  # images [B,3,h,w] -> {name: [B, K, h', w'] >= 0}
-ClassScores = Callable[[torch.Tensor], torch.Tensor]  # images [B,3,h,w] -> image-level logits [B, K]
-SegmentLogits = Callable[[torch.Tensor], torch.Tensor]  # images [B,3,h,w] -> logits [B, K+1, h', w']
-
-
-class RawMaps(Protocol):
-    """images [N,3,H,W] -> {name: RawMap(values [N, ...], layout, grid)} (see methods.base.RawMap)."""
-
-    def __call__(self, images: torch.Tensor) -> dict: ...
-
 
 @torch.no_grad()
 def multiscale_maps(cam_maps: CamMaps, images: torch.Tensor, scales: list[float], flip: bool) -> dict[str, torch.Tensor]:
@@ -107,10 +98,8 @@ class _BatchReader(torch.utils.data.Dataset):
         return torch.stack([normalize(self.dataset.read_image(i), self.mean, self.std) for i in self.batches[index]])
 
 
-def iterate_cams(cam_maps: CamMaps, dataset: Dataset, ids: list[str], *, mean: tuple, std: tuple,
-                 scales: list[float], flip: bool, batch_size: int, device: torch.device, num_workers: int = 0,
-                 raw_maps: RawMaps | None = None, segment: SegmentLogits | None = None, shard: tuple[int, int] = (0, 1),
-                 class_scores: ClassScores | None = None
+def iterate_cams(hooks: CamHooks, dataset: Dataset, ids: list[str], cams: CamsParams, *, device: torch.device,
+                 shard: tuple[int, int] = (0, 1)
                  ) -> Iterator[tuple[str, np.ndarray, np.ndarray, dict[str, np.ndarray], dict[str, RawArray],
                                      np.ndarray | None]]:
     """Yield (id, cam float32 [k, H, W] in [0, 1], keys [k], extras, raw, scores) per image, in size-batch order.
@@ -118,24 +107,27 @@ def iterate_cams(cam_maps: CamMaps, dataset: Dataset, ids: list[str], *, mean: t
     shard (index, count): only every count-th size batch from `index`. Shards are whole batches of the
     one-process run, so each image is computed in the very batch it would be without shards.
 
+    The maps are summed over `cams.scales` (and flips, `cams.flip`) in size batches of `cams.batch_size`.
     Only the image's ground-truth classes are kept (the standard protocol). extras: the other class
-    maps of cam_maps ([k, H, W], normalised like the CAM) and, with `segment`, 'seg': its probabilities
-    for [background, keys] ([k+1, H, W]); raw: raw_maps at scale 1 with the flip view stacked. On CUDA:
-    float16 autocast and channels_last images (place the model with training.place). scores: class_scores of
-    the image at scale 1 without flip (float32 [K]; the classifier's mAP on the split comes from them), or None.
+    maps of hooks.cam_maps ([k, H, W], normalised like the CAM) and, with hooks.segment, 'seg': its
+    probabilities for [background, keys] ([k+1, H, W]); raw: hooks.raw_maps at scale 1 with the flip view
+    stacked. On CUDA: float16 autocast and channels_last images (place the model with training.place). scores:
+    hooks.class_scores of the image at scale 1 without flip (float32 [K]; the classifier's mAP on the split
+    comes from them), or None.
     """
-    batches = shard_of(size_batches(dataset, ids, batch_size), *shard)
-    loader = torch.utils.data.DataLoader(_BatchReader(dataset, batches, mean, std), batch_size=None,
-                                         num_workers=num_workers)
+    scales, flip = cams.scales, cams.flip
+    batches = shard_of(size_batches(dataset, ids, cams.batch_size), *shard)
+    loader = torch.utils.data.DataLoader(_BatchReader(dataset, batches, hooks.mean, hooks.std), batch_size=None,
+                                         num_workers=cams.num_workers)
     bar = tqdm(total=sum(map(len, batches)), desc="export_cams", unit="img")
     for batch_ids, images in zip(batches, loader):
         images = images.to(device, memory_format=memory_format(device))
         with torch.autocast(device.type, enabled=device.type == "cuda"):  # float16: closer to fp32 CAMs than bf16
-            maps = multiscale_maps(cam_maps, images, scales, flip)
-            raws = raw_views(raw_maps, images, flip) if raw_maps else [{} for _ in batch_ids]
-            segmentation = segmentation_probabilities(segment, images, flip) if segment else None
+            maps = multiscale_maps(hooks.cam_maps, images, scales, flip)
+            raws = raw_views(hooks.raw_maps, images, flip) if hooks.raw_maps else [{} for _ in batch_ids]
+            segmentation = segmentation_probabilities(hooks.segment, images, flip) if hooks.segment else None
             with torch.no_grad():
-                scores = class_scores(images).float().cpu().numpy() if class_scores else None
+                scores = hooks.class_scores(images).float().cpu().numpy() if hooks.class_scores else None
         for index, image_id in enumerate(batch_ids):
             keys = np.asarray(dataset.labels[image_id], dtype=np.int64)
             extras = {name: normalize_present(value[index], keys) for name, value in maps.items()}
@@ -147,18 +139,14 @@ def iterate_cams(cam_maps: CamMaps, dataset: Dataset, ids: list[str], *, mean: t
     bar.close()
 
 
-def export_cams(cam_maps: CamMaps, dataset: Dataset, ids: list[str], out_path: str | Path, attrs: dict, *,
-                mean: tuple, std: tuple, scales: list[float], flip: bool, batch_size: int, device: torch.device,
-                num_workers: int = 0, raw_maps: RawMaps | None = None, segment: SegmentLogits | None = None,
-                shard: tuple[int, int] = (0, 1), class_scores: ClassScores | None = None) -> float:
+def export_cams(hooks: CamHooks, dataset: Dataset, ids: list[str], out_path: str | Path, attrs: dict,
+                cams: CamsParams, *, device: torch.device, shard: tuple[int, int] = (0, 1)) -> float:
     """Write the CAM store at out_path (atomically), of one shard of ids (see iterate_cams), and return the
     export rate in images/second."""
     start, count = time.perf_counter(), 0
     with CamStoreWriter(out_path, attrs) as writer:
-        for image_id, cam, keys, extras, raw, scores in iterate_cams(
-                cam_maps, dataset, ids, mean=mean, std=std, scales=scales, flip=flip, batch_size=batch_size,
-                device=device, num_workers=num_workers, raw_maps=raw_maps, segment=segment, shard=shard,
-                class_scores=class_scores):
+        for image_id, cam, keys, extras, raw, scores in iterate_cams(hooks, dataset, ids, cams, device=device,
+                                                                     shard=shard):
             writer.write(image_id, cam, keys, extras, raw, scores)
             count += 1
     return count / (time.perf_counter() - start)

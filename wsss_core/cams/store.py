@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import h5py
 import numpy as np
@@ -26,7 +27,20 @@ from wsss_core.data.dataset import check_image_id
 from wsss_core.errors import DataError
 from wsss_core.io import atomic_path
 
+if TYPE_CHECKING:
+    import torch
+
 RawArray = tuple[np.ndarray, str, tuple[int, int]]  # values [V, ...], layout, grid (h, w)
+
+
+@dataclass
+class RawMap:
+    """A map stored as it is: values [B, ...] with `layout` naming the dims after the batch (e.g.
+    'classes,tokens') and `grid` the (h, w) of its spatial or token grid."""
+
+    values: torch.Tensor
+    layout: str
+    grid: tuple[int, int]
 
 
 class CamStoreWriter:

@@ -29,9 +29,10 @@ from pathlib import Path
 import numpy as np
 
 from wsss_core.data.dataset import MAX_CLASSES, Dataset, check_image_id
-from wsss_core.data.files import DEFAULT_MAX_PARSE_BYTES, check_inside, read_json
+from wsss_core.data.files import DEFAULT_MAX_PARSE_BYTES, ReadLimits, check_inside, read_json
 from wsss_core.data.images import DEFAULT_MAX_PIXELS
 from wsss_core.data.palette import VOID, write_label_png
+from wsss_core.data.sources import COORDINATE_MARGIN, DEFAULT_MAX_ANNOTATION_BYTES, MAX_POLYGON_VALUES, CocoParams
 from wsss_core.data.voc import check_image_file, read_id_list
 from wsss_core.errors import DataError
 from wsss_core.io import atomic_path
@@ -40,13 +41,7 @@ from wsss_core.pool import run_pool
 CROWD_RULES = ("ignore", "class", "background")
 MASK_FORMAT = "coco-masks-v1"
 """Part of the cache key: bump it when the rasterising rule changes, so old masks are not re-used."""
-DEFAULT_MAX_ANNOTATION_BYTES = 2**30
-"""Annotation JSONs larger than this are refused before reading (COCO 2014's train file is about 330 MB)."""
-MAX_POLYGON_VALUES = 200_000
-"""Default of data.coco.max_polygon_values: numbers in one annotation's polygons (COCO's largest: a few thousand)."""
-COORDINATE_MARGIN = 0.25
-"""Default of data.coco.coordinate_margin: polygon coordinates may lie this fraction of the image's size outside it
-(pycocotools clips them)."""
+
 
 
 def annotation_file(root: Path, split: str) -> Path:
@@ -211,12 +206,7 @@ def cache_key(files: list[Path], crowd: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def read_coco(root: str | Path, train_split: str = "train2014", val_split: str = "val2014", train_list: str = "",
-              val_list: str = "", keep_unlabelled: bool = False, crowd: str = "ignore",
-              mask_cache: str | Path = "data/coco_masks", workers: int = 0,
-              max_pixels: int = DEFAULT_MAX_PIXELS, max_annotation_bytes: int = DEFAULT_MAX_ANNOTATION_BYTES,
-              max_polygon_values: int = MAX_POLYGON_VALUES, coordinate_margin: float = COORDINATE_MARGIN,
-              max_parse_bytes: int = DEFAULT_MAX_PARSE_BYTES, follow_links: bool = False) -> Dataset:
+def read_coco(coco: CocoParams, limits: ReadLimits = ReadLimits(), *, workers: int = 0) -> Dataset:
     """Validate a COCO root (module docstring), rasterise its missing masks and return its Dataset.
 
     'train' and 'val' hold the images of each split's JSON that have at least one annotation (all of them
@@ -226,7 +216,9 @@ def read_coco(root: str | Path, train_split: str = "train2014", val_split: str =
     read_annotations (at most max_annotation_bytes, parsed within max_parse_bytes); images, lists and annotation files must resolve inside the
     root unless follow_links (files.check_inside).
     """
-    root = Path(root)
+    root, train_split, val_split, train_list, val_list, crowd = (Path(coco.root), coco.train_split, coco.val_split,
+                                                                 coco.train_list, coco.val_list, coco.crowd)
+    max_pixels, follow_links = limits.max_pixels, limits.follow_links
     if not root.is_dir():
         raise DataError(f"{root}: dataset root not found")
     if importlib.util.find_spec("pycocotools") is None:
@@ -237,9 +229,10 @@ def read_coco(root: str | Path, train_split: str = "train2014", val_split: str =
     splits, labels, images, jobs = {}, {}, {}, []
     class_names: list[str] | None = None
     files = [annotation_file(root, split) for split in (train_split, val_split)]
-    contents = [read_annotations(check_inside(path, root, follow_links), max_annotation_bytes, max_pixels,
-                                 max_polygon_values, coordinate_margin, max_parse_bytes) for path in files]
-    mask_folder = Path(mask_cache) / cache_key(files, crowd)
+    contents = [read_annotations(check_inside(path, root, follow_links), coco.max_annotation_bytes, max_pixels,
+                                 coco.max_polygon_values, coco.coordinate_margin, limits.max_parse_bytes)
+                for path in files]
+    mask_folder = Path(coco.mask_cache) / cache_key(files, crowd)
     for name, split, path, content, id_list in zip(("train", "val"), (train_split, val_split), files, contents,
                                                    (train_list, val_list)):
         names, class_of = category_order(content["categories"], path)
@@ -266,7 +259,7 @@ def read_coco(root: str | Path, train_split: str = "train2014", val_split: str =
                                 f"{images[image_id]})")
             annotations = by_image[image["id"]]
             classes = sorted({class_of[a["category_id"]] for a in annotations})
-            if not classes and not keep_unlabelled:
+            if not classes and not coco.keep_unlabelled:
                 continue
             ids.append(image_id)
             labels[image_id] = classes

@@ -12,12 +12,24 @@ import codecs
 import csv
 import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
-from wsss_core.data.images import DEFAULT_MAX_TEXT_BYTES
+from wsss_core.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_TEXT_BYTES
 from wsss_core.errors import DataError
 
 DEFAULT_MAX_PARSE_BYTES = 8 * 2**30  # JSON files estimated to take more memory to parse are refused (read_json)
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """What every reader bounds (the `data` section's limits): pixels per image, bytes of a list, class or
+    labels file, estimated bytes of a JSON parse, and whether links may resolve outside the dataset root."""
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES
+    max_parse_bytes: int = DEFAULT_MAX_PARSE_BYTES
+    follow_links: bool = False
 
 
 def _read_bytes(path: Path, max_bytes: int, size_param: str) -> bytes:

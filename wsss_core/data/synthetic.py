@@ -19,7 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from wsss_core.data.palette import VOID, write_label_png
-from wsss_core.errors import ParamsError
+from wsss_core.data.sources import SyntheticSpec
 
 # Foreground classes, named after their part's colour; PART_PATTERNS gives each its pattern.
 CLASS_NAMES: tuple[str, ...] = ("crimson", "gold", "lime", "magenta", "orange", "cyan", "violet", "ivory")
@@ -39,43 +39,6 @@ PLACEMENT_TRIES = 40
 CLUTTER_MIN_DISTANCE = 80.0  # RGB distance kept between clutter colours and part colours
 CLUTTER_BODY_DISTANCE = 60.0  # RGB distance kept between clutter colours and tinted labelled bodies
 CLUTTER_MAX_CHROMA = 55.0  # clutter is muted: at most this far per channel from its grey level
-
-
-@dataclass(frozen=True)
-class SyntheticSpec:
-    """Generator knobs (mirrored by wsss_core.config.SyntheticParams)."""
-
-    seed: int = 0
-    n_train: int = 300
-    n_val: int = 60
-    image_size: int = 192  # square images, px
-    num_classes: int = 6  # foreground classes K
-    max_objects: int = 3  # labelled objects per image: 1..max_objects
-    max_distractors: int = 2  # unlabelled bodies without a part per image: 0..max_distractors
-    part_fraction: float = 0.10  # distinctive part area / whole object area
-    void_width: int = 2  # px of 255 drawn on the background around every labelled object
-    water_class: int = 2  # this class (1-based) is biased to appear with the water band; 0: no class is
-    water_bias: float = 0.8  # P(water band) for images with water_class; others: WATER_BASE_RATE
-    body_tint: float = 0.25  # labelled bodies move this fraction of the way to their part's colour (weak evidence)
-
-    def __post_init__(self) -> None:
-        checks = {
-            "seed must be >= 0": self.seed >= 0,
-            f"num_classes must be in 5..{len(CLASS_NAMES)}": 5 <= self.num_classes <= len(CLASS_NAMES),
-            "n_train must be >= num_classes (every class appears in train)": self.n_train >= self.num_classes,
-            "n_val must be >= 0": self.n_val >= 0,
-            "image_size must be >= 64": self.image_size >= 64,
-            "max_objects must be >= 1": self.max_objects >= 1,
-            "max_distractors must be >= 0": self.max_distractors >= 0,
-            "part_fraction must be in (0, 0.5)": 0 < self.part_fraction < 0.5,
-            "void_width must be >= 0": self.void_width >= 0,
-            "water_class must be in 0..num_classes": 0 <= self.water_class <= self.num_classes,
-            "water_bias must be in [0, 1]": 0 <= self.water_bias <= 1,
-            "body_tint must be in [0, 1)": 0 <= self.body_tint < 1,
-        }
-        failed = [message for message, ok in checks.items() if not ok]
-        if failed:
-            raise ParamsError(f"synthetic spec: {'; '.join(failed)}")
 
 
 @dataclass(frozen=True)

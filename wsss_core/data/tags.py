@@ -22,9 +22,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from wsss_core.data.dataset import MAX_CLASSES, Dataset, check_image_id
-from wsss_core.data.files import (DEFAULT_MAX_PARSE_BYTES, DEFAULT_MAX_TEXT_BYTES, check_inside, read_csv_rows, read_json,
-                                  read_text)
-from wsss_core.data.images import DEFAULT_MAX_PIXELS
+from wsss_core.data.files import (DEFAULT_MAX_PARSE_BYTES, DEFAULT_MAX_TEXT_BYTES, ReadLimits, check_inside,
+                                  read_csv_rows, read_json, read_text)
+from wsss_core.data.sources import TagsParams
 from wsss_core.data.voc import carve_val, check_image_file, mask_classes, read_id_list
 from wsss_core.errors import DataError
 
@@ -99,10 +99,7 @@ def _image_file(root: Path, image_id: str, follow_links: bool) -> str:
     return found[0]
 
 
-def read_tags(root: str | Path, labels: str = "labels.csv", classes: str = "classes.txt", val_list: str = "",
-              val_fraction: float = 0.2, seed: int = 0, progress: bool = True,
-              max_pixels: int = DEFAULT_MAX_PIXELS, max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES,
-              max_parse_bytes: int = DEFAULT_MAX_PARSE_BYTES, follow_links: bool = False) -> Dataset:
+def read_tags(tags: TagsParams, limits: ReadLimits = ReadLimits(), *, seed: int = 0, progress: bool = True) -> Dataset:
     """Validate a tags root (module docstring) and return its Dataset with 'train' and 'val' splits.
 
     `classes` is read when the file exists; `val_list` (relative to root) names the val ids, else
@@ -111,10 +108,12 @@ def read_tags(root: str | Path, labels: str = "labels.csv", classes: str = "clas
     max_parse_bytes); images, masks and those files must
     resolve inside the root unless follow_links (files.check_inside).
     """
-    root = Path(root)
+    root, labels, classes, val_list, val_fraction = (Path(tags.root), tags.labels, tags.classes, tags.val_list,
+                                                     tags.val_fraction)
+    max_pixels, max_text_bytes, follow_links = limits.max_pixels, limits.max_text_bytes, limits.follow_links
     if not root.is_dir():
         raise DataError(f"{root}: dataset root not found")
-    tags = read_tag_file(check_inside(root / labels, root, follow_links), max_text_bytes, max_parse_bytes)
+    tags = read_tag_file(check_inside(root / labels, root, follow_links), max_text_bytes, limits.max_parse_bytes)
     class_file = check_inside(root / classes, root, follow_links)
     if class_file.is_file():
         class_names = read_class_list(class_file, max_text_bytes)

@@ -9,9 +9,10 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from wsss_core.data.dataset import VOC_CLASSES, Dataset, check_image_id
-from wsss_core.data.files import DEFAULT_MAX_TEXT_BYTES, check_inside, read_text
-from wsss_core.data.images import DEFAULT_MAX_PIXELS, image_size, read_rgb
+from wsss_core.data.files import DEFAULT_MAX_TEXT_BYTES, ReadLimits, check_inside, read_text
+from wsss_core.data.images import image_size, read_rgb
 from wsss_core.data.palette import VOID
+from wsss_core.data.sources import VocParams
 from wsss_core.errors import DataError
 
 
@@ -86,19 +87,8 @@ def _xml_classes(path: Path, class_names: tuple[str, ...] | list[str]) -> list[i
     return sorted(class_names.index(name) for name in names)
 
 
-def read_voc(
-    root: str | Path,
-    train_list: str = "ImageSets/Segmentation/train.txt",
-    val_list: str = "",
-    val_fraction: float = 0.2,
-    seed: int = 0,
-    use_aug: bool = False,
-    class_names: tuple[str, ...] | list[str] = VOC_CLASSES,
-    progress: bool = True,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES,
-    follow_links: bool = False,
-) -> Dataset:
+def read_voc(voc: VocParams, limits: ReadLimits = ReadLimits(), *, seed: int = 0,
+             class_names: tuple[str, ...] | list[str] = VOC_CLASSES, progress: bool = True) -> Dataset:
     """Validate a VOC root and return its Dataset with 'train' and 'val' splits.
 
     Labels come from `Annotations/<id>.xml` when present, else from the mask. Without `val_list`,
@@ -107,7 +97,8 @@ def read_voc(
     train or val split, or an id in both, is a DataError. List files are UTF-8 of at most max_text_bytes;
     they, the images and the masks must resolve inside the root unless follow_links (files.check_inside).
     """
-    root = Path(root)
+    root, train_list, val_list, val_fraction = Path(voc.root), voc.train_list, voc.val_list, voc.val_fraction
+    max_pixels, max_text_bytes, follow_links = limits.max_pixels, limits.max_text_bytes, limits.follow_links
     if not root.is_dir():
         raise DataError(f"{root}: dataset root not found")
     train_ids = read_id_list(check_inside(root / train_list, root, follow_links), max_text_bytes)
@@ -124,7 +115,7 @@ def read_voc(
     both = sorted(set(train_ids) & set(val_ids))
     if both:
         raise DataError(f"{root / val_list}: {len(both)} val ids are also train ids (e.g. {both[0]!r})")
-    mask_dirs = ("SegmentationClassAug", "SegmentationClass") if use_aug else ("SegmentationClass",)
+    mask_dirs = ("SegmentationClassAug", "SegmentationClass") if voc.use_aug else ("SegmentationClass",)
     dataset = Dataset(root=root, class_names=list(class_names),
                       splits={"train": train_ids, "val": val_ids}, labels={}, mask_dirs=mask_dirs,
                       max_pixels=max_pixels)

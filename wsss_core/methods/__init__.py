@@ -3,11 +3,11 @@ method under its name (`@register_method`). A new method is a new module here; n
 import importlib
 import pkgutil
 
-from wsss_core.methods.base import (REGISTRY, ExportParams, Method, MethodParams, ModelParams, RawMap, RefineParams,
+from wsss_core.methods.base import (REGISTRY, ExportParams, Method, MethodParams, ModelParams, RefineParams,
                                     get_method, method_params, register_method)
 
 for _module in sorted(info.name for info in pkgutil.iter_modules(__path__) if info.name != "base"):
     importlib.import_module(f"{__name__}.{_module}")
 
-__all__ = ["REGISTRY", "ExportParams", "Method", "MethodParams", "ModelParams", "RawMap", "RefineParams", "get_method",
+__all__ = ["REGISTRY", "ExportParams", "Method", "MethodParams", "ModelParams", "RefineParams", "get_method",
            "method_params", "register_method"]

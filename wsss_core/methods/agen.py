@@ -27,7 +27,7 @@ from torch import nn
 from wsss_core.cams.seeds import (CAM_NORMALISATIONS, SEED_MODES, images_missing_a_class, seed_probabilities,
                                   threshold_seeds)
 from wsss_core.config import ClsParams, CrfParams, NonNegativeFloat, NonNegativeInt, Params, PositiveFloat, \
-    PositiveInt, Section
+    PositiveInt
 from wsss_core.data.palette import VOID
 from wsss_core.errors import ParamsError
 from wsss_core.methods.base import Method, MethodParams, ModelParams, register_method
@@ -41,26 +41,19 @@ if TYPE_CHECKING:
 Stage = Literal[AGM_STAGES]
 
 
-class BoundaryCrfParams(Section):
-    """The CRF of the boundary loss (spec section 4: SEC/DSRG's settings at the output stride)."""
+class BoundaryCrfParams(CrfParams):
+    """The CRF of the boundary loss (spec section 4: SEC/DSRG's settings, which are CrfParams' defaults, at the
+    output stride). `workers`: processes for a step's CRFs (0: one per core, 1: the training process), a speed
+    knob that changes no number, but it sits in the model section, so changing it re-runs train_cls."""
 
-    iterations: PositiveInt = 10
     scale_factor: PositiveFloat = 12.0  # the kernels' xy widths are divided by it (the image is that much smaller)
-    bilateral_compat: NonNegativeFloat = 10.0
-    bilateral_xy: PositiveFloat = 80.0
-    bilateral_rgb: PositiveFloat = 13.0
-    gaussian_compat: NonNegativeFloat = 3.0
-    gaussian_xy: PositiveFloat = 3.0
     min_prob: Annotated[float, Field(gt=0.0, lt=0.01)] = 1e-4  # S and R are clipped to it and renormalised
-    # Processes for a step's CRFs (0: one per core, 1: the training process). A speed knob that changes no
-    # number, but it sits in the model section, so changing it re-runs train_cls.
-    workers: NonNegativeInt = 0
 
-    def crf_params(self) -> CrfParams:
-        """Return the kernels as the shared CRF takes them (xy widths divided by scale_factor)."""
-        return CrfParams(iterations=self.iterations, gaussian_sxy=self.gaussian_xy / self.scale_factor,
-                         gaussian_compat=self.gaussian_compat, bilateral_sxy=self.bilateral_xy / self.scale_factor,
-                         bilateral_srgb=self.bilateral_rgb, bilateral_compat=self.bilateral_compat)
+    def at_output_stride(self) -> CrfParams:
+        """Return these kernels as the shared CRF takes them, xy widths (px) divided by scale_factor."""
+        return CrfParams(**{**self.model_dump(include=set(CrfParams.model_fields)),
+                            "gaussian_sxy": self.gaussian_sxy / self.scale_factor,
+                            "bilateral_sxy": self.bilateral_sxy / self.scale_factor})
 
 
 class AGENModelParams(ModelParams):
@@ -180,7 +173,7 @@ class AGENMethod(Method):
         crf_ms (the step's CRF wall time) and unseeded_* per head (the share of the images in which a labelled
         class got no seed pixel: under the paper's rule all their seeds are background). During the first
         seg_warmup_steps calls the seeding and boundary parts (and unseeded_*) are 0 and not computed."""
-        from wsss_core.seg.losses import balanced_seed_loss, boundary_loss  # the CRF's pydensecrf, when training
+        from wsss_core.cams.seed_losses import balanced_seed_loss, boundary_loss  # the CRF's pydensecrf, when training
 
         settings = self.params.model
         warming_up = self._steps_trained < settings.seg_warmup_steps
@@ -220,7 +213,7 @@ class AGENMethod(Method):
             logged["crf_ms"], logged["boundary"] = 0.0, 0.0
         elif settings.boundary_weight > 0:
             started = time.perf_counter()
-            boundary = boundary_loss(outputs.seg_logits["top"], batch["rgb"], settings.crf.crf_params(),
+            boundary = boundary_loss(outputs.seg_logits["top"], batch["rgb"], settings.crf.at_output_stride(),
                                      settings.crf.min_prob, self._crf_pool.map)
             logged["crf_ms"] = 1000 * (time.perf_counter() - started)
             logged["boundary"] = boundary.item()

@@ -19,7 +19,7 @@ The hooks, in pipeline order:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import ClassVar
 
@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsss_core.cams.store import CamStore, transform_store
+from wsss_core.cams.hooks import CamHooks
+from wsss_core.cams.store import CamStore, RawMap, transform_store
 from wsss_core.checkpoint import load_checkpoint
 from wsss_core.config import ClsParams, Params, Section
 from wsss_core.errors import ParamsError
@@ -55,16 +56,6 @@ class MethodParams(Section):
     model: ModelParams = ModelParams()
     export: ExportParams = ExportParams()
     refine: RefineParams = RefineParams()
-
-
-@dataclass
-class RawMap:
-    """A map stored as it is: values [B, ...] with `layout` naming the dims after the batch (e.g.
-    'classes,tokens') and `grid` the (h, w) of its spatial or token grid."""
-
-    values: torch.Tensor
-    layout: str
-    grid: tuple[int, int]
 
 
 class Method:
@@ -131,6 +122,13 @@ class Method:
     def segmenter(self, model: nn.Module) -> nn.Module | None:
         """Return a module mapping images [B, 3, H, W] to segmentation logits [B, K+1, h, w], or None."""
         return None
+
+    def cam_hooks(self, model: nn.Module) -> CamHooks:
+        """Return what export_cams reads from `model`: this method's cam_maps, raw_maps, segmenter and
+        class_scores bound to it, and its input normalisation."""
+        return CamHooks(cam_maps=partial(self.cam_maps, model), mean=model.mean, std=model.std,
+                        raw_maps=partial(self.raw_maps, model), segment=self.segmenter(model),
+                        class_scores=partial(self.class_scores, model))
 
     # refine
     def refine(self, cam: np.ndarray, keys: np.ndarray, raw: dict[str, np.ndarray]) -> np.ndarray:

@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from wsss_core.cams.attention import ROUNDINGS, joint_refine, semantic_modulation
+from wsss_core.cams.store import RawMap
 from wsss_core.config import ClsParams, NonNegativeFloat, NonNegativeInt, Params, Section
 from wsss_core.errors import ParamsError
-from wsss_core.methods.base import (ExportParams, Method, MethodParams, ModelParams, RawMap, RefineParams,
+from wsss_core.methods.base import (ExportParams, Method, MethodParams, ModelParams, RefineParams,
                                     chosen_blocks, register_method, sum_blocks)
 from wsss_core.models.catalog import DEIT_DEPTH, VIT_BACKBONES
 

@@ -27,9 +27,10 @@ from pydantic import Field
 from torch import nn
 
 from wsss_core.cams.attention import TRANSCAM_MODES, attention_refine
+from wsss_core.cams.store import RawMap
 from wsss_core.config import ClsParams, NonNegativeInt, Params
 from wsss_core.errors import ParamsError
-from wsss_core.methods.base import (ExportParams, Method, MethodParams, ModelParams, RawMap, RefineParams,
+from wsss_core.methods.base import (ExportParams, Method, MethodParams, ModelParams, RefineParams,
                                     chosen_blocks, register_method, sum_blocks)
 from wsss_core.models.catalog import CONFORMER_BACKBONES, CONFORMER_DEPTH
 

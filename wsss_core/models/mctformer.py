@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsss_core.errors import ParamsError
-from wsss_core.models.catalog import DEIT_DEPTH, VIT_BACKBONES
+from wsss_core.models.catalog import VIT_BACKBONES
 from wsss_core.models.hooks import AttentionRecorder
 from wsss_core.models.pretrained import read_state_dict
 from wsss_core.models.groups import ParamGroup
