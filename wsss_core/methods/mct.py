@@ -28,7 +28,7 @@ from wsss_core.config import ClsParams, NonNegativeFloat, NonNegativeInt, Params
 from wsss_core.errors import ParamsError
 from wsss_core.methods.base import (ExportParams, Method, MethodParams, ModelParams, RefineParams,
                                     chosen_blocks, register_method, sum_blocks)
-from wsss_core.models.catalog import DEIT_DEPTH, VIT_BACKBONES
+from wsss_core.models.catalog import CNN_BACKBONES, DEIT_DEPTH, VIT_BACKBONES
 
 if TYPE_CHECKING:
     from wsss_core.models.mctformer import MCTformerV2
@@ -45,6 +45,14 @@ class MCTModelParams(ModelParams):
     # Weight of the class-token loss (spec eq. 7; 1 in MCTformer). 0 is the switch-off control: the class
     # tokens get no signal, so their attention is not class-specific; val mAP then comes from the patch CAM.
     token_loss_weight: NonNegativeFloat = 1.0
+    # Hybrid tokens, a deviation for the cpu profile (docs/methods/mct.md): "" keeps MCTformer-V2's 16x16 patch
+    # convolution; a CNN of cls.backbone's CNN list makes the patch tokens its stride-`token_backbone_stride`
+    # features projected 1x1 to the width, its weights from `token_backbone_pretrained` (the packaged ImageNet
+    # Lite0, or a local file), trained at lr x token_backbone_lr_mult (0: frozen, batch-norm statistics too).
+    token_backbone: str = ""
+    token_backbone_pretrained: str = "efficientnet_lite0"
+    token_backbone_stride: Literal[8, 16, 32] = 16
+    token_backbone_lr_mult: NonNegativeFloat = 0.1
 
 
 class MCTExportParams(ExportParams):
@@ -99,18 +107,32 @@ class MCTMethod(Method):
         if refine.p2p_layers != "all" and self.params.export.p2p == "sum":
             raise ParamsError(f"methods.{self.name}.refine.p2p_layers: choosing blocks needs "
                               f"methods.{self.name}.export.p2p: layers (the store would hold their sum only)")
-        depth = self.params.model.depth or DEIT_DEPTH
+        model = self.params.model
+        if model.token_backbone and model.token_backbone not in CNN_BACKBONES:
+            raise ParamsError(f"methods.{self.name}.model.token_backbone {model.token_backbone!r} is not one of: "
+                              f"{', '.join(CNN_BACKBONES)} (or '' for the patch convolution)")
+        if model.token_backbone and params.cls.pretrained:
+            raise ParamsError(f"cls.pretrained {params.cls.pretrained!r}: DeiT weights do not fit hybrid tokens "
+                              f"(methods.{self.name}.model.token_backbone {model.token_backbone!r}); give ''")
+        depth = model.depth or DEIT_DEPTH
         for key in ("c2p_layers", "p2p_layers"):
             if getattr(refine, key) != "all":
                 chosen_blocks(getattr(refine, key), depth, f"methods.{self.name}.refine.{key}")
 
     def build_classifier(self, cls: ClsParams, num_classes: int, *, pretrained: bool = True) -> MCTformerV2:
+        from wsss_core.models.backbones import Backbone
         from wsss_core.models.mctformer import build_mctformer
 
         model = self.params.model
+        token_backbone = None
+        if model.token_backbone:
+            token_backbone = Backbone(model.token_backbone, model.token_backbone_stride,
+                                      model.token_backbone_pretrained if pretrained else "",
+                                      f"methods.{self.name}.model.token_backbone_pretrained")
         return build_mctformer(cls.backbone, num_classes, pretrained=cls.pretrained if pretrained else "",
                                head_kernel=model.head_kernel, final_norm=model.final_norm, drop_path=model.drop_path,
-                               depth=model.depth, patch_size=model.patch_size)
+                               depth=model.depth, patch_size=model.patch_size, token_backbone=token_backbone,
+                               token_backbone_lr_mult=model.token_backbone_lr_mult)
 
     def training_loss(self, model: MCTformerV2, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         token_scores, patch_scores, _ = model(batch["images"])

@@ -7,6 +7,12 @@ The network keeps timm's ViT modules and their state-dict names (`patch_embed`, 
 class tokens (MCTformer's initialisation), the patch positions are resized bicubically if the grid
 differs, timm's 1000-class `head.*` is dropped, and `cam_head.*` (the conv CAM head) is the only new key.
 Attention is read with forward hooks on timm's unchanged blocks (`models/hooks.py`).
+
+Hybrid tokens (the cpu profile's deviation, as the ViT paper's hybrid): with a `token_backbone` (a CNN, e.g.
+the packaged ImageNet Lite0 at stride 16) the patch tokens are its feature map projected 1x1 to the width
+(`token_proj`), in place of the 16x16 patch convolution (`patch_embed.proj` is then removed). Tokens that
+start semantic give attention a chance to behave like an affinity when the transformer trains from scratch
+on a few hundred images, which the methods' refinements assume. Without one the network is MCTformer-V2's.
 """
 from __future__ import annotations
 
@@ -37,7 +43,11 @@ class MCTformerV2(nn.Module):
     last block's tokens without timm's final LayerNorm, which is kept (unused) for the key layout.
     """
 
-    def __init__(self, vit: nn.Module, num_classes: int, *, head_kernel: int = 3, final_norm: bool = False):
+    def __init__(self, vit: nn.Module, num_classes: int, *, head_kernel: int = 3, final_norm: bool = False,
+                 token_backbone: nn.Module | None = None, token_backbone_lr_mult: float = 0.1):
+        """token_backbone: a module mapping images [B, 3, H, W] to features [B, channels, H/s, W/s] with the
+        attributes `channels`, `output_stride`, `mean` and `std` (a models.backbones.Backbone); its parameters
+        train at lr x token_backbone_lr_mult, and 0 freezes it (batch-norm statistics included)."""
         super().__init__()
         dim = vit.embed_dim
         self.num_classes, self.final_norm = num_classes, final_norm
@@ -54,6 +64,27 @@ class MCTformerV2(nn.Module):
         self.mean: tuple[float, float, float] = tuple(config.get("mean", IMAGENET_DEFAULT_MEAN))
         self.std: tuple[float, float, float] = tuple(config.get("std", IMAGENET_DEFAULT_STD))
         self.cam_stride: int = vit.patch_embed.patch_size[0]
+        self.token_backbone, self.token_backbone_lr_mult = token_backbone, token_backbone_lr_mult
+        if token_backbone is not None:
+            self.patch_embed.proj = None  # the tokens come from the backbone
+            self.token_proj = nn.Conv2d(token_backbone.channels, dim, 1)
+            self.mean, self.std, self.cam_stride = token_backbone.mean, token_backbone.std, token_backbone.output_stride
+            if token_backbone_lr_mult == 0:
+                token_backbone.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "MCTformerV2":
+        """Set the training mode; a frozen token backbone stays in eval mode (its batch-norm statistics fixed)."""
+        super().train(mode)
+        if self.token_backbone is not None and self.token_backbone_lr_mult == 0:
+            self.token_backbone.eval()
+        return self
+
+    def patch_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Return the patch tokens before the positions, as a map [B, D, h, w]: the 16x16 patch convolution, or
+        the token backbone's features projected 1x1 (hybrid)."""
+        if self.token_backbone is None:
+            return self.patch_embed.proj(images)
+        return self.token_proj(self.token_backbone(images))
 
     def position_embedding(self, height: int, width: int) -> torch.Tensor:
         """Return the positional embedding [1, C + height * width, D]: the patch part resized bicubically from
@@ -69,7 +100,7 @@ class MCTformerV2(nn.Module):
 
     def tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (class tokens [B, C, D], patch tokens as a map [B, D, h, w]) after the last block."""
-        patches = self.patch_embed.proj(images)  # [B, D, h, w]
+        patches = self.patch_features(images)  # [B, D, h, w]
         batch, dim, height, width = patches.shape
         patches = self.patch_embed.norm(patches.flatten(2).transpose(1, 2))
         tokens = torch.cat([self.cls_token.expand(batch, -1, -1), patches], 1) + self.position_embedding(height, width)
@@ -93,26 +124,38 @@ class MCTformerV2(nn.Module):
 
     def parameter_groups(self, new_layer_lr_mult: float) -> list[ParamGroup]:
         """Return the ViT's weights (decayed) and its biases, norms, class tokens and positions (not decayed, as
-        timm's optimizer factory for DeiT), then the CAM head at lr x new_layer_lr_mult (its bias not decayed)."""
-        vit = [p for name, p in self.named_parameters() if not name.startswith("cam_head.")]
+        timm's optimizer factory for DeiT), then the CAM head at lr x new_layer_lr_mult (its bias not decayed).
+        Hybrid: the 1x1 token projection is part of the ViT; the token backbone's weights and its biases and
+        norms follow at lr x token_backbone_lr_mult (none when it is frozen)."""
+        vit = [p for name, p in self.named_parameters() if not name.startswith(("cam_head.", "token_backbone."))]
         undecayed = {id(self.cls_token), id(self.pos_embed)}
-        return [ParamGroup("backbone", [p for p in vit if p.ndim > 1 and id(p) not in undecayed]),
-                ParamGroup("backbone_no_decay", [p for p in vit if p.ndim <= 1 or id(p) in undecayed],
-                           weight_decay=False),
-                ParamGroup("new", [self.cam_head.weight], new_layer_lr_mult),
-                ParamGroup("new_bias", [self.cam_head.bias], new_layer_lr_mult, weight_decay=False)]
+        groups = [ParamGroup("backbone", [p for p in vit if p.ndim > 1 and id(p) not in undecayed]),
+                  ParamGroup("backbone_no_decay", [p for p in vit if p.ndim <= 1 or id(p) in undecayed],
+                             weight_decay=False),
+                  ParamGroup("new", [self.cam_head.weight], new_layer_lr_mult),
+                  ParamGroup("new_bias", [self.cam_head.bias], new_layer_lr_mult, weight_decay=False)]
+        if self.token_backbone is not None and self.token_backbone_lr_mult > 0:
+            cnn = list(self.token_backbone.parameters())
+            groups += [ParamGroup("token_backbone", [p for p in cnn if p.ndim > 1], self.token_backbone_lr_mult),
+                       ParamGroup("token_backbone_no_decay", [p for p in cnn if p.ndim <= 1],
+                                  self.token_backbone_lr_mult, weight_decay=False)]
+        return groups
 
 
 def build_mctformer(name: str, num_classes: int, *, pretrained: str = "", head_kernel: int = 3,
-                    final_norm: bool = False, drop_path: float = 0.1, depth: int = 0, patch_size: int = 0
-                    ) -> MCTformerV2:
+                    final_norm: bool = False, drop_path: float = 0.1, depth: int = 0, patch_size: int = 0,
+                    token_backbone: nn.Module | None = None, token_backbone_lr_mult: float = 0.1) -> MCTformerV2:
     """Return MCTformer-V2 on timm's `name` (a DeiT of VIT_BACKBONES), random or from a local DeiT state dict;
-    depth and patch_size other than 0 replace the named model's (a smaller network for a CPU)."""
+    depth and patch_size other than 0 replace the named model's (a smaller network for a CPU); a token_backbone
+    makes the hybrid (module docstring; pretrained is then refused: a DeiT's patch convolution has no place)."""
     if name not in VIT_BACKBONES:
         raise ParamsError(f"cls.backbone {name!r} is not a ViT of: {', '.join(VIT_BACKBONES)}")
+    if pretrained and token_backbone is not None:
+        raise ParamsError(f"cls.pretrained {pretrained!r}: DeiT weights do not fit hybrid tokens (token_backbone)")
     sizes = {key: value for key, value in (("depth", depth), ("patch_size", patch_size)) if value}
     vit = timm.create_model(name, pretrained=False, num_classes=0, drop_path_rate=drop_path, **sizes)
-    model = MCTformerV2(vit, num_classes, head_kernel=head_kernel, final_norm=final_norm)
+    model = MCTformerV2(vit, num_classes, head_kernel=head_kernel, final_norm=final_norm,
+                        token_backbone=token_backbone, token_backbone_lr_mult=token_backbone_lr_mult)
     if pretrained:
         load_deit_weights(model, pretrained)
     return model
