@@ -26,6 +26,10 @@ def refine(params_file: Path = typer.Option(PARAMS_FILE, "--params", help="param
     method.refine_cams(CAM_STORE, REFINED_STORE, ids)
     report = score_cam_store(REFINED_STORE, dataset, params.cams, params.data, classifier_store=CAM_STORE,
                              reference=CAM_STORE)
+    with CamStore(CAM_STORE) as store:
+        statistics = method.attention_statistics(store, dataset, ids)
+    if statistics:
+        report["attention"] = statistics
     write_json(REFINED_METRICS, report)
     typer.echo(describe_report("refined CAM" if method.refines else "refined CAM (pass-through)", report))
 

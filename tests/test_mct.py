@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from wsss_core.cams.attention import (joint_refine, neighbour_count, semantic_modulation, semantic_modulation_reference,
+from wsss_core.cams.attention import (attention_on_objects, class_map_correlation, joint_refine, neighbour_count,
+                                      object_tokens, semantic_modulation, semantic_modulation_reference,
                                       semantic_neighbours)
 from wsss_core.config import parse_params
 from wsss_core.errors import ParamsError
@@ -438,3 +439,76 @@ def test_hybrid_params_that_cannot_run_are_refused(model, pretrained, message):
                            "methods": {"mct": {"model": model}}}, method_params())
     with pytest.raises(ParamsError, match=message):
         get_method(params)
+
+
+# the refinement's assumption, measured
+
+def test_object_tokens_are_cells_more_than_half_foreground_among_labelled_pixels():
+    mask = np.array([[1, 1, 0, 0],
+                     [1, 1, 2, 0],
+                     [255, 3, 0, 0],
+                     [255, 255, 255, 255]], dtype=np.uint8)
+    # cells (2 x 2): all object | 1 of 4 object | 1 object of 1 labelled | nothing labelled
+    assert object_tokens(mask, (2, 2)).tolist() == [True, False, True, False]
+
+
+def test_attention_on_objects_by_hand():
+    objects = np.array([True, False, False, False])
+    p2p = np.array([[2.0, 1, 1, 0],   # object query: 2 / 4 on the object token
+                    [0, 1, 0, 0],     # background queries: 0, 1/4 and 3/4
+                    [1, 1, 1, 1],
+                    [3, 1, 0, 0]])
+    object_share, background_share = attention_on_objects(p2p, objects)
+    assert object_share == pytest.approx(0.5) and background_share == pytest.approx(1 / 3)
+    assert attention_on_objects(p2p, np.ones(4, bool)) is None and attention_on_objects(p2p, np.zeros(4, bool)) is None
+
+
+def test_class_map_correlation_by_hand():
+    ramp = np.array([1.0, 2.0, 3.0])
+    assert class_map_correlation(np.stack([ramp, ramp])) == pytest.approx(1.0)
+    assert class_map_correlation(np.stack([ramp, ramp[::-1]])) == pytest.approx(-1.0)
+    assert class_map_correlation(np.stack([ramp, 2 * ramp, -ramp])) == pytest.approx(-1 / 3)  # pairs 1, -1, -1
+    assert class_map_correlation(ramp[None]) is None
+
+
+class _Store:
+    """The two reads attention_statistics makes of a CAM store, for one 2 x 2 token grid."""
+
+    def __init__(self, raws):
+        self.raws = raws
+
+    def read_raw(self, image_id):
+        return self.raws[image_id]
+
+    def raw_layout(self, image_id, name):
+        return "views,tokens,tokens", (2, 2)
+
+
+class _Dataset:
+    def __init__(self, labels, masks):
+        self.labels, self.masks = labels, masks
+
+    def has_mask(self, image_id):
+        return image_id in self.masks
+
+    def read_mask(self, image_id):
+        return self.masks[image_id]
+
+
+def test_mct_attention_statistics_average_images_and_use_the_refines_blocks():
+    """Image a: token 0 object; its object query puts 1/2 on it, background queries 0, 1/4, 3/4 (mean 1/3).
+    Classes 1 and 2 present, c2p of the last 3 of 4 blocks summed: rows (1, 2, 3, 4) and (4, 3, 2, 1) -> -1;
+    block 0, which the refine leaves out, would make them equal. Image b has no mask and is left out."""
+    method = REGISTRY["mct"]()  # the default refine: c2p_layers the last 3 blocks, p2p all
+    p2p = np.array([[2.0, 1, 1, 0], [0, 1, 0, 0], [1, 1, 1, 1], [3, 1, 0, 0]])
+    c2p = np.zeros((2, 4, CLASSES, 4))  # [views, blocks, classes, tokens]
+    c2p[0, 1:, 0] = np.array([1.0, 2, 3, 4]) / 3
+    c2p[0, 1:, 1] = np.array([4.0, 3, 2, 1]) / 3
+    c2p[0, 0, :2] = 100 * np.array([1.0, 2, 3, 4])
+    raws = {"a": {"p2p": np.stack([p2p, p2p]), "c2p": c2p}}
+    mask = np.array([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]], dtype=np.uint8)
+    dataset = _Dataset({"a": [1, 2], "b": [1]}, {"a": mask})
+    statistics = method.attention_statistics(_Store(raws), dataset, ["a", "b"])
+    assert statistics == pytest.approx({"object_query_on_objects": 0.5, "background_query_on_objects": 1 / 3,
+                                        "object_token_share": 0.25, "images": 1, "class_map_correlation": -1.0,
+                                        "multi_class_images": 1})

@@ -137,3 +137,40 @@ def attention_refine(cam_logits: torch.Tensor, attention: torch.Tensor, mode: st
     elif mode == "clsattn":
         cam = cam * attention[:, :1, 1:]
     return cam.view(batch, classes, height, width)
+
+
+def object_tokens(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """Return bool [h * w] (row-major): a token is an object token when more than half of the labelled pixels of
+    its cell are foreground. mask: uint8 [H, W] (0 background, 1..K classes, 255 void, which does not count); the
+    cells are the image's area resampled to the token grid (h, w)."""
+    labels = torch.from_numpy(mask.astype(np.int64))
+    valid = (labels != 255).float()[None, None]
+    foreground = ((labels > 0) & (labels != 255)).float()[None, None]
+    labelled = F.interpolate(valid, grid, mode="area")[0, 0]
+    share = F.interpolate(foreground, grid, mode="area")[0, 0] / labelled.clamp(min=1e-6)
+    return ((share > 0.5) & (labelled > 0)).flatten().numpy()
+
+
+def attention_on_objects(p2p: np.ndarray, objects: np.ndarray) -> tuple[float, float] | None:
+    """Return (mean share of an object query's attention on object keys, the same for background queries) of
+    patch-to-patch attention p2p [N, N] (row i: query i; rows renormalised to sum 1), objects bool [N]; None when
+    the image has no object token or no background token. An affinity gives the first more than the second;
+    an evidence hub (every query reading the object tokens) gives the second as much or more."""
+    if objects.all() or not objects.any():
+        return None
+    rows = p2p / np.maximum(p2p.sum(1, keepdims=True), 1e-12)
+    on_objects = rows[:, objects].sum(1)  # [N]
+    return float(on_objects[objects].mean()), float(on_objects[~objects].mean())
+
+
+def class_map_correlation(maps: np.ndarray) -> float | None:
+    """Return the mean Pearson correlation over pairs of rows of maps [k, N] (e.g. the present classes'
+    class-to-patch attention), or None for fewer than 2 rows. Class-specific maps correlate little; one map
+    copied to every class gives 1."""
+    if len(maps) < 2:
+        return None
+    centred = maps - maps.mean(1, keepdims=True)
+    unit = centred / np.maximum(np.linalg.norm(centred, axis=1, keepdims=True), 1e-12)
+    correlations = unit @ unit.T
+    pairs = np.triu_indices(len(maps), 1)
+    return float(correlations[pairs].mean())

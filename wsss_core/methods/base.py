@@ -32,6 +32,7 @@ from wsss_core.cams.hooks import CamHooks
 from wsss_core.cams.store import CamStore, RawMap, transform_store
 from wsss_core.checkpoint import load_checkpoint
 from wsss_core.config import ClsParams, Params, Section
+from wsss_core.data.dataset import Dataset
 from wsss_core.errors import ParamsError
 from wsss_core.models.catalog import CNN_BACKBONES
 
@@ -129,6 +130,11 @@ class Method:
         return CamHooks(cam_maps=partial(self.cam_maps, model), mean=model.mean, std=model.std,
                         raw_maps=partial(self.raw_maps, model), segment=self.segmenter(model),
                         class_scores=partial(self.class_scores, model))
+
+    def attention_statistics(self, store: CamStore, dataset: Dataset, ids: list[str]) -> dict:
+        """Return statistics of the stored attention against ground truth that test the refinement's assumption
+        (e.g. attention behaving like an affinity), written beside the refined CAMs' scores; none by default."""
+        return {}
 
     # refine
     def refine(self, cam: np.ndarray, keys: np.ndarray, raw: dict[str, np.ndarray]) -> np.ndarray:

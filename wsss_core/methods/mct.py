@@ -22,9 +22,11 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from wsss_core.cams.attention import ROUNDINGS, joint_refine, semantic_modulation
-from wsss_core.cams.store import RawMap
+from wsss_core.cams.attention import (ROUNDINGS, attention_on_objects, class_map_correlation, joint_refine,
+                                      object_tokens, semantic_modulation)
+from wsss_core.cams.store import CamStore, RawMap
 from wsss_core.config import ClsParams, NonNegativeFloat, NonNegativeInt, Params, Section
+from wsss_core.data.dataset import Dataset
 from wsss_core.errors import ParamsError
 from wsss_core.methods.base import (ExportParams, Method, MethodParams, ModelParams, RefineParams,
                                     chosen_blocks, register_method, sum_blocks)
@@ -156,6 +158,37 @@ class MCTMethod(Method):
                 "c2p": RawMap(attention[:, :, :classes, classes:].transpose(0, 1), "layers,classes,tokens", grid),
                 "p2p": RawMap(p2p.transpose(0, 1), "layers,tokens,tokens", grid) if self.params.export.p2p == "layers"
                 else RawMap(p2p.sum(0), "tokens,tokens", grid)}
+
+    def attention_statistics(self, store: CamStore, dataset: Dataset, ids: list[str]) -> dict:
+        """Return, over the images with a mask (view 0 of the stored attention, p2p summed over the refine's
+        blocks, c2p over its c2p_layers): the mean share of object / background queries' patch attention on
+        object tokens (cams.attention.attention_on_objects; an affinity puts more from object queries), the
+        object tokens' share of the grid, and the mean correlation of the present classes' class-to-patch maps
+        on images with two or more classes (class specificity: low is specific)."""
+        params: MCTRefineParams = self.params.refine
+        shares, grid_shares, correlations = [], [], []
+        for image_id in ids:
+            if not dataset.has_mask(image_id):
+                continue
+            raw, keys = store.read_raw(image_id), np.asarray(dataset.labels[image_id], dtype=np.int64)
+            _, grid = store.raw_layout(image_id, "p2p")
+            p2p = torch.from_numpy(raw["p2p"][:1])
+            if p2p.ndim == 4:
+                p2p = sum_blocks(p2p, params.p2p_layers, f"methods.{self.name}.refine.p2p_layers")
+            objects = object_tokens(dataset.read_mask(image_id), grid)
+            share = attention_on_objects(p2p[0].numpy(), objects)
+            if share is not None:
+                shares.append(share)
+                grid_shares.append(objects.mean())
+            if len(keys) >= 2:
+                c2p = sum_blocks(torch.from_numpy(raw["c2p"][:1, :, keys - 1]), params.c2p_layers,
+                                 f"methods.{self.name}.refine.c2p_layers")[0]  # [k, N]
+                correlations.append(class_map_correlation(c2p.numpy()))
+        mean = (lambda values: float(np.mean(values)) if values else None)
+        return {"object_query_on_objects": mean([share[0] for share in shares]),
+                "background_query_on_objects": mean([share[1] for share in shares]),
+                "object_token_share": mean(grid_shares), "images": len(shares),
+                "class_map_correlation": mean(correlations), "multi_class_images": len(correlations)}
 
     def refine(self, cam: np.ndarray, keys: np.ndarray, raw: dict[str, np.ndarray]) -> np.ndarray:
         params: MCTRefineParams = self.params.refine
