@@ -394,3 +394,24 @@ def test_paper_budget_etrans_reduces_params_and_macs_within_the_specs_bounds():
     assert 0.10 <= 1 - macs["paper_budget"] / macs["standard"] <= 0.16
     assert params["default"] == params["standard"] == 36_465_066 and macs["default"] < macs["standard"]
     assert count_macs(models["standard"], images, layers=False) == 12 * 2 * 197 ** 2 * 384
+
+
+def test_the_cpu_presets_alpha_init_reaches_every_coupling():
+    """`-S method=conformer_ms` at the cpu profile starts each MFUC's alphas at mfuc.alpha_init 0.1 (the paper
+    profile at 0), through the method's builder."""
+    import yaml
+
+    from stages.compose import compose
+    from wsss_core.config import parse_params
+    from wsss_core.methods import get_method, method_params
+
+    for profile, expected in (("cpu", 0.1), ("paper", 0.0)):
+        params = parse_params(yaml.safe_load(compose(["method=conformer_ms", f"profile={profile}"])), method_params())
+        assert params.methods["conformer_ms"].model.mfuc.alpha_init == expected
+    params = parse_params(yaml.safe_load(compose(["method=conformer_ms"])), method_params())
+    model = get_method(params).build_classifier(params.cls, 3, pretrained=False)
+    couplings = [module for module in model.modules() if module.__class__.__name__ == "MFUC"]
+    assert len(couplings) == 11  # one before each of blocks 2..12
+    for coupling in couplings:
+        assert torch.equal(coupling.alpha_x, torch.full_like(coupling.alpha_x, 0.1))
+        assert torch.equal(coupling.alpha_c, torch.full_like(coupling.alpha_c, 0.1))

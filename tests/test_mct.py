@@ -512,3 +512,15 @@ def test_mct_attention_statistics_average_images_and_use_the_refines_blocks():
     assert statistics == pytest.approx({"object_query_on_objects": 0.5, "background_query_on_objects": 1 / 3,
                                         "object_token_share": 0.25, "images": 1, "class_map_correlation": -1.0,
                                         "multi_class_images": 1})
+
+
+def test_ranked_pooling_by_hand_and_its_ends():
+    from wsss_core.models.mctformer import ranked_pooling
+
+    maps = torch.tensor([3.0, 1.0, 2.0, 2.0]).view(1, 1, 2, 2)
+    # sorted 3, 2, 2, 1 with weights 1, 1/2, 1/4, 1/8: (3 + 1 + 0.5 + 0.125) / 1.875
+    assert ranked_pooling(maps, 0.5).item() == pytest.approx(4.625 / 1.875)
+    assert ranked_pooling(maps, 1.0).item() == pytest.approx(2.0) and ranked_pooling(maps, 0.0).item() == 3.0
+    model = MCTformerV2(tiny_vit(), CLASSES, patch_pooling_decay=0.0).eval()
+    _, patch_scores, cam_logits = model(torch.randn(2, 3, 64, 80))
+    assert torch.equal(patch_scores, cam_logits.flatten(2).amax(-1))

@@ -51,6 +51,10 @@ class MCTModelParams(ModelParams):
     # convolution; a CNN of cls.backbone's CNN list makes the patch tokens its stride-`token_backbone_stride`
     # features projected 1x1 to the width, its weights from `token_backbone_pretrained` (the packaged ImageNet
     # Lite0, or a local file), trained at lr x token_backbone_lr_mult (0: frozen, batch-norm statistics too).
+    # The patch CAM's pooling into the patch loss's scores: global weighted ranking pooling with this decay
+    # (models.mctformer.ranked_pooling). 1 is MCTformer-V2's GAP, which rewards every token for carrying the
+    # class; MCTformer+ (xulianuwa/MCTformer's later models.py) uses 0.996.
+    patch_pooling_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0
     token_backbone: str = ""
     token_backbone_pretrained: str = "efficientnet_lite0"
     token_backbone_stride: Literal[8, 16, 32] = 16
@@ -134,7 +138,8 @@ class MCTMethod(Method):
         return build_mctformer(cls.backbone, num_classes, pretrained=cls.pretrained if pretrained else "",
                                head_kernel=model.head_kernel, final_norm=model.final_norm, drop_path=model.drop_path,
                                depth=model.depth, patch_size=model.patch_size, token_backbone=token_backbone,
-                               token_backbone_lr_mult=model.token_backbone_lr_mult)
+                               token_backbone_lr_mult=model.token_backbone_lr_mult,
+                               patch_pooling_decay=model.patch_pooling_decay)
 
     def training_loss(self, model: MCTformerV2, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         token_scores, patch_scores, _ = model(batch["images"])

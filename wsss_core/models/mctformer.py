@@ -44,13 +44,15 @@ class MCTformerV2(nn.Module):
     """
 
     def __init__(self, vit: nn.Module, num_classes: int, *, head_kernel: int = 3, final_norm: bool = False,
-                 token_backbone: nn.Module | None = None, token_backbone_lr_mult: float = 0.1):
+                 token_backbone: nn.Module | None = None, token_backbone_lr_mult: float = 0.1,
+                 patch_pooling_decay: float = 1.0):
         """token_backbone: a module mapping images [B, 3, H, W] to features [B, channels, H/s, W/s] with the
         attributes `channels`, `output_stride`, `mean` and `std` (a models.backbones.Backbone); its parameters
-        train at lr x token_backbone_lr_mult, and 0 freezes it (batch-norm statistics included)."""
+        train at lr x token_backbone_lr_mult, and 0 freezes it (batch-norm statistics included).
+        patch_pooling_decay: the patch scores' pooling of the CAM logits (ranked_pooling); 1 is GAP."""
         super().__init__()
         dim = vit.embed_dim
-        self.num_classes, self.final_norm = num_classes, final_norm
+        self.num_classes, self.final_norm, self.patch_pooling_decay = num_classes, final_norm, patch_pooling_decay
         self.patch_embed, self.pos_drop, self.norm_pre = vit.patch_embed, vit.pos_drop, vit.norm_pre
         self.blocks, self.norm = vit.blocks, vit.norm
         self.grid: tuple[int, int] = tuple(vit.patch_embed.grid_size)  # the positional embedding's own grid
@@ -113,7 +115,7 @@ class MCTformerV2(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         class_tokens, patch_map = self.tokens(images)
         cam_logits = self.cam_head(patch_map)
-        return class_tokens.mean(-1), cam_logits.mean((2, 3)), cam_logits
+        return class_tokens.mean(-1), ranked_pooling(cam_logits, self.patch_pooling_decay), cam_logits
 
     @torch.no_grad()
     def cam_and_attention(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,9 +144,22 @@ class MCTformerV2(nn.Module):
         return groups
 
 
+def ranked_pooling(maps: torch.Tensor, decay: float) -> torch.Tensor:
+    """Return global weighted ranking pooling [B, C] of maps [B, C, h, w]: each class's values sorted from the
+    largest, the j-th weighted by decay**j, the weighted sum over the sum of the weights. decay 1 is the mean
+    (GAP, MCTformer-V2), 0 the max; MCTformer+ pools its patch CAM with 0.996."""
+    if decay == 1:
+        return maps.mean((2, 3))
+    ranked = maps.flatten(2).sort(-1, descending=True).values  # [B, C, N]
+    weights = torch.full((ranked.shape[-1],), float(decay), dtype=ranked.dtype, device=ranked.device)
+    weights = weights ** torch.arange(ranked.shape[-1], device=ranked.device)
+    return (ranked * weights).sum(-1) / weights.sum()
+
+
 def build_mctformer(name: str, num_classes: int, *, pretrained: str = "", head_kernel: int = 3,
                     final_norm: bool = False, drop_path: float = 0.1, depth: int = 0, patch_size: int = 0,
-                    token_backbone: nn.Module | None = None, token_backbone_lr_mult: float = 0.1) -> MCTformerV2:
+                    token_backbone: nn.Module | None = None, token_backbone_lr_mult: float = 0.1,
+                    patch_pooling_decay: float = 1.0) -> MCTformerV2:
     """Return MCTformer-V2 on timm's `name` (a DeiT of VIT_BACKBONES), random or from a local DeiT state dict;
     depth and patch_size other than 0 replace the named model's (a smaller network for a CPU); a token_backbone
     makes the hybrid (module docstring; pretrained is then refused: a DeiT's patch convolution has no place)."""
@@ -155,7 +170,8 @@ def build_mctformer(name: str, num_classes: int, *, pretrained: str = "", head_k
     sizes = {key: value for key, value in (("depth", depth), ("patch_size", patch_size)) if value}
     vit = timm.create_model(name, pretrained=False, num_classes=0, drop_path_rate=drop_path, **sizes)
     model = MCTformerV2(vit, num_classes, head_kernel=head_kernel, final_norm=final_norm,
-                        token_backbone=token_backbone, token_backbone_lr_mult=token_backbone_lr_mult)
+                        token_backbone=token_backbone, token_backbone_lr_mult=token_backbone_lr_mult,
+                        patch_pooling_decay=patch_pooling_decay)
     if pretrained:
         load_deit_weights(model, pretrained)
     return model
