@@ -275,3 +275,41 @@ def test_every_model_knob_is_an_argument_of_the_network():
     assert set(MultiSAModelParams.model_fields) == arguments
     source = inspect.getsource(MultiSAMethod.build_classifier)
     assert all(f"{name}=model.{name}" in source for name in arguments)
+
+
+def _tap_energies(net: MultiSANet, images: torch.Tensor) -> list[float]:
+    """Return each stacked tap's mean squared value per channel and pixel, finest first."""
+    with torch.no_grad():
+        return [float(tap.pow(2).mean()) for tap in net.attended_taps(images)]
+
+
+def test_tap_norm_bounds_each_taps_scale_whatever_the_input():
+    """Gates at 0 (the blocks are the identity), BatchNorm in training mode: with bn_relu each tap channel is
+    normalised over the batch, then ReLU'd, so its mean square is at most 1 even on images scaled by 100; the
+    raw taps of the same backbone scale with the input (ResNet-18, random: thousands)."""
+    images = 100 * torch.randn(4, 3, 64, 64)
+    raw, normed = _net(3), _net(3, tap_norm="bn_relu").train()
+    assert max(_tap_energies(raw, images)) > 100
+    energies = _tap_energies(normed, images)
+    assert len(energies) == 3 and all(0.2 < energy <= 1.0 + 1e-4 for energy in energies), energies
+
+
+def test_tap_norm_is_off_for_the_plain_cam_network_and_refused_with_inline():
+    assert _net(0, tap_norm="bn_relu").tap_norms is not None and len(_net(0, tap_norm="bn_relu").tap_norms) == 0
+    with pytest.raises(ValueError, match="tap_norm"):
+        _net(3, tap_norm="bn_relu", inline=True)
+    params = parse_params({"method": "multisa", "methods": {"multisa": {"model": {"tap_norm": "bn_relu",
+                                                                                  "inline": True}}}}, method_params())
+    with pytest.raises(ParamsError, match=r"methods\.multisa\.model\.tap_norm"):
+        get_method(params)
+
+
+def test_the_sqrt_d_scale_raises_the_attentions_entropy_on_peaked_logits():
+    """Hand-made features whose query-key logits are large: dividing them by sqrt(d) = sqrt(8) flattens every
+    row, so its entropy rises (1/sqrt(d) scaling is the transformer's; the paper has none)."""
+    features = 3 * torch.randn(1, 8, 4, 4, generator=torch.Generator().manual_seed(0))
+    entropy = (lambda rows: float(-(rows * rows.clamp(min=1e-30).log()).sum(-1).mean()))
+    with torch.no_grad():
+        plain, scaled = _block().attention(features), _block(scale="sqrt_d").attention(features)
+    assert entropy(plain) == pytest.approx(0.0917, abs=1e-3)  # nats; uniform rows: log 16 = 2.77
+    assert entropy(scaled) == pytest.approx(0.2389, abs=1e-3)

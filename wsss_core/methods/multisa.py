@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from wsss_core.config import ClsParams, PositiveFloat, PositiveInt
+from wsss_core.config import ClsParams, Params, PositiveFloat, PositiveInt
+from wsss_core.errors import ParamsError
 from wsss_core.methods.base import Method, MethodParams, ModelParams, register_method
 from wsss_core.models.catalog import MULTISA_MAX_LAYERS
 
@@ -34,6 +35,10 @@ class MultiSAModelParams(ModelParams):
     classifier_bias: bool = False
     align_corners: bool = False  # of the bilinear resize of V_2..V_k to V_1's size
     bias_lr_mult: PositiveFloat = 2.0  # biases: lr x2 (x20 in new layers) and no weight decay (Puzzle-CAM)
+    # Not in the paper: bn_relu normalises and activates each tap before its attention block, so that no tap
+    # dominates the stacked CAM by scale (EfficientNet's stride-8/16 taps are signed linear-bottleneck outputs;
+    # the paper's ResNet taps are post-ReLU). none: the taps as the backbone gives them.
+    tap_norm: Literal["none", "bn_relu"] = "none"
 
 
 class MultiSAParams(MethodParams):
@@ -45,6 +50,12 @@ class MultiSAMethod(Method):
     name = "multisa"
     Params = MultiSAParams
 
+    def check(self, params: Params) -> None:
+        super().check(params)
+        if self.params.model.inline and self.params.model.tap_norm != "none":
+            raise ParamsError(f"methods.{self.name}.model.tap_norm {self.params.model.tap_norm!r} normalises side "
+                              f"branches; with inline: true the attended taps feed the backbone (give none)")
+
     def build_classifier(self, cls: ClsParams, num_classes: int, *, pretrained: bool = True) -> MultiSANet:
         from wsss_core.models.backbones import Backbone
         from wsss_core.models.multisa import MultiSANet
@@ -54,7 +65,8 @@ class MultiSAMethod(Method):
                           num_classes, layers=model.layers, reduction=model.reduction, scale=model.scale,
                           sa_bias=model.sa_bias, beta_init=model.beta_init, inline=model.inline,
                           fuse_bias=model.fuse_bias, classifier_bias=model.classifier_bias,
-                          align_corners=model.align_corners, bias_lr_mult=model.bias_lr_mult)
+                          align_corners=model.align_corners, bias_lr_mult=model.bias_lr_mult,
+                          tap_norm=model.tap_norm)
 
     def cam_maps(self, model: MultiSANet, images: torch.Tensor) -> dict[str, torch.Tensor]:
         raw, shares = model.layer_cams(images)

@@ -8,6 +8,11 @@ the backbone's final features (ResNet layer4; for EfficientNet its 1x1 head conv
 stage, so that k = 0 is exactly the plain CAM network `CamNet` on any backbone).
 No code was released with the paper; the ambiguities it leaves are constructor arguments at the
 spec's recommended defaults (../shared/methods/multisa.md, section 7).
+
+`tap_norm="bn_relu"` (not in the paper) puts a BatchNorm and a ReLU on each tap before its attention block.
+The paper's ResNet taps are post-ReLU stage outputs of comparable scale; EfficientNet-Lite0's stride-8/16 taps
+are linear-bottleneck outputs (signed, unactivated, 8.5x the head tap's energy), which then dominate the
+stacked CAM. Normalised and activated, every tap channel has unit scale whatever the backbone.
 """
 from __future__ import annotations
 
@@ -79,10 +84,12 @@ class MultiSANet(nn.Module):
     def __init__(self, backbone: Backbone, num_classes: int, *, layers: int = 3, reduction: int = 1,
                  scale: str = "none", sa_bias: bool = False, beta_init: float = 0.0, inline: bool = False,
                  fuse_bias: bool = False, classifier_bias: bool = False, align_corners: bool = False,
-                 bias_lr_mult: float = 2.0):
+                 bias_lr_mult: float = 2.0, tap_norm: str = "none"):
         super().__init__()
         if not 0 <= layers <= MULTISA_MAX_LAYERS:
             raise ValueError(f"layers must be in 0..{MULTISA_MAX_LAYERS}, got {layers}")
+        if tap_norm not in ("none", "bn_relu") or (tap_norm != "none" and inline):
+            raise ValueError(f"tap_norm must be 'none' or 'bn_relu' (and 'none' with inline), got {tap_norm!r}")
         self.backbone = backbone
         info = backbone.body.feature_info
         candidates = [(info[-3]["module"], info[-3]["num_chs"], info[-3]["reduction"]),
@@ -92,6 +99,8 @@ class MultiSANet(nn.Module):
         self.blocks = nn.ModuleList(SelfAttention(channels, reduction=reduction, scale=scale, bias=sa_bias,
                                                   beta_init=beta_init) for _, channels, _ in self.taps)
         self.inline, self.align_corners, self.bias_lr_mult = inline, align_corners, bias_lr_mult
+        self.tap_norms = nn.ModuleList(nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU())
+                                       for _, channels, _ in self.taps) if tap_norm == "bn_relu" else None
         self.channels = [channels for _, channels, _ in self.taps] or [backbone.channels]
         stacked = sum(self.channels)
         self.fuse = nn.Conv2d(stacked, stacked, 1, bias=fuse_bias) if layers else nn.Identity()
@@ -120,6 +129,8 @@ class MultiSANet(nn.Module):
         if not self.taps:
             return [final]
         taps = [self._captured.pop(index) for index in range(len(self.taps) - 1)] + [final]
+        if self.tap_norms is not None:
+            taps = [norm(tap) for norm, tap in zip(self.tap_norms, taps)]
         return [tap if self.inline and index < len(taps) - 1 else block(tap)
                 for index, (tap, block) in enumerate(zip(taps, self.blocks))]
 
