@@ -154,3 +154,19 @@ def test_readme_and_docs_results_match_the_stored_runs():
         markdown.split("## Every stage\n\n")[1].split("\n\n")[0].split("\n")
     assert render_markdown(group_runs([json.loads(p.read_text()) for p in (REPO / "results/runs").glob("*.json")])) \
         == markdown
+
+
+def test_the_attention_statistics_reach_the_headline_and_a_table_of_their_own_rows():
+    values = headline({"cam_refined": {"miou": 0.3, "attention": {
+        "object_query_on_objects": 0.4, "background_query_on_objects": 0.1, "object_token_share": 0.13,
+        "class_map_correlation": 0.25, "images": 10, "multi_class_images": 3}}})
+    assert (values["attention_object"], values["attention_background"], values["attention_grid"],
+            values["class_map_corr"]) == (0.4, 0.1, 0.13, 0.25)
+    mct = record(0, 0.5, method="mct")
+    mct["headline"].update(attention_object=0.4, attention_background=0.1, attention_grid=0.13, class_map_corr=0.25)
+    text = render_markdown(group_runs([record(0, 0.5), mct]))
+    section = text.split("## The refinement's assumption")[1].split("## ")[0]
+    assert "| mct | synthetic | not measured | not measured | not measured | not measured | 0.400 (one run) | " \
+           "0.100 (one run) | 0.130 (one run) | 0.250 (one run) |" in section
+    assert "| cam |" not in section
+    assert "- none recorded" in render_markdown(group_runs([record(0, 0.5)])).split("## The refinement's")[1]
