@@ -541,3 +541,24 @@ def test_worker_pool_returns_results_in_order_from_other_processes():
         assert pool.map(os_pid_and_square, [(3,)]) == [(os.getpid(), 9)]  # one job: no round trip
     finally:
         pool.close()
+
+
+def test_the_seed_onset_is_the_first_step_whose_batch_has_branch_a_seeds_warm_up_included():
+    """Steps 1-2: zero class maps, the labelled class gets no seed in either image (unseeded 1.0); from step 3
+    the map is positive on a square, so both images are seeded (unseeded 0.0): the onset is step 3, measured
+    while the warm-up (5 steps) still keeps the seeding loss at 0."""
+    method = AGENMethod(AGENParams.model_validate({"model": {"agm_stages": [], "coam_stages": [], "width": 1 / 16,
+                                                             "seg_warmup_steps": 5, "boundary_weight": 0.0}}))
+    blank, seeded = zero_outputs(stages=()), zero_outputs(stages=())
+    seeded.class_maps["top"] = torch.zeros(2, K, 5, 5)
+    seeded.class_maps["top"][:, 4, 1:4, 1:4] = 1.0
+    model = tiny_net(agm_stages=(), coam_stages=())
+    shares = []
+    for step, outputs in enumerate((blank, blank, seeded, blank), 1):
+        _, parts = method.training_loss(FixedOutputs(outputs), batch())
+        shares.append(parts["unseeded_top"])
+        assert parts["seed_top"] == 0.0  # warming up
+        if step == 2:
+            assert "seed_onset_step" not in method.learned_values(model)
+    assert shares == [1.0, 1.0, 0.0, 1.0]
+    assert method.learned_values(model)["seed_onset_step"] == 3.0

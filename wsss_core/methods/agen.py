@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from wsss_core.models.agen import AGENNet
 
 Stage = Literal[AGM_STAGES]
+SEED_ONSET_SHARE = 0.5  # the seed onset: the first step at which at most this share of images lacks a class's seeds
 
 
 class BoundaryCrfParams(CrfParams):
@@ -135,6 +136,7 @@ class AGENMethod(Method):
         super().__init__(params)
         self._crf_pool = WorkerPool(self.params.model.crf.workers)
         self._steps_trained = 0  # training_loss calls so far (seg_warmup_steps counts them)
+        self._seed_onset: int | None = None  # the first step whose batch had branch A's seeds (SEED_ONSET_SHARE)
         weakref.finalize(self, self._crf_pool.close)
 
     def check(self, params: Params) -> None:
@@ -172,7 +174,8 @@ class AGENMethod(Method):
         """Return (L_cls + L_seg + L_bnd weighted, parts): cls_*, seed_* per head ('top' and agmN), boundary,
         crf_ms (the step's CRF wall time) and unseeded_* per head (the share of the images in which a labelled
         class got no seed pixel: under the paper's rule all their seeds are background). During the first
-        seg_warmup_steps calls the seeding and boundary parts (and unseeded_*) are 0 and not computed."""
+        seg_warmup_steps calls the seeding and boundary parts are 0 and not computed; the seeds are still drawn
+        (without gradient) for unseeded_* and the seed onset (learned_values)."""
         from wsss_core.cams.seed_losses import balanced_seed_loss, boundary_loss  # the CRF's pydensecrf, when training
 
         settings = self.params.model
@@ -187,20 +190,22 @@ class AGENMethod(Method):
             name = key if key == "top" else f"agm{key}"
             parts[f"cls_{name}"] = F.binary_cross_entropy_with_logits(
                 class_map.mean((2, 3)).float(), labels, reduction="sum") / len(images)
-            if warming_up:
-                parts[f"seed_{name}"] = torch.zeros((), device=images.device)
-                unseeded_share[f"unseeded_{name}"] = 0.0
-                continue
             logits = outputs.seg_logits[key]
             size = tuple(images.shape[-2:]) if settings.seed_resolution == "input" else tuple(logits.shape[-2:])
             mask = valid if size == tuple(images.shape[-2:]) else (
                 F.interpolate(valid[:, None].float(), size, mode="nearest")[:, 0].bool())
-            probabilities = seed_probabilities(class_map, labels, size, alpha=settings.alpha,
-                                               restrict_to_labels=settings.restrict_to_labels, valid=mask,
-                                               normalisation=settings.cam_normalisation)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not warming_up):
+                probabilities = seed_probabilities(class_map, labels, size, alpha=settings.alpha,
+                                                   restrict_to_labels=settings.restrict_to_labels, valid=mask,
+                                                   normalisation=settings.cam_normalisation)
             seeds = threshold_seeds(probabilities, mask, self._threshold(key), settings.seed_mode)
             unseeded = images_missing_a_class(seeds, labels)
             unseeded_share[f"unseeded_{name}"] = unseeded.float().mean().item()
+            if key == "top" and self._seed_onset is None and unseeded_share["unseeded_top"] <= SEED_ONSET_SHARE:
+                self._seed_onset = self._steps_trained
+            if warming_up:
+                parts[f"seed_{name}"] = torch.zeros((), device=images.device)
+                continue
             if settings.unseeded_images == "ignore":
                 seeds = seeds.masked_fill(unseeded[:, None, None], VOID)
             if tuple(logits.shape[-2:]) != size:
@@ -221,7 +226,11 @@ class AGENMethod(Method):
         return loss, logged
 
     def learned_values(self, model: AGENNet) -> dict[str, float]:
-        return {f"lambda_coam{stage}": gain for stage, gain in model.coam_gains().items()}
+        """Return the CoAM gains and, once it happened, the seed onset: the first training step (1-based) at
+        which at most SEED_ONSET_SHARE of the batch's images had a labelled class without a seed of branch A
+        (Z^top). Before it, the seeding loss trains branch B towards background; a warm-up should cover it."""
+        onset = {} if self._seed_onset is None else {"seed_onset_step": float(self._seed_onset)}
+        return {**{f"lambda_coam{stage}": gain for stage, gain in model.coam_gains().items()}, **onset}
 
     def cam_maps(self, model: AGENNet, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"cam": F.relu(model.class_map(images))}
