@@ -1,7 +1,7 @@
 # Fresh machine: `make repro` or `make test` creates .venv, installs the project, then runs.
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
-RUN := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" HF_HUB_OFFLINE=1
+RUN := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" PYTHONPATH="$(CURDIR)" HF_HUB_OFFLINE=1
 PYTEST_ARGS ?= -m "not slow and not e2e" --dist loadfile
 
 .PHONY: install repro repro-voc seeds report test test-e2e test-all
