@@ -170,3 +170,12 @@ def test_the_attention_statistics_reach_the_headline_and_a_table_of_their_own_ro
            "0.100 (one run) | 0.130 (one run) | 0.250 (one run) |" in section
     assert "| cam |" not in section
     assert "- none recorded" in render_markdown(group_runs([record(0, 0.5)])).split("## The refinement's")[1]
+
+
+def test_per_class_tables_average_each_class_over_seeds_per_data_set():
+    rows = group_runs([record(0, 0.5), record(1, 0.7), record(0, 0.2, method="mct"),
+                       record(0, 0.4, data="voc12-mini")])
+    text = render_markdown(rows).split("## Per-class IoU of the segmenter")[1].split("## ")[0]
+    assert "| cam | 2 | 90.0 | 60.0 |" in text and "| mct | 1 | 90.0 | 20.0 |" in text  # gold: (50 + 70) / 2
+    synthetic, voc = text.split("voc12-mini:")
+    assert "| background | gold |" in synthetic and "| cam | 1 | 90.0 | 40.0 |" in voc

@@ -214,6 +214,25 @@ def _table(rows: list[Row], columns, first=("method", "data")) -> list[str]:
     return lines
 
 
+def per_class_tables(rows: list[Row], stage: str = "seg") -> list[str]:
+    """One table per data set: each row's per-class IoU of `stage` (mean over its seeds, %), classes as columns
+    in the order the first run lists them; rows without that stage's per-class scores are left out."""
+    lines = []
+    for data in dict.fromkeys(row.data for row in rows):
+        scored = [row for row in rows if row.data == data and any(stage in run.get("per_class", {}) for run in row.runs)]
+        if not scored:
+            continue
+        classes = list(next(run["per_class"][stage] for run in scored[0].runs if stage in run.get("per_class", {})))
+        lines += [f"{data}:", "", "| method | n | " + " | ".join(classes) + " |", "|---|---|" + "---|" * len(classes)]
+        for row in scored:
+            means = [Spread.of(run.get("per_class", {}).get(stage, {}).get(name) for run in row.runs).mean
+                     for name in classes]
+            lines.append(f"| {row_label(row)} | {len(row.runs)} | "
+                         + " | ".join("—" if mean is None else f"{100 * mean:.1f}" for mean in means) + " |")
+        lines.append("")
+    return lines
+
+
 def headline_table(rows: list[Row]) -> list[str]:
     """The README's table: the pipeline's stages for every row, mean ± std over seeds (mIoU in %)."""
     return _table(rows, SCORE_TABLE)
@@ -264,6 +283,7 @@ def render_markdown(rows: list[Row]) -> str:
            "of the present classes' class-to-patch maps on multi-class images (class-specific maps: low). A",
            "refinement that helps raises the AUC and does not lower the best mIoU.", "",
            *(_table(attention_rows, ATTENTION_TABLE) if attention_rows else ["- none recorded"]), "",
+           "## Per-class IoU of the segmenter (val, mean over seeds, %)", "", *per_class_tables(rows),
            "## Comparisons with a control", "",
            "A difference is called inside the spread when it is no larger than the larger of the two standard",
            "deviations.", "", *(comparisons(rows) or ["- none recorded"]), "",
