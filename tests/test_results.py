@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from stages.cli import app
 from wsss_core.errors import DataError
-from wsss_core.results import (BLOCK_BEGIN, BLOCK_END, Spread, compare, extract_block, group_runs, headline,
-                               readme_block, render_markdown)
+from wsss_core.results import (BLOCK_BEGIN, BLOCK_END, Spread, compare, comparisons, extract_block, group_runs,
+                               headline, readme_block, render_markdown)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,8 +81,8 @@ def test_report_writes_markdown_html_and_readme_block_and_check_detects_drift(tm
     assert "| cam | synthetic | not measured | 50.0 (one run)" not in markdown
     assert "| cam | synthetic | not measured | 50.0 ± 0.0 (n=3) | not measured | not measured | not measured" \
            " | not measured | not measured | 54.0 ± 4.0 (n=3) | not measured |" in markdown
-    assert "cam · rws against cam on synthetic (n=3 vs n=3): seg (val) +7.0 points, largest std 4.0: outside the " \
-           "spread" in markdown
+    assert "cam · rws against cam on synthetic (seeds 0, 1, 2, n=3): seg (val) +7.0 points, largest std 4.0: " \
+           "outside the spread" in markdown
     block = extract_block(readme.read_text())
     assert block == readme_block(group_runs([json.loads(p.read_text()) for p in runs.glob("*.json")]))
     assert block.split("\n")[1:-1] == markdown.split("## Every stage\n\n")[1].split("\n\n")[0].split("\n")
@@ -179,3 +179,15 @@ def test_per_class_tables_average_each_class_over_seeds_per_data_set():
     assert "| cam | 2 | 90.0 | 60.0 |" in text and "| mct | 1 | 90.0 | 20.0 |" in text  # gold: (50 + 70) / 2
     synthetic, voc = text.split("voc12-mini:")
     assert "| background | gold |" in synthetic and "| cam | 1 | 90.0 | 40.0 |" in voc
+
+
+def test_a_comparison_takes_only_the_seeds_both_rows_ran():
+    """Seeds 0-2 of the plain row against seeds 1-2 of the variant: seed 0 (seg 0.10, far from the rest) must not
+    enter; the variant's seeds 1, 2 (0.62, 0.64) against the plain row's (0.60, 0.62) differ by +2.0."""
+    rows = group_runs([record(0, 0.10), record(1, 0.60), record(2, 0.62),
+                       record(1, 0.62, variant="rws", control=""), record(2, 0.64, variant="rws", control=""),
+                       record(5, 0.5, variant="lone", control="")])
+    text = "\n".join(comparisons(rows))
+    assert "cam · rws against cam on synthetic (seeds 1, 2, n=2): seg (val) +2.0 points, largest std 1.4: " \
+           "outside the spread" in text
+    assert "cam · lone against cam on synthetic: no seed run on both sides" in text

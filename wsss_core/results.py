@@ -118,6 +118,10 @@ class Row:
     def spread(self, column: str) -> Spread:
         return Spread.of(run["headline"].get(column) for run in self.runs)
 
+    def on_seeds(self, seeds: set[int]) -> "Row":
+        """Return this row with only the runs of the given seeds."""
+        return Row(*self.key, runs=[run for run in self.runs if run["seed"] in seeds])
+
     def seconds(self, stage: str) -> Spread:
         return Spread.of(run.get("seconds", {}).get(stage) for run in self.runs)
 
@@ -240,7 +244,8 @@ def headline_table(rows: list[Row]) -> list[str]:
 
 def comparisons(rows: list[Row]) -> list[str]:
     """One line per row whose runs name a control ('control': a variant of the same method, data and
-    profile): the difference of each stage's mean and whether it lies inside the spread."""
+    profile): the difference of each stage's mean and whether it lies inside the spread, over the seeds both
+    rows ran (same seeds, same data order and upstream stages), so that unpaired seeds never enter it."""
     by_key = {row.key: row for row in rows}
     lines = []
     for row in rows:
@@ -251,11 +256,17 @@ def comparisons(rows: list[Row]) -> list[str]:
             if other is None:
                 lines.append(f"- {label}: the control has no run")
                 continue
-            parts = [f"{heading} {compare(row, other, column)}" for column, heading in SCORE_TABLE
-                     if row.spread(column).mean is not None and other.spread(column).mean is not None
-                     and row.spread(column).mean != other.spread(column).mean]
-            lines.append(f"- {label} (n={len(row.runs)} vs n={len(other.runs)}): " + ("; ".join(parts) or
-                                                                                   "identical on every stage"))
+            shared = set(row.seeds) & set(other.seeds)
+            if not shared:
+                lines.append(f"- {label}: no seed run on both sides")
+                continue
+            row_shared, other = row.on_seeds(shared), other.on_seeds(shared)
+            parts = [f"{heading} {compare(row_shared, other, column)}" for column, heading in SCORE_TABLE
+                     if row_shared.spread(column).mean is not None and other.spread(column).mean is not None
+                     and row_shared.spread(column).mean != other.spread(column).mean]
+            seeds = ", ".join(map(str, sorted(shared)))
+            lines.append(f"- {label} (seeds {seeds}, n={len(shared)}): " + ("; ".join(parts) or
+                                                                          "identical on every stage"))
     return lines
 
 
@@ -285,7 +296,8 @@ def render_markdown(rows: list[Row]) -> str:
            *(_table(attention_rows, ATTENTION_TABLE) if attention_rows else ["- none recorded"]), "",
            "## Per-class IoU of the segmenter (val, mean over seeds, %)", "", *per_class_tables(rows),
            "## Comparisons with a control", "",
-           "A difference is called inside the spread when it is no larger than the larger of the two standard",
+           "Each comparison takes the seeds both rows ran (a seed fixes the data order and the upstream stages). A",
+           "difference is called inside the spread when it is no larger than the larger of the two standard",
            "deviations.", "", *(comparisons(rows) or ["- none recorded"]), "",
            "## Wall time per stage (s, mean over the runs that ran the stage; cached stages count as not measured)",
            "", "cores / threads: the CPU cores each run could use and torch's threads; a row that lists several mixes",
