@@ -74,7 +74,9 @@ def test_multisa_recipe_per_profile_and_data_preset():
         assert (params.affinity.label_mode, params.affinity.irn_fg_threshold, params.affinity.irn_bg_threshold,
                 params.rw.beta, params.crf.unary) == ("irn", 0.4, 0.1, 10.0, "labels")
     assert (synthetic.cls.lr, synthetic.cls.new_layer_lr_mult, synthetic.cls.backbone) == (0.001, 10.0, "resnet18")
-    assert (mini.cls.lr, mini.cls.new_layer_lr_mult, mini.cls.backbone) == (0.02, 1.0, "tf_efficientnet_lite0")
+    assert (mini.cls.lr, mini.cls.new_layer_lr_mult, mini.cls.backbone) == (0.01, 10.0, "tf_efficientnet_lite0")
+    tap_norms = [params.methods["multisa"].model.tap_norm for params in (synthetic, mini, paper)]
+    assert tap_norms == ["none", "bn_relu", "none"]  # Lite0's taps normalised; ResNet's are post-ReLU already
     assert (paper.cls.lr, paper.cls.new_layer_lr_mult, paper.cls.backbone, paper.cls.crop_size, paper.cls.epochs,
             paper.cls.batch_size, paper.rw.bg_mode, paper.crf.iterations) == (
         0.1, 10.0, "resnest101e", 512, 15, 8, "after_walk", 1)
