@@ -47,14 +47,15 @@ class MCTModelParams(ModelParams):
     # Weight of the class-token loss (spec eq. 7; 1 in MCTformer). 0 is the switch-off control: the class
     # tokens get no signal, so their attention is not class-specific; val mAP then comes from the patch CAM.
     token_loss_weight: NonNegativeFloat = 1.0
-    # Hybrid tokens, a deviation for the cpu profile (docs/methods/mct.md): "" keeps MCTformer-V2's 16x16 patch
-    # convolution; a CNN of cls.backbone's CNN list makes the patch tokens its stride-`token_backbone_stride`
-    # features projected 1x1 to the width, its weights from `token_backbone_pretrained` (the packaged ImageNet
-    # Lite0, or a local file), trained at lr x token_backbone_lr_mult (0: frozen, batch-norm statistics too).
     # The patch CAM's pooling into the patch loss's scores: global weighted ranking pooling with this decay
     # (models.mctformer.ranked_pooling). 1 is MCTformer-V2's GAP, which rewards every token for carrying the
     # class; MCTformer+ (xulianuwa/MCTformer's later models.py) uses 0.996.
     patch_pooling_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0
+    # Hybrid tokens, a deviation for the cpu profile (docs/methods/semantic_modulation.md): "" keeps
+    # MCTformer-V2's 16x16 patch convolution; a CNN of the CNN list makes the patch tokens its
+    # stride-`token_backbone_stride` features projected 1x1 to the width, its weights from
+    # `token_backbone_pretrained` (the packaged ImageNet Lite0, or a local file), trained at
+    # lr x token_backbone_lr_mult (0: frozen, batch-norm statistics too).
     token_backbone: str = ""
     token_backbone_pretrained: str = "efficientnet_lite0"
     token_backbone_stride: Literal[8, 16, 32] = 16
@@ -164,31 +165,41 @@ class MCTMethod(Method):
                 "p2p": RawMap(p2p.transpose(0, 1), "layers,tokens,tokens", grid) if self.params.export.p2p == "layers"
                 else RawMap(p2p.sum(0), "tokens,tokens", grid)}
 
+    def _fused_attention(self, raw: dict[str, np.ndarray], views: int, present: np.ndarray
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (c2p [V, k, N] of the present classes summed over refine.c2p_layers, p2p [V, N, N] summed over
+        refine.p2p_layers) of the first `views` stored views; present: 0-based class indices [k]."""
+        params: MCTRefineParams = self.params.refine
+        c2p = sum_blocks(torch.from_numpy(raw["c2p"][:views, :, present]), params.c2p_layers,
+                         f"methods.{self.name}.refine.c2p_layers")
+        p2p = torch.from_numpy(raw["p2p"][:views])
+        if p2p.ndim == 4:
+            p2p = sum_blocks(p2p, params.p2p_layers, f"methods.{self.name}.refine.p2p_layers")
+        elif params.p2p_layers != "all":
+            raise ParamsError(f"methods.{self.name}.refine.p2p_layers: the store holds the sum over all blocks; "
+                              f"choosing blocks needs methods.{self.name}.export.p2p: layers")
+        return c2p, p2p
+
     def attention_statistics(self, store: CamStore, dataset: Dataset, ids: list[str]) -> dict:
         """Return, over the images with a mask (view 0 of the stored attention, p2p summed over the refine's
         blocks, c2p over its c2p_layers): the mean share of object / background queries' patch attention on
         object tokens (cams.attention.attention_on_objects; an affinity puts more from object queries), the
         object tokens' share of the grid, and the mean correlation of the present classes' class-to-patch maps
         on images with two or more classes (class specificity: low is specific)."""
-        params: MCTRefineParams = self.params.refine
         shares, grid_shares, correlations = [], [], []
         for image_id in ids:
             if not dataset.has_mask(image_id):
                 continue
-            raw, keys = store.read_raw(image_id), np.asarray(dataset.labels[image_id], dtype=np.int64)
+            keys = np.asarray(dataset.labels[image_id], dtype=np.int64)
+            c2p, p2p = self._fused_attention(store.read_raw(image_id), 1, keys - 1)  # view 0
             _, grid = store.raw_layout(image_id, "p2p")
-            p2p = torch.from_numpy(raw["p2p"][:1])
-            if p2p.ndim == 4:
-                p2p = sum_blocks(p2p, params.p2p_layers, f"methods.{self.name}.refine.p2p_layers")
             objects = object_tokens(dataset.read_mask(image_id), grid)
             share = attention_on_objects(p2p[0].numpy(), objects)
             if share is not None:
                 shares.append(share)
                 grid_shares.append(objects.mean())
             if len(keys) >= 2:
-                c2p = sum_blocks(torch.from_numpy(raw["c2p"][:1, :, keys - 1]), params.c2p_layers,
-                                 f"methods.{self.name}.refine.c2p_layers")[0]  # [k, N]
-                correlations.append(class_map_correlation(c2p.numpy()))
+                correlations.append(class_map_correlation(c2p[0].numpy()))
         mean = (lambda values: float(np.mean(values)) if values else None)
         return {"object_query_on_objects": mean([share[0] for share in shares]),
                 "background_query_on_objects": mean([share[1] for share in shares]),
@@ -201,14 +212,7 @@ class MCTMethod(Method):
             return cam
         views = raw["c2p"].shape[0] if params.flip else 1
         present = keys - 1  # every step is per class: absent classes are never computed
-        c2p = sum_blocks(torch.from_numpy(raw["c2p"][:views, :, present]), params.c2p_layers,
-                         f"methods.{self.name}.refine.c2p_layers")  # [V, k, N]
-        p2p = torch.from_numpy(raw["p2p"][:views])
-        if p2p.ndim == 4:
-            p2p = sum_blocks(p2p, params.p2p_layers, f"methods.{self.name}.refine.p2p_layers")  # [V, N, N]
-        elif params.p2p_layers != "all":
-            raise ParamsError(f"methods.{self.name}.refine.p2p_layers: the store holds the sum over all blocks; "
-                              f"choosing blocks needs methods.{self.name}.export.p2p: layers")
+        c2p, p2p = self._fused_attention(raw, views, present)
         if params.modulation.enabled:
             modulation = params.modulation
             c2p = semantic_modulation(c2p, p2p, ratio=modulation.ratio, alpha=modulation.alpha,
