@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 import typer
+import yaml
 
 from stages._common import load_params, read_score_files, reports_errors
-from stages.artifacts import PARAMS_FILE, STAGE_TIMES
+from stages.artifacts import OUTPUTS, PARAMS_FILE, STAGE_TIMES
 from wsss_core.errors import DataError
 from wsss_core.io import atomic_path, write_json
 from wsss_core.results import group_runs, headline, per_class, read_record, readme_block, render_html, \
@@ -65,6 +66,43 @@ def git_commit() -> str:
     return commit + ("+changes" if changed else "")
 
 
+def _paths(entries) -> list[str]:
+    """Return the paths of a dvc.yaml deps/outs/metrics/plots list (an entry is a path or {path: options})."""
+    return [next(iter(entry)) if isinstance(entry, dict) else str(entry) for entry in entries or []]
+
+
+def stale_stages(out_of_date: set[str], dvc_yaml: dict) -> set[str]:
+    """Return the stages whose outputs do not belong to the workspace's params: those `dvc status` lists
+    (out_of_date) and every stage downstream of one (a partial `dvc exp run eval_cams` leaves the later stages'
+    committed outputs, and their score files, from another run; their own lock entries still agree)."""
+    stages = dvc_yaml.get("stages", {})
+    outs = {name: _paths(stage.get("outs")) + _paths(stage.get("metrics")) + _paths(stage.get("plots"))
+            for name, stage in stages.items()}
+    stale = set(out_of_date) & set(stages)
+    grew = True
+    while grew:
+        stale_outs = [path for name in stale for path in outs[name]]
+        grown = {name for name, stage in stages.items() if name not in stale
+                 and any(dep == out or dep.startswith(out.rstrip("/") + "/") for dep in _paths(stage.get("deps"))
+                         for out in stale_outs)}
+        stale |= grown
+        grew = bool(grown)
+    return stale
+
+
+def workspace_stale_stages() -> set[str]:
+    """Return stale_stages() of the workspace (`dvc status` against dvc.yaml); empty outside a DVC pipeline."""
+    dvc_yaml = Path("dvc.yaml")
+    if not dvc_yaml.is_file():
+        return set()
+    try:
+        status = subprocess.run(["dvc", "status", "--json"], capture_output=True, text=True, check=True).stdout
+        out_of_date = {name.rsplit(":", 1)[-1] for name in json.loads(status or "{}")}
+    except (OSError, subprocess.CalledProcessError, ValueError) as err:
+        raise DataError(f"dvc status failed ({err}): cannot tell which score files belong to this run") from None
+    return stale_stages(out_of_date, yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")))
+
+
 @reports_errors
 def collect(
     command: str = typer.Option(..., "--command", help="the command that made the run, e.g. "
@@ -82,6 +120,10 @@ def collect(
     """Store the workspace's finished run as a record in results/runs/ for `wsss report`."""
     params = load_params(params_file)
     metrics = read_score_files()
+    for stage in sorted(workspace_stale_stages()):
+        for path in OUTPUTS.get(stage, {}):
+            if metrics.pop(path.stem, None) is not None:
+                typer.echo(f"left out {path}: stage {stage} is not up to date with {params_file} (a partial run)")
     values = headline(metrics)
     if all(value is None for value in values.values()):
         raise DataError("metrics/: no score file of a finished run (run `dvc repro` or `dvc exp run` first)")

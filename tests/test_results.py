@@ -10,6 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 from stages.cli import app
+from stages.report import stale_stages
 from wsss_core.errors import DataError
 from wsss_core.results import (BLOCK_BEGIN, BLOCK_END, Spread, compare, comparisons, extract_block, group_runs,
                                headline, readme_block, render_markdown)
@@ -140,6 +141,30 @@ def test_collect_stores_the_workspace_run(tmp_path, monkeypatch):
     (tmp_path / "metrics/cam.json").unlink()
     nothing = CliRunner().invoke(app, ["collect", "--command", "x"])
     assert nothing.exit_code == 2 and "no score file" in nothing.output
+
+
+def test_stale_stages_are_the_out_of_date_ones_and_everything_downstream_of_them():
+    pipeline = {"stages": {"a": {"outs": ["x"]}, "b": {"deps": ["x/file.h5", "code.py"],
+                                                       "metrics": [{"m.json": {"cache": False}}]},
+                           "c": {"deps": ["m.json"]}, "d": {"deps": ["xy", "code.py"]}}}
+    assert stale_stages({"a"}, pipeline) == {"a", "b", "c"}
+    assert stale_stages({"c", "unknown"}, pipeline) == {"c"} and stale_stages(set(), pipeline) == set()
+    real = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    assert stale_stages({"refine"}, real) >= {"refine", "random_walk", "pseudo_masks", "train_seg", "evaluate"}
+    assert not stale_stages({"refine"}, real) & {"prepare", "train_cls", "export_cams", "eval_cams"}
+
+
+def test_collect_leaves_out_the_score_files_of_stale_stages(tmp_path, monkeypatch):
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "metrics").mkdir()
+    for stem, miou in (("cam", 0.5), ("rw", 0.6), ("seg", 0.7)):
+        (tmp_path / f"metrics/{stem}.json").write_text(json.dumps({"miou": miou}))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("stages.report.workspace_stale_stages", lambda: {"random_walk", "evaluate"})
+    result = CliRunner().invoke(app, ["collect", "--command", "dvc exp run eval_cams"])
+    assert result.exit_code == 0 and "left out metrics/rw.json: stage random_walk" in result.output
+    stored = json.loads((tmp_path / "results/runs/synthetic-cam-seed0.json").read_text())["headline"]
+    assert (stored["cam"], stored["rw"], stored["seg"]) == (0.5, None, None)
 
 
 def test_readme_and_docs_results_match_the_stored_runs():
