@@ -23,13 +23,14 @@ from stages._common import load_params, read_score_files, reports_errors
 from stages.artifacts import OUTPUTS, PARAMS_FILE, STAGE_TIMES
 from wsss_core.errors import DataError
 from wsss_core.io import atomic_path, write_json
-from wsss_core.results import group_runs, headline, per_class, read_record, readme_block, render_html, \
-    render_markdown, replace_block
+from wsss_core.results import ROWS_BEGIN, group_runs, headline, per_class, read_record, readme_block, \
+    render_html, render_markdown, replace_block, replace_rows_blocks
 
 RUNS_DIR = Path("results/runs")
 RESULTS_MD = Path("docs/results.md")
 RESULTS_HTML = Path("docs/results.html")
 README = Path("README.md")
+METHOD_PAGES = Path("docs/methods")
 
 
 def stage_seconds(since: float) -> dict[str, float]:
@@ -162,15 +163,22 @@ def report(
     out: Path = typer.Option(RESULTS_MD, "--out", help="the Markdown report"),
     html: Path = typer.Option(RESULTS_HTML, "--html", help="the offline HTML page (inline SVG, no script)"),
     readme: Path = typer.Option(README, "--readme", help="README whose results block is rewritten"),
+    pages: Path = typer.Option(METHOD_PAGES, "--pages", help="folder of method pages whose generated row blocks "
+                               "(`<!-- results:rows SELECTOR ... -->`) are rewritten"),
     check: bool = typer.Option(False, "--check", help="write nothing; exit 1 when a file differs from the records"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="leave out unreadable records with a warning"),
 ) -> None:
-    """Write docs/results.md, docs/results.html and the README's results block from the run records."""
+    """Write docs/results.md, docs/results.html, the README's results block and the method pages' row blocks
+    from the run records."""
     rows = group_runs(read_records(runs, skip_bad))
     if not readme.is_file():
         raise DataError(f"{readme}: not found")
     wanted = {out: render_markdown(rows), html: render_html(rows),
               readme: replace_block(readme.read_text(encoding="utf-8"), readme_block(rows), str(readme))}
+    for page in sorted(pages.glob("*.md")) if pages.is_dir() else []:
+        text = page.read_text(encoding="utf-8")
+        if ROWS_BEGIN.search(text):
+            wanted[page] = replace_rows_blocks(text, rows, str(page))
     if check:
         stale = [str(path) for path, text in wanted.items()
                  if not path.is_file() or path.read_text(encoding="utf-8") != text]
@@ -183,5 +191,4 @@ def report(
     for path, text in wanted.items():
         with atomic_path(path) as temporary:
             Path(temporary).write_text(text, encoding="utf-8")
-    typer.echo(f"wrote {out}, {html} and the results block of {readme} from {sum(len(r.runs) for r in rows)} runs "
-               f"in {len(rows)} rows")
+    typer.echo(f"wrote {', '.join(map(str, wanted))} from {sum(len(r.runs) for r in rows)} runs in {len(rows)} rows")
