@@ -431,6 +431,51 @@ def test_the_hybrid_loads_the_packaged_lite0_weights():
     assert features.shape == (1, 1280, 3, 5) and features.sum().item() == pytest.approx(432.13, abs=0.05)
 
 
+class FixedFeatures(torch.nn.Module):
+    """A token backbone whose features are three hand-made vectors on a 1 x 3 grid, whatever the image."""
+
+    mean, std, output_stride, channels = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 4, 2
+
+    def forward(self, images):
+        vectors = torch.tensor([[3.0, 0.0], [0.5, 0.0], [0.0, 2.0]])  # [N, c]: tokens 0 and 1 point the same way
+        return vectors.T.reshape(1, 2, 1, 3).expand(images.shape[0], -1, -1, -1)
+
+
+def test_the_token_affinity_is_the_softmax_of_feature_cosines_over_the_temperature():
+    model = MCTformerV2(tiny_vit(), CLASSES, token_backbone=FixedFeatures(), token_backbone_lr_mult=0.0).eval()
+    affinity = model.token_affinity(torch.zeros(2, 3, 4, 12), temperature=0.5)
+    e = float(np.exp(2.0))  # cos 1 / 0.5 between tokens 0 and 1, cos 0 with token 2
+    expected = torch.tensor([[e, e, 1.0], [e, e, 1.0], [1.0, 1.0, e]]) / torch.tensor([[2 * e + 1], [2 * e + 1], [e + 2]])
+    assert affinity.shape == (2, 3, 3)
+    torch.testing.assert_close(affinity[1], expected)
+    with pytest.raises(ParamsError, match="needs hybrid tokens"):
+        MCTformerV2(tiny_vit(), CLASSES).token_affinity(torch.zeros(1, 3, 32, 32), 0.1)
+
+
+def test_the_export_stores_the_token_affinity_as_p2p_and_keeps_the_class_attention():
+    params = parse_params({"method": "mct", "cls": {"backbone": "deit_tiny_patch16_224"}, "methods": {"mct": {
+        "model": {"token_backbone": "tf_efficientnet_lite0", "depth": 2}, "refine": {"c2p_layers": [-1]},
+        "export": {"p2p_source": "token_features", "affinity_temperature": 0.5}}}}, method_params())
+    method = get_method(params)
+    model = MCTformerV2(tiny_vit(), CLASSES, token_backbone=FixedFeatures(), token_backbone_lr_mult=0.0).eval()
+    images = torch.randn(1, 3, 4, 12)
+    raw = method.raw_maps(model, images)
+    torch.testing.assert_close(raw["p2p"].values, model.token_affinity(images, 0.5))
+    _, attention = model.cam_and_attention(images)
+    torch.testing.assert_close(raw["c2p"].values, attention[:, :, :CLASSES, CLASSES:].transpose(0, 1))
+
+
+@pytest.mark.parametrize("model, export, message", [
+    ({}, {"p2p_source": "token_features"}, "p2p_source: token_features needs hybrid tokens"),
+    ({"token_backbone": "tf_efficientnet_lite0"}, {"p2p_source": "token_features", "p2p": "layers"},
+     "export.p2p: layers has no blocks to store")])
+def test_token_affinity_params_that_cannot_run_are_refused(model, export, message):
+    params = parse_params({"method": "mct", "cls": {"backbone": "deit_tiny_patch16_224"},
+                           "methods": {"mct": {"model": model, "export": export}}}, method_params())
+    with pytest.raises(ParamsError, match=message):
+        get_method(params)
+
+
 @pytest.mark.parametrize("model, pretrained, message", [
     ({"token_backbone": "deit_tiny_patch16_224"}, "", "token_backbone 'deit_tiny_patch16_224' is not one of"),
     ({"token_backbone": "tf_efficientnet_lite0"}, "deit.pth", "DeiT weights do not fit hybrid tokens")])

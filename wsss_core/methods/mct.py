@@ -5,7 +5,8 @@ patch-CAM multi-label losses (spec eqs. 7-11, parts `token` and `patch`). The ex
 multi-scale ReLU'd patch CAM as `cam` (the paper's Original-CAM) and, at scale 1 with the flip view,
 raw maps at token resolution: `patch_cam` (the CAM logits [C, h, w]), `c2p` (each block's head-averaged
 class-to-patch attention [L, C, N]) and `p2p` (patch-to-patch attention summed over all blocks [N, N],
-or each block's [L, N, N] with export.p2p: layers). `refine` fuses them as MCTformer-V2 does: ReLU(CAM)
+or each block's [L, N, N] with export.p2p: layers; with export.p2p_source: token_features, a deviation for
+hybrid tokens, the softmax of the token backbone's feature cosines [N, N] instead). `refine` fuses them as MCTformer-V2 does: ReLU(CAM)
 x class-to-patch attention of the last 3 blocks, then the patch-to-patch product, per view, upsampled,
 flip-summed and min-max normalised per class; with `refine.modulation.enabled` the class-to-patch
 attention is first semantically modulated (method `semod`). A present class whose final map is constant (e.g.
@@ -25,7 +26,7 @@ from pydantic import Field
 from wsss_core.cams.attention import (ROUNDINGS, attention_on_objects, class_map_correlation, joint_refine,
                                       object_tokens, semantic_modulation)
 from wsss_core.cams.store import CamStore, RawMap
-from wsss_core.config import ClsParams, NonNegativeFloat, NonNegativeInt, Params, Section
+from wsss_core.config import ClsParams, NonNegativeFloat, NonNegativeInt, Params, PositiveFloat, Section
 from wsss_core.data.dataset import Dataset
 from wsss_core.errors import ParamsError
 from wsss_core.methods.base import (ExportParams, Method, MethodParams, ModelParams, RefineParams,
@@ -66,6 +67,12 @@ class MCTExportParams(ExportParams):
     # sum: patch-to-patch attention summed over all blocks, N^2 values per view (MCTformer; the spec's storage
     # advice); layers: each block's, L x N^2 per view, so that refine.p2p_layers can pick blocks.
     p2p: Literal["sum", "layers"] = "sum"
+    # What the stored patch-to-patch map is: the network's attention (MCTformer), or token_features, a deviation
+    # for hybrid tokens trained from scratch (docs/methods/semantic_modulation.md): softmax_j(cos(f_i, f_j) /
+    # affinity_temperature) of the token backbone's ImageNet features, the affinity that a pretrained ViT's
+    # attention stands for. The class-to-patch attention stays the network's.
+    p2p_source: Literal["attention", "token_features"] = "attention"
+    affinity_temperature: PositiveFloat = 0.1
 
 
 class ModulationParams(Section):
@@ -121,6 +128,13 @@ class MCTMethod(Method):
         if model.token_backbone and params.cls.pretrained:
             raise ParamsError(f"cls.pretrained {params.cls.pretrained!r}: DeiT weights do not fit hybrid tokens "
                               f"(methods.{self.name}.model.token_backbone {model.token_backbone!r}); give ''")
+        export = self.params.export
+        if export.p2p_source == "token_features" and not model.token_backbone:
+            raise ParamsError(f"methods.{self.name}.export.p2p_source: token_features needs hybrid tokens "
+                              f"(methods.{self.name}.model.token_backbone)")
+        if export.p2p_source == "token_features" and export.p2p == "layers":
+            raise ParamsError(f"methods.{self.name}.export.p2p: layers has no blocks to store with p2p_source "
+                              f"token_features (one affinity per view); give sum")
         depth = model.depth or DEIT_DEPTH
         for key in ("c2p_layers", "p2p_layers"):
             if getattr(refine, key) != "all":
@@ -159,11 +173,17 @@ class MCTMethod(Method):
     def raw_maps(self, model: MCTformerV2, images: torch.Tensor) -> dict[str, RawMap]:
         cam_logits, attention = model.cam_and_attention(images)  # [B, C, h, w], [L, B, T, T]
         classes, grid = model.num_classes, tuple(cam_logits.shape[-2:])
+        export = self.params.export
         p2p = attention[:, :, classes:, classes:]  # [L, B, N, N]
+        if export.p2p_source == "token_features":
+            p2p_map = RawMap(model.token_affinity(images, export.affinity_temperature), "tokens,tokens", grid)
+        elif export.p2p == "layers":
+            p2p_map = RawMap(p2p.transpose(0, 1), "layers,tokens,tokens", grid)
+        else:
+            p2p_map = RawMap(p2p.sum(0), "tokens,tokens", grid)
         return {"patch_cam": RawMap(cam_logits, "classes,height,width", grid),
                 "c2p": RawMap(attention[:, :, :classes, classes:].transpose(0, 1), "layers,classes,tokens", grid),
-                "p2p": RawMap(p2p.transpose(0, 1), "layers,tokens,tokens", grid) if self.params.export.p2p == "layers"
-                else RawMap(p2p.sum(0), "tokens,tokens", grid)}
+                "p2p": p2p_map}
 
     def _fused_attention(self, raw: dict[str, np.ndarray], views: int, present: np.ndarray
                          ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -118,6 +118,16 @@ class MCTformerV2(nn.Module):
         return class_tokens.mean(-1), ranked_pooling(cam_logits, self.patch_pooling_decay), cam_logits
 
     @torch.no_grad()
+    def token_affinity(self, images: torch.Tensor, temperature: float) -> torch.Tensor:
+        """Return the hybrid tokens' feature affinity [B, N, N], float32: row i is softmax_j(cos(f_i, f_j) /
+        temperature) over the token backbone's features f (before the projection, on the token grid), the
+        semantic affinity that an ImageNet-pretrained ViT's attention approximates. Needs a token backbone."""
+        if self.token_backbone is None:
+            raise ParamsError("the token affinity needs hybrid tokens (methods.<method>.model.token_backbone)")
+        features = F.normalize(self.token_backbone(images).flatten(2).float(), dim=1)  # [B, c, N]
+        return torch.softmax(features.transpose(1, 2) @ features / temperature, -1)
+
+    @torch.no_grad()
     def cam_and_attention(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (CAM logits [B, C, h, w], head-averaged attention of every block [L, B, T, T], float32)."""
         with AttentionRecorder(block.attn for block in self.blocks) as recorder:
