@@ -444,7 +444,26 @@ def test_parameter_groups_partition_the_network_and_freeze_every_backbone_batchn
                                                                     *model.agm_seg.parameters()]}
     assert not named["gain"].weight_decay and len(named["gain"].params) == 3
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    assert len(norms) > 30 and batchnorm_layers(model, groups, "backbone") == norms  # ResNet-38d's, all frozen
+    assert len(norms) > 30 and batchnorm_layers(model, groups) == norms  # ResNet-38d's, all frozen
+
+
+def test_branch_a_lr_mult_moves_branch_a_alone_to_groups_at_its_rates():
+    model = tiny_net(agm_lr_mult=7.0, branch_a_lr_mult=5.0)
+    groups = model.parameter_groups(3.0)
+    named = {group.name: group for group in groups}
+    assert {name: group.lr_mult for name, group in named.items()} == {
+        "backbone": 1.0, "agm": 7.0, "new": 3.0, "gain": 3.0, "branch_a_backbone": 5.0, "branch_a_agm": 35.0,
+        "branch_a_new": 15.0}
+    ids = [id(p) for group in groups for p in group.params]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())  # a partition
+    assert {id(p) for p in named["branch_a_backbone"].params} == {id(p) for p in model.cls_stages.parameters()}
+    assert {id(p) for p in named["branch_a_new"].params} == {id(p) for p in model.cls_head.parameters()}
+    assert {id(p) for p in named["agm"].params} == {id(p) for p in model.agm_seg.parameters()}
+    assert not {id(p) for p in model.stem.parameters()} & {id(p) for p in named["branch_a_backbone"].params}
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert batchnorm_layers(model, groups) == norms  # branch A's backbone stays frozen under cls.freeze_bn
+    plain = tiny_net(agm_lr_mult=7.0)
+    assert [group.name for group in plain.parameter_groups(3.0)] == ["backbone", "agm", "new", "gain"]
 
 
 def test_a_shared_conv1_stem_gives_branch_b_its_own_second_stage():

@@ -188,7 +188,7 @@ def fit(model: nn.Module, train_set: EpochSeededSet, batch_loss: Callable[..., t
     total, step = (steps if steps is not None else recipe.epochs * len(loader)), 0
     epochs = math.ceil(total / len(loader))
     place(sync_batchnorm(model, device), device)
-    frozen = batchnorm_layers(model, groups, "backbone") if recipe.freeze_bn else []
+    frozen = batchnorm_layers(model, groups) if recipe.freeze_bn else []
     freeze_batchnorm(frozen)  # before DistributedDataParallel, which averages the trainable parameters only
     step_loss = data_parallel(StepLoss(model, batch_loss), device)
     for epoch in range(epochs):
@@ -236,9 +236,9 @@ def _finite(loss: float, desc: str, epoch: int) -> float:
     return loss
 
 
-def batchnorm_layers(model: nn.Module, groups: list[ParamGroup], name: str) -> list[nn.Module]:
-    """Return the BatchNorm layers of model whose parameters belong to the parameter group called `name`."""
-    members = {id(p) for group in groups if group.name == name for p in group.params}
+def batchnorm_layers(model: nn.Module, groups: list[ParamGroup]) -> list[nn.Module]:
+    """Return the BatchNorm layers of model whose parameters belong to a pretrained group (ParamGroup.pretrained)."""
+    members = {id(p) for group in groups if group.pretrained for p in group.params}
     return [layer for layer in model.modules() if isinstance(layer, nn.modules.batchnorm._BatchNorm)
             and any(id(p) in members for p in layer.parameters())]
 

@@ -73,6 +73,10 @@ class AGENModelParams(ModelParams):
     seg_head_channels: PositiveInt = 512  # branch B's head: RRM's two 3x3 convs at dilation seg_head_dilation
     seg_head_dilation: PositiveInt = 12
     agm_lr_mult: PositiveFloat = 10.0  # the AGMs' lr over cls.lr (paper: 0.01 vs 0.001)
+    # Branch A's own layers (its stages after the shared stem, its head, its AGMs) at their lr x this (1: the
+    # paper's). A schedule deviation for short CPU budgets (docs/methods/agen.md): with Eq. 3 branch B gets seeds
+    # only once branch A's class maps turn positive, which on a few hundred steps comes too late.
+    branch_a_lr_mult: PositiveFloat = 1.0
     # The new convolutions' init (the paper is silent): N(0, 0.01) as DeepLab and DSRG, RRM's Xavier-uniform,
     # whose unnormalised 3x3 stacks start the class maps at |Z| ~ 50 and diverged on Lite0 features here, or
     # kaiming (He-normal hidden convolutions, N(0, 0.01) outputs).
@@ -163,7 +167,7 @@ class AGENMethod(Method):
                        cls_head_channels=model.cls_head_channels, agm_cls_channels=model.agm_cls_channels,
                        agm_seg_channels=model.agm_seg_channels, seg_head_channels=model.seg_head_channels,
                        seg_head_dilation=model.seg_head_dilation, agm_lr_mult=model.agm_lr_mult,
-                       new_layer_init=model.new_layer_init)
+                       new_layer_init=model.new_layer_init, branch_a_lr_mult=model.branch_a_lr_mult)
 
     def _threshold(self, key: str | int) -> float:
         """Return the seed threshold delta of a class map ('top' or an AGM stage)."""

@@ -223,7 +223,7 @@ class AGENNet(nn.Module):
                  agm_stages: tuple[int, ...] = AGM_STAGES, coam_stages: tuple[int, ...] = AGM_STAGES,
                  coam_impl: str = "sdpa", cls_head_channels: int = 1024, agm_cls_channels: int = 256,
                  agm_seg_channels: int = 512, seg_head_channels: int = 512, seg_head_dilation: int = 12,
-                 agm_lr_mult: float = 10.0, new_layer_init: str = "normal"):
+                 agm_lr_mult: float = 10.0, new_layer_init: str = "normal", branch_a_lr_mult: float = 1.0):
         super().__init__()
         if shared_stem not in SHARED_STEMS:
             raise ValueError(f"shared_stem {shared_stem!r} is not one of: {', '.join(SHARED_STEMS)}")
@@ -258,7 +258,7 @@ class AGENNet(nn.Module):
             init_new_layers(module, new_layer_init)
         self.mean, self.std = branch_a.mean, branch_a.std  # branch B sees the same input
         self.cam_stride = CAM_STRIDE
-        self.agm_lr_mult = agm_lr_mult
+        self.agm_lr_mult, self.branch_a_lr_mult = agm_lr_mult, branch_a_lr_mult
         self._pretrained = [self.stem, self.cls_stages, self.seg_stages, self.seg_top]
 
     def _branch_features(self, images: torch.Tensor, with_cls: bool = True) -> tuple[dict, dict, torch.Tensor]:
@@ -311,14 +311,22 @@ class AGENNet(nn.Module):
     def parameter_groups(self, new_layer_lr_mult: float) -> list[ParamGroup]:
         """Return the pretrained backbones (lr x1, their BatchNorm is what cls.freeze_bn freezes), the AGM
         heads (x agm_lr_mult), the other new layers (x new_layer_lr_mult) and the CoAM gains (x
-        new_layer_lr_mult, no weight decay)."""
-        pretrained = [p for module in self._pretrained for p in module.parameters()]
-        agm = [*self.agm_cls.parameters(), *self.agm_seg.parameters()]
+        new_layer_lr_mult, no weight decay). With branch_a_lr_mult other than 1, branch A's own layers (its
+        stages after the shared stem, its head and its AGMs) form groups of their own at their rate x
+        branch_a_lr_mult (`branch_a_backbone`, `branch_a_agm`, `branch_a_new`)."""
+        branch_a = {"backbone": list(self.cls_stages.parameters()), "agm": list(self.agm_cls.parameters()),
+                    "new": list(self.cls_head.parameters())} if self.branch_a_lr_mult != 1 else {}
+        apart = {id(p) for params in branch_a.values() for p in params}
+        pretrained = [p for module in self._pretrained for p in module.parameters() if id(p) not in apart]
+        agm = [p for p in [*self.agm_cls.parameters(), *self.agm_seg.parameters()] if id(p) not in apart]
         gains = list(self.coam.parameters())
-        known = {id(p) for p in pretrained + agm + gains}
+        known = {id(p) for p in pretrained + agm + gains} | apart
         new = [p for p in self.parameters() if id(p) not in known]
-        return [ParamGroup("backbone", pretrained), ParamGroup("agm", agm, self.agm_lr_mult),
-                ParamGroup("new", new, new_layer_lr_mult), ParamGroup("gain", gains, new_layer_lr_mult, False)]
+        groups = [ParamGroup("backbone", pretrained), ParamGroup("agm", agm, self.agm_lr_mult),
+                  ParamGroup("new", new, new_layer_lr_mult), ParamGroup("gain", gains, new_layer_lr_mult, False)]
+        rates = {"backbone": 1.0, "agm": self.agm_lr_mult, "new": new_layer_lr_mult}
+        return groups + [ParamGroup(f"branch_a_{kind}", params, rates[kind] * self.branch_a_lr_mult)
+                         for kind, params in branch_a.items()]
 
 
 

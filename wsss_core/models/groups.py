@@ -11,13 +11,19 @@ from torch import nn
 class ParamGroup:
     """Parameters trained alike: lr = recipe lr * lr_mult; weight decay only where weight_decay is True.
 
-    name "backbone" marks pretrained layers (their BatchNorm is what `freeze_bn` freezes).
+    name "backbone", or "<part>_backbone" for a network with several, marks pretrained layers (their BatchNorm is
+    what `freeze_bn` freezes).
     """
 
     name: str
     params: list[nn.Parameter]
     lr_mult: float = 1.0
     weight_decay: bool = True
+
+    @property
+    def pretrained(self) -> bool:
+        """Whether the group holds pretrained layers (named "backbone" or "<part>_backbone")."""
+        return self.name == "backbone" or self.name.endswith("_backbone")
 
 
 def backbone_and_new_groups(backbone: nn.Module, model: nn.Module, new_layer_lr_mult: float) -> list[ParamGroup]:
