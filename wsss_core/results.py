@@ -301,12 +301,15 @@ def render_markdown(rows: list[Row]) -> str:
            "deviations.", "", *(comparisons(rows) or ["- none recorded"]), "",
            "## Wall time per stage (s, mean over the runs that ran the stage; cached stages count as not measured)",
            "", "cores / threads: the CPU cores each run could use and torch's threads; a row that lists several mixes",
-           "runs made under different limits, so its times are only indicative.", "",
-           "| method | data | cores / threads | " + " | ".join(TIMED_STAGES) + " |",
-           "|---|---|---|" + "---|" * len(TIMED_STAGES)]
+           "runs made under different limits, so its times are only indicative. timed sum: the sum of the row's",
+           "stage means (a DAG's wall time when every stage is timed; less when some were cached).", "",
+           "| method | data | cores / threads | timed sum | " + " | ".join(TIMED_STAGES) + " |",
+           "|---|---|---|---|" + "---|" * len(TIMED_STAGES)]
     for row in rows:
         limits = sorted({f"{run.get('cores', '?')} / {run.get('threads', '?')}" for run in row.runs})
-        out.append(f"| {row_label(row)} | {row.data} | {', '.join(limits)} | "
+        means = [row.seconds(stage).mean for stage in TIMED_STAGES]
+        timed = [mean for mean in means if mean is not None]
+        out.append(f"| {row_label(row)} | {row.data} | {', '.join(limits)} | {f'{sum(timed):.0f}' if timed else '—'} | "
                    + " | ".join(_seconds(row.seconds(stage)) for stage in TIMED_STAGES) + " |")
     out += ["", "## How to reproduce each row", "", *reproduce_lines(rows)]
     return "\n".join(out) + "\n"
