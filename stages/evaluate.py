@@ -2,6 +2,8 @@
 the method's own segmentation branch where it has one (one-step)."""
 from __future__ import annotations
 
+import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +12,8 @@ import typer
 from torch import nn
 
 from stages._common import load_params, reports_errors, single_command
-from stages.artifacts import (CLS_CHECKPOINT, MANIFEST, PARAMS_FILE, SEG_CHECKPOINT, SEG_CONFUSION_PLOT, SEG_METRICS,
-                              SEG_MONTAGE, SEG_ONESTEP_METRICS, SEG_PER_CLASS_PLOT)
+from stages.artifacts import (CLS_CHECKPOINT, MANIFEST, PARAMS_FILE, RWS_REPORT, SEG_CHECKPOINT, SEG_CONFUSION_PLOT,
+                              SEG_METRICS, SEG_MONTAGE, SEG_ONESTEP_METRICS, SEG_PER_CLASS_PLOT)
 from wsss_core.checkpoint import load_checkpoint
 from wsss_core.config import CrfParams, SegParams
 from wsss_core.data.dataset import Dataset
@@ -20,6 +22,7 @@ from wsss_core.io import atomic_path, save_image, write_json
 from wsss_core.methods import get_method
 from wsss_core.metrics import ConfusionMatrix, dataset_baselines, describe_miou, scored_report
 from wsss_core.seg.infer import SEG_CHECKPOINT_KEYS, iterate_segmentations, segmenter_from_checkpoint
+from wsss_core.seg.rws_blend import LAST_THRESHOLD, LOCAL_NETWORK, RwsBlendedSegmenter
 from wsss_core.training import resolve_device
 from wsss_core.viz import prediction_row, save_confusion_heatmap, vstack
 
@@ -47,10 +50,32 @@ def score_val(model: nn.Module, dataset: Dataset, ids: list[str], settings: SegP
     return report, matrix.matrix, rows
 
 
+def rws_blend_report(model: nn.Module, dataset: Dataset, ids: list[str], settings: SegParams, crf: CrfParams | None,
+                     device: torch.device) -> dict:
+    """Return the val scores of the network blended at test time (`RwsBlendedSegmenter`, with rws/'s local network and
+    T): miou, per_class, blended_images, threshold; miou None and `skipped` when no RWS round blended."""
+    try:
+        threshold = json.loads((RWS_REPORT / "report.json").read_text(encoding="utf-8")).get(LAST_THRESHOLD)
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as err:
+        raise DataError(f"{RWS_REPORT / 'report.json'}: unreadable RWS report ({err})") from None
+    if threshold is None:
+        return {"miou": None, "skipped": "no RWS round blended, so there is no local network"}
+    local = copy.deepcopy(model)
+    try:
+        local.load_state_dict(torch.load(RWS_REPORT / LOCAL_NETWORK, map_location="cpu", weights_only=True))
+    except (OSError, RuntimeError, ValueError) as err:
+        raise DataError(f"{RWS_REPORT / LOCAL_NETWORK}: not the local network of this segmenter ({err})") from None
+    blend = RwsBlendedSegmenter(model, local.to(device), settings.rws, threshold)
+    scores, _, _ = score_val(blend, dataset, ids, settings, crf, device, "evaluate rws blend")
+    return {"miou": scores["miou"], "per_class": scores["per_class"], "blended_images": blend.blended_images,
+            "threshold": threshold, "protocol": "test-time blending, spec 3.7's optional variant (not the paper's)"}
+
+
 @reports_errors
 def evaluate(params_file: Path = typer.Option(PARAMS_FILE, "--params", help="params.yaml to read")) -> None:
-    """Score models/seg.pt on the val split; writes metrics/seg.json, per-class and confusion plots, a montage,
-    and metrics/seg_onestep.json (the method's own segmentation branch, or null without one)."""
+    """Score models/seg.pt on the val split; writes metrics/seg.json (with seg.eval_rws_blend also the test-time
+    blended network's scores), per-class and confusion plots, a montage, and metrics/seg_onestep.json (the
+    method's own segmentation branch, or null without one)."""
     params = load_params(params_file)
     settings = params.seg
     method = get_method(params)
@@ -64,6 +89,9 @@ def evaluate(params_file: Path = typer.Option(PARAMS_FILE, "--params", help="par
     device = resolve_device(params.device)
     crf = params.crf if settings.eval_crf else None
     report, matrix, rows = score_val(model, dataset, ids, settings, crf, device, "evaluate")
+    if settings.eval_rws_blend:
+        report["test_time_blend"] = rws_blend_report(model, dataset, ids, settings, crf, device)
+        typer.echo(f"RWS blended at test time: val mIoU {report['test_time_blend']['miou']}")
     write_json(SEG_METRICS, report)
     write_json(SEG_PER_CLASS_PLOT, {"per_class": [{"class": name, "iou": iou}
                                                   for name, iou in report["per_class"].items() if iou is not None]})

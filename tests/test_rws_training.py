@@ -17,7 +17,9 @@ from wsss_core.data.transforms import augment_with_labels, augment_with_maps, jo
 from wsss_core.errors import DataError
 from wsss_core.models.deeplab import build_segmenter
 from wsss_core.seg import rws_training
-from wsss_core.seg.rws_training import blended_forward, phase_steps, train_with_rws, write_rws_report
+from wsss_core.seg.rws import select_weak_slices, sliding_windows, window_scores
+from wsss_core.seg.rws_blend import RwsBlendedSegmenter, blended_forward, heatmaps, image_blend
+from wsss_core.seg.rws_training import phase_steps, train_with_rws, write_rws_report
 from wsss_core.models.groups import ParamGroup
 from wsss_core.training import EpochSeededSet, fit
 
@@ -214,3 +216,65 @@ def test_rws_off_writes_only_the_training_time(tmp_path):
     assert sorted(p.name for p in (tmp_path / "rws").iterdir()) == ["report.json"]
     assert json.loads((tmp_path / "rws/report.json").read_text()) == {
         "enabled": False, "skipped": "seg.rws.enabled is false", "train_seconds": 3.0}
+
+
+# RWS's blending at test time (spec 3.7's optional variant, `seg.eval_rws_blend`)
+
+def blend_at_test_time(model, local, threshold, images):
+    blend = RwsBlendedSegmenter(model, local, RwsParams(enabled=True, slice_size=32, slice_stride=16, cam_pixels="all"),
+                          threshold)
+    with torch.no_grad():
+        return blend(images), blend.blended_images
+
+
+def test_test_time_blending_without_weak_slices_or_with_itself_gives_the_plain_logits(segmenter):
+    torch.manual_seed(5)
+    images = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        plain = torch.cat([segmenter(image) for image in images.split(1)])  # one image per forward, as the blend
+    none, blended = blend_at_test_time(segmenter, copy.deepcopy(segmenter), 0.0, images)  # no attention is below 0
+    assert blended == 0 and torch.equal(none, plain)
+    itself, blended = blend_at_test_time(segmenter, copy.deepcopy(segmenter), 1.01, images)  # every window is weak
+    assert blended == 2 and torch.allclose(itself, plain, atol=1e-5)
+
+
+def test_test_time_blending_blends_the_weak_slices_the_prediction_and_t_select(segmenter):
+    torch.manual_seed(6)
+    image = torch.randn(1, 3, 64, 80)
+    local = copy.deepcopy(segmenter)
+    for parameter in local.backbone.parameters():
+        parameter.data.mul_(1.5)
+    rws = RwsParams(enabled=True, slice_size=32, slice_stride=16, cam_pixels="all")
+    output, blended = blend_at_test_time(segmenter, local, 1.01, image)
+    with torch.no_grad():
+        prediction = segmenter(image)[0].argmax(0).numpy().astype(np.uint8)
+    attention, _ = heatmaps(segmenter, image, prediction, rws)
+    windows = sliding_windows(64, 80, size=32, stride=16)
+    weak = select_weak_slices(window_scores("test", attention[-1].numpy(), prediction, prediction, windows,
+                                            min_coverage=rws.min_class_fraction), 1.01,
+                              max_per_image=rws.max_slices_per_image)
+    beta = image_blend(segmenter, local, image, prediction, weak, rws)[0]
+    with torch.no_grad():
+        expected = blended_forward(segmenter, local, image, beta[None], segmenter.stage_strides())
+        plain = segmenter(image)
+    assert blended == 1 and weak and beta.max() > 0
+    assert torch.allclose(output, expected, atol=1e-6) and not torch.allclose(output, plain, atol=1e-3)
+
+
+def test_the_rws_folder_keeps_the_last_blending_rounds_local_network_and_t(tmp_path, monkeypatch):
+    dataset, rounds, _ = tiny_run(tmp_path, tiny_recipe())
+    write_rws_report(tmp_path / "rws", rounds, 1.0)
+    report = json.loads((tmp_path / "rws/report.json").read_text())
+    assert report["threshold"] == rounds[0].threshold == 0.99
+    saved = torch.load(tmp_path / "rws/local.pt", weights_only=True)
+    assert all(torch.equal(saved[key], value) for key, value in rounds[0].local.state_dict().items())
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rws/report.json").write_text(json.dumps({**report, "threshold": None}))
+    from stages.evaluate import rws_blend_report
+    skipped = rws_blend_report(rounds[0].local, dataset, [], tiny_recipe(), None, torch.device("cpu"))
+    assert skipped == {"miou": None, "skipped": "no RWS round blended, so there is no local network"}
+
+
+def test_eval_rws_blend_without_rws_is_refused():
+    with pytest.raises(ValueError, match="seg.eval_rws_blend needs seg.rws.enabled"):
+        SegParams(eval_rws_blend=True)

@@ -258,7 +258,16 @@ class SegParams(TrainRecipe):
     eval_scales: Scales = [1.0]
     eval_flip: bool = False
     eval_crf: bool = False
+    # evaluate also scores RWS's test-time blending (spec 3.7's optional variant, not the paper's protocol) into
+    # metrics/seg.json's `test_time_blend`; needs seg.rws.enabled (the local network and T come from rws/).
+    eval_rws_blend: bool = False
     montage_images: NonNegativeInt = 8
+
+    @model_validator(mode="after")
+    def _blend_needs_rws(self) -> "SegParams":
+        if self.eval_rws_blend and not self.rws.enabled:
+            raise ValueError("seg.eval_rws_blend needs seg.rws.enabled (the local network comes from RWS's training)")
+        return self
 
 
 CodePath = Annotated[str, Field(pattern=r"^wsss_core/[A-Za-z0-9_/]+\.py$", max_length=200)]

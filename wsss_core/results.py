@@ -37,6 +37,7 @@ HEADLINE_SOURCES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("pseudo", "pseudo", ("miou",)),
     ("seg", "seg", ("miou",)),
     ("seg_onestep", "seg_onestep", ("miou",)),
+    ("seg_rws_blend", "seg", ("test_time_blend", "miou")),
     ("train_all_bg", "cam", ("baselines", "all_background")),
     ("train_all_fg", "cam", ("baselines", "all_foreground")),
     ("val_all_bg", "seg", ("baselines", "all_background")),
@@ -184,7 +185,7 @@ def compare(a: Row, b: Row, column: str) -> str:
 # The report's tables: (column, heading). Scores are shown in %, AUC and correlation as they are.
 SCORE_TABLE = (("cls_map_val", "cls mAP (val)"), ("cam", "CAM @0.15"), ("cam_best", "CAM best"),
                ("refined", "refined"), ("rw", "RW"), ("crf", "CRF"), ("pseudo", "pseudo"), ("seg", "seg (val)"),
-               ("seg_onestep", "one-step (val)"))
+               ("seg_onestep", "one-step (val)"), ("seg_rws_blend", "RWS blended (val)"))
 LOCALISATION_TABLE = (("cam_auc", "CAM AUC"), ("refined_auc", "refined AUC"), ("refined_corr", "refined r(CAM)"),
                       ("rw_auc", "RW AUC"), ("cls_map_train", "cls mAP (train)"), ("train_all_bg", "all bg (train)"),
                       ("train_all_fg", "all fg (train)"), ("val_all_bg", "all bg (val)"),

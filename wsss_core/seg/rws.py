@@ -143,7 +143,8 @@ def class_attention_maps(model: nn.Module, images: torch.Tensor, labels: torch.T
     classes = [c for c in torch.unique(labels).tolist() if c not in skipped]
     attention = torch.zeros(labels.shape[0], len(features), *labels.shape[-2:], device=labels.device)
     if classes:
-        maps = seg_grad_cam(features, logits, classes, pixels=pixels)
+        with torch.enable_grad():  # the targets' sums join the graph under an outer no_grad too (evaluate)
+            maps = seg_grad_cam(features, logits, classes, pixels=pixels)
         for index, c in enumerate(classes):
             attention += maps[:, :, index] * (labels == c)[:, None]
     return attention, logits.detach()

@@ -29,13 +29,12 @@ from tqdm import tqdm
 from wsss_core.config import RwsParams, SegParams
 from wsss_core.data.dataset import Dataset
 from wsss_core.data.label_dir import read_label_dir
-from wsss_core.data.palette import VOID
 from wsss_core.data.transforms import augment_with_maps, crop_all, normalize
 from wsss_core.errors import DataError, ParamsError
 from wsss_core.io import atomic_path, write_json
-from wsss_core.seg.rws import (Box, StageRecorder, Threshold, WindowScore, attention_threshold, blend_weights,
-                               class_attention_maps, curve_iou, local_slices, pool_to_grid, select_weak_slices,
-                               sliding_windows, window_scores)
+from wsss_core.seg.rws import (Box, Threshold, WindowScore, attention_threshold, curve_iou, local_slices,
+                               select_weak_slices, sliding_windows, window_scores)
+from wsss_core.seg.rws_blend import LAST_THRESHOLD, LOCAL_NETWORK, blended_forward, heatmaps, image_blend
 from wsss_core.seg.training import SegmentationSet, segmentation_loss
 from wsss_core.training import EpochSeededSet, batches_per_epoch, fit
 
@@ -69,6 +68,7 @@ class RwsRound:
     plain_steps: int = 0
     curves: dict = field(default_factory=dict)  # {class: ClassCurve} of the automatic threshold
     shown: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # {id: {attention, beta}} to draw
+    local: nn.Module | None = None  # the round's trained local network (None when the round did not blend)
 
 
 @dataclass
@@ -137,14 +137,6 @@ def _read(dataset: Dataset, label_dir: Path, image_id: str, model: nn.Module, de
     return image, read_label_dir(label_dir, image_id)
 
 
-def _attention(model: nn.Module, image: torch.Tensor, labels: np.ndarray, rws: RwsParams
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (A [l, H, W] float32 on the CPU, logits [K, H, W]) of one image (`class_attention_maps`)."""
-    maps, logits = class_attention_maps(model, image, torch.from_numpy(labels.astype("int64"))[None],
-                                        pixels=rws.cam_pixels)
-    return maps[0].float().cpu(), logits[0]
-
-
 def window_records(model: nn.Module, dataset: Dataset, label_dir: Path, rws: RwsParams, device: torch.device
                    ) -> list[WindowScore]:
     """Return every window's scores (3.1-3.2) of the global network on the train images at their own size: the
@@ -153,7 +145,7 @@ def window_records(model: nn.Module, dataset: Dataset, label_dir: Path, rws: Rws
     scores = []
     for image_id in tqdm(dataset.ids("train"), desc="rws heatmaps", unit="img"):
         image, labels = _read(dataset, label_dir, image_id, model, device)
-        attention, logits = _attention(model, image, labels, rws)
+        attention, logits = heatmaps(model, image, labels, rws)
         windows = sliding_windows(*labels.shape, size=rws.slice_size, stride=rws.slice_stride)
         scores += window_scores(image_id, attention[-1].numpy(), logits.argmax(0).cpu().numpy(), labels, windows,
                                 min_coverage=rws.min_class_fraction, region=rws.attention_region)
@@ -165,8 +157,7 @@ def blend_maps(model: nn.Module, local: nn.Module, dataset: Dataset, label_dir: 
     """Return ({id: BlendMap} of the images with weak slices, {id: {attention, beta}} of the first
     rws.show_images of them, the mean global and local attention on the slices' class pixels).
 
-    Per image: the global network's A (float32) again, the local network's A^s on each weak slice alone for
-    the slice's class only (3.3 item 3), then eqs. 3-7 and the owner rule (`blend_weights`).
+    Per image: the global network's A (float32) again and `image_blend`.
     """
     model.eval()
     local.eval()
@@ -176,18 +167,9 @@ def blend_maps(model: nn.Module, local: nn.Module, dataset: Dataset, label_dir: 
     maps, shown, sums = {}, {}, np.zeros(3)
     for image_id, slices in tqdm(by_image.items(), desc="rws blend maps", unit="img"):
         image, labels = _read(dataset, label_dir, image_id, model, device)
-        attention, _ = _attention(model, image, labels, rws)
-        local_maps = []
-        for score in slices:
-            y0, x0, y1, x1 = score.box
-            window = labels[y0:y1, x0:x1]
-            only_class = np.where(window == score.cls, window, VOID)
-            local_maps.append(_attention(local, image[..., y0:y1, x0:x1], only_class, rws)[0])
-            inside = torch.from_numpy(window == score.cls)
-            sums += [attention[-1, y0:y1, x0:x1][inside].sum(), local_maps[-1][-1][inside].sum(), inside.sum()]
-        beta = blend_weights(attention, [score.box for score in slices], local_maps, eps=rws.epsilon,
-                             no_omega=not rws.use_omega, no_lambda=not rws.use_lambda,
-                             lambda_constant=rws.lambda_constant, layers=rws.layers).beta.numpy()
+        beta, attention, image_sums = image_blend(model, local, image, labels, slices, rws)
+        beta = beta.numpy()
+        sums += image_sums
         union = (min(s.box[0] for s in slices), min(s.box[1] for s in slices), max(s.box[2] for s in slices),
                  max(s.box[3] for s in slices))
         maps[image_id] = BlendMap(union, beta[:, union[0]:union[2], union[1]:union[3]].astype(np.float16))
@@ -195,27 +177,6 @@ def blend_maps(model: nn.Module, local: nn.Module, dataset: Dataset, label_dir: 
             shown[image_id] = {"attention": attention.numpy(), "beta": beta}
     pixels = max(sums[2], 1)
     return maps, shown, {"global_mean": float(sums[0] / pixels), "local_mean": float(sums[1] / pixels)}
-
-
-def blended_forward(model: nn.Module, local: nn.Module, images: torch.Tensor, beta: torch.Tensor,
-                    strides: list[int]) -> torch.Tensor:
-    """Return the model's logits with each stage's output F_i replaced by (1 - beta_i) F_i + beta_i F^s_i, beta
-    [B, l, H, W] averaged over each stage's stride blocks, F^s the frozen local network's on the same images;
-    a plain forward where beta is 0 throughout."""
-    if not beta.any():
-        return model(images)
-    with torch.no_grad(), StageRecorder(local.stage_modules()) as recorder:
-        local(images)
-    local_features = recorder.features()
-
-    def blend(index: int, output: torch.Tensor) -> torch.Tensor:
-        if not beta[:, index].any():
-            return output
-        strength = pool_to_grid(beta[:, index], strides[index], tuple(output.shape[-2:]))[:, None]  # [B, 1, h, w]
-        return ((1 - strength) * output + strength * local_features[index]).to(output.dtype)
-
-    with StageRecorder(model.stage_modules(), blend):
-        return model(images)
 
 
 def _curve_threshold(scores: list[WindowScore], rws: RwsParams) -> Threshold | None:
@@ -292,6 +253,7 @@ def train_with_rws(model: nn.Module, dataset: Dataset, label_dir: Path, recipe: 
                                                                     device)
         for parameter in local.parameters():
             parameter.requires_grad_(False)
+        found_round.local = local
         blend_set = BlendSet(dataset, label_dir, recipe, model.mean, model.std, round_seed, maps, len(strides))
 
         def blended_loss(batch):
@@ -308,20 +270,26 @@ def train_with_rws(model: nn.Module, dataset: Dataset, label_dir: Path, recipe: 
 def write_rws_report(folder: Path, rounds: list[RwsRound] | None, train_seconds: float, reason: str = "") -> None:
     """Write the RWS folder atomically: report.json (per round T, T_c, window and weak-slice counts, the mean
     attention on them, the steps trained without blending, seconds; train_seconds, the whole training's time,
-    with or without RWS), and of the last round that blended: slices.json (its weak slices), curve.json (its
-    attention/IoU curves, a DVC plot) and heatmaps.npz ('<id>/attention' [l, H, W] and '<id>/beta' [l, H, W] of
-    a few images). rounds None: RWS was off (reason says why)."""
+    with or without RWS; `threshold`, the T of the last round that blended, or null), and of that round:
+    slices.json (its weak slices), curve.json (its attention/IoU curves, a DVC plot), heatmaps.npz
+    ('<id>/attention' [l, H, W] and '<id>/beta' [l, H, W] of a few images) and local.pt (its local network's
+    state dict, for `seg.eval_rws_blend`). rounds None: RWS was off (reason says why)."""
     with atomic_path(folder, folder=True) as staging:
         if rounds is None:
             write_json(staging / "report.json", {"enabled": False, "skipped": reason, "train_seconds": train_seconds})
             return
-        write_json(staging / "report.json", {"enabled": True, "train_seconds": train_seconds, "rounds": [
-            {"threshold": r.threshold, "threshold_per_class": {str(c): t for c, t in r.threshold_per_class.items()},
-             "windows": r.windows, "weak_slices": len(r.weak_slices),
-             "images_with_weak_slices": len({w.image for w in r.weak_slices}),
-             "attention_on_weak_slices": r.attention, "steps_without_blending": r.plain_steps,
-             "seconds": r.seconds} for r in rounds]})
         last = next((r for r in reversed(rounds) if not r.plain_steps), rounds[-1])  # the last round that blended
+        write_json(staging / "report.json", {
+            "enabled": True, "train_seconds": train_seconds,
+            LAST_THRESHOLD: last.threshold if last.local is not None else None, "rounds": [
+                {"threshold": r.threshold,
+                 "threshold_per_class": {str(c): t for c, t in r.threshold_per_class.items()},
+                 "windows": r.windows, "weak_slices": len(r.weak_slices),
+                 "images_with_weak_slices": len({w.image for w in r.weak_slices}),
+                 "attention_on_weak_slices": r.attention, "steps_without_blending": r.plain_steps,
+                 "seconds": r.seconds} for r in rounds]})
+        if last.local is not None:
+            torch.save({key: value.cpu() for key, value in last.local.state_dict().items()}, staging / LOCAL_NETWORK)
         write_json(staging / "slices.json", {"threshold": last.threshold, "slices": [
             {"image": w.image, "box": list(w.box), "class": w.cls, "attention": w.attention, "iou": w.iou}
             for w in last.weak_slices]})
