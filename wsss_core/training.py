@@ -164,8 +164,8 @@ def fit(model: nn.Module, train_set: EpochSeededSet, batch_loss: Callable[..., t
     the groups' parameters together, after DDP's averaging and loss scaling's undoing) to at most that L2 norm.
 
     groups: the parameter groups (default: model.parameter_groups(recipe.new_layer_lr_mult)); with
-    recipe.freeze_bn the BatchNorm layers of the 'backbone' group stay in eval mode, their affine
-    parameters frozen (IRN's FixedBatchNorm).
+    recipe.freeze_bn the BatchNorm layers of the pretrained groups ('backbone', '<part>_backbone') stay in eval
+    mode, their affine parameters frozen (IRN's FixedBatchNorm).
     batch_loss gets the batch (tensors on `device`, a list or a dict as the set returns them) and
     returns (loss, {name: float} parts); on_epoch_end gets the 1-based epoch and each part's mean
     over the epoch, 'loss' included. steps: train this many steps instead of recipe.epochs epochs (the
