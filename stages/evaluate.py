@@ -53,7 +53,7 @@ def score_val(model: nn.Module, dataset: Dataset, ids: list[str], settings: SegP
 def rws_blend_report(model: nn.Module, dataset: Dataset, ids: list[str], settings: SegParams, crf: CrfParams | None,
                      device: torch.device) -> dict:
     """Return the val scores of the network blended at test time (`RwsBlendedSegmenter`, with rws/'s local network and
-    T): miou, per_class, blended_images, threshold; miou None and `skipped` when no RWS round blended."""
+    T): miou, per_class, blended_inputs, threshold; miou None and `skipped` when no RWS round blended."""
     try:
         threshold = json.loads((RWS_REPORT / "report.json").read_text(encoding="utf-8")).get(LAST_THRESHOLD)
     except (OSError, UnicodeDecodeError, ValueError, AttributeError) as err:
@@ -67,7 +67,7 @@ def rws_blend_report(model: nn.Module, dataset: Dataset, ids: list[str], setting
         raise DataError(f"{RWS_REPORT / LOCAL_NETWORK}: not the local network of this segmenter ({err})") from None
     blend = RwsBlendedSegmenter(model, local.to(device), settings.rws, threshold)
     scores, _, _ = score_val(blend, dataset, ids, settings, crf, device, "evaluate rws blend")
-    return {"miou": scores["miou"], "per_class": scores["per_class"], "blended_images": blend.blended_images,
+    return {"miou": scores["miou"], "per_class": scores["per_class"], "blended_inputs": blend.blended_inputs,
             "threshold": threshold, "protocol": "test-time blending, spec 3.7's optional variant (not the paper's)"}
 
 

@@ -224,7 +224,7 @@ def blend_at_test_time(model, local, threshold, images):
     blend = RwsBlendedSegmenter(model, local, RwsParams(enabled=True, slice_size=32, slice_stride=16, cam_pixels="all"),
                           threshold)
     with torch.no_grad():
-        return blend(images), blend.blended_images
+        return blend(images), blend.blended_inputs
 
 
 def test_test_time_blending_without_weak_slices_or_with_itself_gives_the_plain_logits(segmenter):

@@ -73,14 +73,14 @@ class RwsBlendedSegmenter(nn.Module):
     logits [B, K, H, W]: per image the network's own prediction stands in for the labels (its heatmaps and class
     regions), the windows whose class attention is below the training's T are the weak slices (attention only:
     without labels there is no slice IoU), the local network's heatmaps on them give eqs. 3-7's strengths, and
-    the blended forward gives the logits; an image without weak slices gets the plain logits. Counts the images
-    it blended in `blended_images`."""
+    the blended forward gives the logits; an image without weak slices gets the plain logits. Counts the input
+    images it blended in `blended_inputs` (each scale and flip of a val image is one input)."""
 
     def __init__(self, model: nn.Module, local: nn.Module, rws: RwsParams, threshold: float):
         super().__init__()
         self.model, self.local, self.rws, self.threshold = model.eval(), local.eval(), rws, threshold
         self.mean, self.std, self.strides = model.mean, model.std, model.stage_strides()
-        self.blended_images = 0
+        self.blended_inputs = 0
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         rws, outputs = self.rws, []
@@ -99,5 +99,5 @@ class RwsBlendedSegmenter(nn.Module):
             with torch.no_grad():
                 outputs.append(blended_forward(self.model, self.local, image, beta[None].to(image.device) * rws.beta,
                                                self.strides))
-            self.blended_images += 1
+            self.blended_inputs += 1
         return torch.cat(outputs)
