@@ -144,6 +144,15 @@ def test_whole_dag_caches_reruns_only_what_changed_and_runs_experiments(tiny_rep
     protocol = json.loads((tiny_repo / "metrics/seg.json").read_text())["protocol"]
     assert protocol == {"split": "val", "images": 8, "scales": [1.0, 0.75], "flip": True, "crf": True}
 
+    recompose(tiny_repo, "seg.rws.enabled=true", "seg.epochs=5", "seg.rws.threshold=0.99", "seg.rws.slice_size=48",
+              "seg.rws.slice_stride=24", "seg.rws.cam_pixels=all", "seg.eval_rws_blend=true")  # RWS blended at test time
+    for stage in ("train_seg", "evaluate"):
+        subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=tiny_repo, check=True, capture_output=True)
+    seg = json.loads((tiny_repo / "metrics/seg.json").read_text())
+    blended = seg["test_time_blend"]
+    assert (tiny_repo / "rws/local.pt").is_file() and blended["threshold"] == 0.99 and blended["blended_inputs"] > 0
+    assert 0 <= blended["miou"] <= 1 and set(blended["per_class"]) == set(seg["per_class"])
+
 
 def test_pseudo_source_cam_skips_the_affinity_branch(tiny_repo):
     """With pseudo.source: cam, AffinityNet, the walk and the CRF write placeholders; nothing upstream re-runs."""

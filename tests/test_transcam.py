@@ -251,3 +251,62 @@ def test_conformer_ms_raw_maps_bring_the_stride_32_cam_to_the_token_grid():
                                F.interpolate(native, (4, 6), mode="bilinear", align_corners=False), atol=1e-5, rtol=0)
     assert attention.values.shape == (2, 25, 25) and attention.values.min() >= 0
     torch.testing.assert_close(attention.values.sum(-1), torch.full((2, 25), 12.0))  # 12 blocks, keys expanded
+
+
+class FixedLite0(torch.nn.Module):
+    """An affinity network whose stride-16 features are hand-made: [1, 2, 2, 2] (tokens 0 and 3 alike)."""
+
+    mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, images):
+        self.seen.append(images)
+        vectors = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [2.0, 0.0]])  # [N, c]
+        return vectors.T.reshape(1, 2, 2, 2).expand(images.shape[0], -1, -1, -1)
+
+
+def test_imagenet_feature_attention_is_the_feature_affinity_on_the_token_grid(cpu_network):
+    method = transcam(export={"attention_source": "imagenet_features", "affinity_temperature": 0.5})
+    method.__dict__["affinity_network"] = FixedLite0()
+    images = torch.randn(1, 3, 32, 32)  # a 2 x 2 token grid
+    raw = method.raw_maps(cpu_network, images)
+    attention = raw["attention_native"].values[0]  # [5, 5]
+    assert attention.shape == (5, 5) and attention[0].abs().sum() == 0 and attention[:, 0].abs().sum() == 0
+    e = float(np.exp(2.0))  # cos 1 / 0.5; cos 0 -> 1; cos -1 -> exp(-2)
+    row0 = torch.tensor([e, 1.0, 1 / e, e]) / (2 * e + 1 + 1 / e)
+    torch.testing.assert_close(attention[1, 1:], row0)
+    torch.testing.assert_close(attention[1:, 1:].sum(-1), torch.ones(4))
+    mean, std = torch.tensor(cpu_network.mean)[:, None, None], torch.tensor(cpu_network.std)[:, None, None]
+    torch.testing.assert_close(method.affinity_network.seen[0], (images * std + mean - 0.5) / 0.5)  # renormalised
+    _, network_attention = cpu_network.cam_and_attention(images)
+    assert not torch.allclose(attention, network_attention.sum(0)[0])
+
+
+@pytest.mark.parametrize("sections, message", [
+    ({"export": {"attention_source": "imagenet_features", "attention": "layers"}}, "export.attention: layers has no"),
+    ({"export": {"attention_source": "imagenet_features"}, "refine": {"mode": "clsattn"}}, "refine.mode: clsattn"),
+    ({"export": {"attention_source": "imagenet_features", "affinity_backbone": "deit_small_patch16_224"}},
+     "affinity_backbone 'deit_small_patch16_224' is not one of")])
+def test_imagenet_feature_attention_params_that_cannot_run_are_refused(sections, message):
+    with pytest.raises(ParamsError, match=message):
+        transcam(**sections)
+
+
+def test_transcam_attention_statistics_read_the_patch_block_at_the_first_export_size():
+    """The patch block of test_mct's hand-made attention, under a cls row and column that must not count:
+    object query 1/2 on the object token, background queries 1/3 on average."""
+    from tests.test_mct import _Dataset, _Store
+
+    p2p = np.array([[2.0, 1, 1, 0], [0, 1, 0, 0], [1, 1, 1, 1], [3, 1, 0, 0]])
+    attention = np.full((5, 5), 7.0)
+    attention[1:, 1:] = p2p
+    raws = {"a": {"attention_native": np.stack([attention, np.ones((5, 5))]),
+                  "attention_32": np.ones((2, 5, 5)), "cam_logits_native": np.zeros((2, 2, 2, 2))}}
+    mask = np.array([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]], dtype=np.uint8)
+    method = transcam(export={"sizes": [0, 32]})
+    statistics = method.attention_statistics(_Store(raws), _Dataset({"a": [1], "b": [1]}, {"a": mask}), ["a", "b"])
+    assert statistics == pytest.approx({"object_query_on_objects": 0.5, "background_query_on_objects": 1 / 3,
+                                        "object_token_share": 0.25, "images": 1})

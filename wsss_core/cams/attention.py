@@ -10,6 +10,7 @@ keyword arguments at its recommended defaults. `attention_refine` is TransCAM's 
 from __future__ import annotations
 
 import math
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -161,6 +162,23 @@ def attention_on_objects(p2p: np.ndarray, objects: np.ndarray) -> tuple[float, f
     rows = p2p / np.maximum(p2p.sum(1, keepdims=True), 1e-12)
     on_objects = rows[:, objects].sum(1)  # [N]
     return float(on_objects[objects].mean()), float(on_objects[~objects].mean())
+
+
+def object_attention_mass(samples: Iterable[tuple[np.ndarray, np.ndarray]]) -> dict:
+    """Return, over samples of (patch-to-patch attention [N, N], object tokens bool [N]) of images: the mean
+    share of object queries' and of background queries' attention on object tokens (`attention_on_objects`),
+    the object tokens' mean share of the grid, and the number of images counted (those with both kinds of
+    token); None for each mean without such an image."""
+    shares, grid_shares = [], []
+    for p2p, objects in samples:
+        share = attention_on_objects(p2p, objects)
+        if share is not None:
+            shares.append(share)
+            grid_shares.append(float(objects.mean()))
+    mean = (lambda values: float(np.mean(values)) if values else None)
+    return {"object_query_on_objects": mean([share[0] for share in shares]),
+            "background_query_on_objects": mean([share[1] for share in shares]),
+            "object_token_share": mean(grid_shares), "images": len(shares)}
 
 
 def class_map_correlation(maps: np.ndarray) -> float | None:

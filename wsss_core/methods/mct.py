@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from wsss_core.cams.attention import (ROUNDINGS, attention_on_objects, class_map_correlation, joint_refine,
+from wsss_core.cams.attention import (ROUNDINGS, class_map_correlation, joint_refine, object_attention_mass,
                                       object_tokens, semantic_modulation)
 from wsss_core.cams.store import CamStore, RawMap
 from wsss_core.config import ClsParams, NonNegativeFloat, NonNegativeInt, Params, PositiveFloat, Section
@@ -206,25 +206,19 @@ class MCTMethod(Method):
         object tokens (cams.attention.attention_on_objects; an affinity puts more from object queries), the
         object tokens' share of the grid, and the mean correlation of the present classes' class-to-patch maps
         on images with two or more classes (class specificity: low is specific)."""
-        shares, grid_shares, correlations = [], [], []
+        samples, correlations = [], []
         for image_id in ids:
             if not dataset.has_mask(image_id):
                 continue
             keys = np.asarray(dataset.labels[image_id], dtype=np.int64)
             c2p, p2p = self._fused_attention(store.read_raw(image_id), 1, keys - 1)  # view 0
             _, grid = store.raw_layout(image_id, "p2p")
-            objects = object_tokens(dataset.read_mask(image_id), grid)
-            share = attention_on_objects(p2p[0].numpy(), objects)
-            if share is not None:
-                shares.append(share)
-                grid_shares.append(objects.mean())
+            samples.append((p2p[0].numpy(), object_tokens(dataset.read_mask(image_id), grid)))
             if len(keys) >= 2:
                 correlations.append(class_map_correlation(c2p[0].numpy()))
-        mean = (lambda values: float(np.mean(values)) if values else None)
-        return {"object_query_on_objects": mean([share[0] for share in shares]),
-                "background_query_on_objects": mean([share[1] for share in shares]),
-                "object_token_share": mean(grid_shares), "images": len(shares),
-                "class_map_correlation": mean(correlations), "multi_class_images": len(correlations)}
+        return {**object_attention_mass(samples),
+                "class_map_correlation": float(np.mean(correlations)) if correlations else None,
+                "multi_class_images": len(correlations)}
 
     def refine(self, cam: np.ndarray, keys: np.ndarray, raw: dict[str, np.ndarray]) -> np.ndarray:
         params: MCTRefineParams = self.params.refine

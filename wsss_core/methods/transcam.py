@@ -18,6 +18,7 @@ min + 1e-5 to (-min - 1e-5) / (max - min + 1e-5), ours to 0. Spec: ../shared/met
 from __future__ import annotations
 
 import sys
+from functools import cached_property
 from typing import Annotated, Literal
 
 import numpy as np
@@ -26,13 +27,14 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from wsss_core.cams.attention import TRANSCAM_MODES, attention_refine
-from wsss_core.cams.store import RawMap
-from wsss_core.config import ClsParams, NonNegativeInt, Params
+from wsss_core.cams.attention import TRANSCAM_MODES, attention_refine, object_attention_mass, object_tokens
+from wsss_core.cams.store import CamStore, RawMap
+from wsss_core.config import ClsParams, NonNegativeInt, Params, PositiveFloat
+from wsss_core.data.dataset import Dataset
 from wsss_core.errors import ParamsError
 from wsss_core.methods.base import (ExportParams, Method, MethodParams, ModelParams, RefineParams,
                                     chosen_blocks, register_method, sum_blocks)
-from wsss_core.models.catalog import CONFORMER_BACKBONES, CONFORMER_DEPTH
+from wsss_core.models.catalog import CNN_BACKBONES, CONFORMER_BACKBONES, CONFORMER_DEPTH
 
 
 class TransCAMModelParams(ModelParams):
@@ -50,6 +52,15 @@ class TransCAMExportParams(ExportParams):
     # side rounded to the network's input multiple), k = squashed to k x k (TransCAM: 256, 512, 768).
     sizes: Annotated[list[NonNegativeInt], Field(min_length=1)] = [0]
     attention: Literal["sum", "layers"] = "sum"  # summed over the blocks (TransCAM), or each block's
+    # What the stored patch-to-patch attention is: the network's (TransCAM), or imagenet_features, a deviation for
+    # networks trained from scratch, whose attention is no affinity (docs/methods/conformer.md): softmax_j(cos(f_i,
+    # f_j) / affinity_temperature) of a packaged ImageNet CNN's stride-16 features (affinity_backbone, weights from
+    # affinity_pretrained) resized to the token grid, the cls token's row and column 0. The CAM logits stay the
+    # network's.
+    attention_source: Literal["network", "imagenet_features"] = "network"
+    affinity_backbone: str = "tf_efficientnet_lite0"
+    affinity_pretrained: str = "efficientnet_lite0"
+    affinity_temperature: PositiveFloat = 0.1
 
 
 class TransCAMRefineParams(RefineParams):
@@ -109,6 +120,16 @@ class TransCAMMethod(Method):
                 raise ParamsError(f"methods.{self.name}.refine.layers: choosing blocks needs "
                                   f"methods.{self.name}.export.attention: layers (the store would hold their sum only)")
             chosen_blocks(refine.layers, CONFORMER_DEPTH, f"methods.{self.name}.refine.layers")
+        if export.attention_source == "imagenet_features":
+            if export.attention == "layers":
+                raise ParamsError(f"methods.{self.name}.export.attention: layers has no blocks to store with "
+                                  f"attention_source imagenet_features (one affinity per view); give sum")
+            if refine.mode == "clsattn":
+                raise ParamsError(f"methods.{self.name}.refine.mode: clsattn reads the cls token's attention, which "
+                                  f"export.attention_source imagenet_features does not have")
+            if export.affinity_backbone not in CNN_BACKBONES:
+                raise ParamsError(f"methods.{self.name}.export.affinity_backbone {export.affinity_backbone!r} is not "
+                                  f"one of: {', '.join(CNN_BACKBONES)}")
         multiple = self.input_multiple
         odd = [size for size in export.sizes if size % multiple]
         if odd:
@@ -154,15 +175,64 @@ class TransCAMMethod(Method):
         return {"cam": F.relu(self.logits(model, images)[2])}
 
     def raw_maps(self, model, images: torch.Tensor) -> dict[str, RawMap]:
-        maps = {}
-        for size in self.params.export.sizes:
-            cam_logits, attention = model.cam_and_attention(fit_input(images, self.input_multiple, size))
+        export, maps = self.params.export, {}
+        for size in export.sizes:
+            fitted = fit_input(images, self.input_multiple, size)
+            cam_logits, attention = model.cam_and_attention(fitted)
             grid, label = tuple(cam_logits.shape[-2:]), size_label(size)  # the token grid (a stride-32 CAM resized)
             maps[f"cam_logits_{label}"] = RawMap(cam_logits[:, 1:], "classes,height,width", grid)
-            maps[f"attention_{label}"] = (RawMap(attention.transpose(0, 1), "layers,tokens,tokens", grid)
-                                          if self.params.export.attention == "layers"
-                                          else RawMap(attention.sum(0), "tokens,tokens", grid))
+            if export.attention_source == "imagenet_features":
+                maps[f"attention_{label}"] = RawMap(self.imagenet_affinity(model, fitted, grid), "tokens,tokens", grid)
+            elif export.attention == "layers":
+                maps[f"attention_{label}"] = RawMap(attention.transpose(0, 1), "layers,tokens,tokens", grid)
+            else:
+                maps[f"attention_{label}"] = RawMap(attention.sum(0), "tokens,tokens", grid)
         return maps
+
+    @cached_property
+    def affinity_network(self) -> nn.Module:
+        """Return export.affinity_backbone at stride 16 with export.affinity_pretrained's weights, in eval mode."""
+        from wsss_core.models.backbones import Backbone
+
+        export = self.params.export
+        return Backbone(export.affinity_backbone, 16, export.affinity_pretrained,
+                        f"methods.{self.name}.export.affinity_pretrained").eval()
+
+    def imagenet_affinity(self, model, images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Return [B, 1 + N, 1 + N]: the affinity (models.hooks.feature_affinity) of export.affinity_backbone's
+        stride-16 features of images [B, 3, H, W] (normalised for `model`, renormalised for the backbone), resized
+        bilinearly to the token grid, in the patch-to-patch block; the cls token's row and column 0."""
+        from wsss_core.models.hooks import feature_affinity
+
+        network = self.affinity_network.to(images.device)
+
+        def column(values) -> torch.Tensor:
+            return torch.tensor(values, dtype=images.dtype, device=images.device)[:, None, None]
+
+        pixels = images * column(model.std) + column(model.mean)
+        with torch.no_grad():
+            features = network((pixels - column(network.mean)) / column(network.std))
+        features = F.interpolate(features.float(), grid, mode="bilinear", align_corners=False)
+        patches = feature_affinity(features, self.params.export.affinity_temperature)  # [B, N, N]
+        return F.pad(patches, (1, 0, 1, 0))
+
+    def attention_statistics(self, store: CamStore, dataset: Dataset, ids: list[str]) -> dict:
+        """Return, over the images with a mask (view 0 of the attention at export.sizes' first, blocks summed over
+        refine.layers, the patch-to-patch block): the mean share of object / background queries' attention on
+        object tokens and the object tokens' share of the grid (cams.attention.object_attention_mass; an affinity
+        puts more from object queries)."""
+        samples = []
+        for image_id in ids:
+            if not dataset.has_mask(image_id):
+                continue
+            raw = store.read_raw(image_id)
+            name = f"attention_{size_label(self.params.export.sizes[0])}"
+            attention = torch.from_numpy(raw[name][:1])
+            if attention.ndim == 4:  # [1, L, 1 + N, 1 + N]
+                attention = sum_blocks(attention, self.params.refine.layers, f"methods.{self.name}.refine.layers")
+            _, grid = store.raw_layout(image_id, name)
+            samples.append((attention[0, 1:, 1:].numpy(), object_tokens(dataset.read_mask(image_id), grid)))
+        return object_attention_mass(samples)
 
     def refine(self, cam: np.ndarray, keys: np.ndarray, raw: dict[str, np.ndarray]) -> np.ndarray:
         params: TransCAMRefineParams = self.params.refine

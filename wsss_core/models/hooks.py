@@ -4,13 +4,15 @@ timm's `Attention` computes softmax(q k^T / sqrt(d)) inside a fused kernel and r
 output. `attention_probabilities` recomputes the probabilities from the module's own layers and
 input (qkv, q_norm, k_norm, scale), `explicit_attention` also returns the output they give (the
 test that it equals timm's output pins the recomputation to timm's code), and `AttentionRecorder`
-collects them with forward hooks while the unchanged model runs.
+collects them with forward hooks while the unchanged model runs. `feature_affinity` is the semantic affinity
+of a feature map that such attention is assumed to approximate.
 """
 from __future__ import annotations
 
 from typing import Callable, Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -72,3 +74,11 @@ class AttentionRecorder:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def feature_affinity(features: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Return the semantic affinity [B, N, N] (float32) of features [B, c, h, w], N = h * w row-major: row i is
+    softmax_j(cos(f_i, f_j) / temperature), the kind of patch-to-patch map an ImageNet-pretrained ViT's attention
+    approximates (the refinements' assumption)."""
+    unit = F.normalize(features.flatten(2).float(), dim=1)  # [B, c, N]
+    return torch.softmax(unit.transpose(1, 2) @ unit / temperature, -1)

@@ -26,7 +26,7 @@ from torch import nn
 
 from wsss_core.errors import ParamsError
 from wsss_core.models.catalog import VIT_BACKBONES
-from wsss_core.models.hooks import AttentionRecorder
+from wsss_core.models.hooks import AttentionRecorder, feature_affinity
 from wsss_core.models.pretrained import read_state_dict
 from wsss_core.models.groups import ParamGroup
 
@@ -124,8 +124,7 @@ class MCTformerV2(nn.Module):
         semantic affinity that an ImageNet-pretrained ViT's attention approximates. Needs a token backbone."""
         if self.token_backbone is None:
             raise ParamsError("the token affinity needs hybrid tokens (methods.<method>.model.token_backbone)")
-        features = F.normalize(self.token_backbone(images).flatten(2).float(), dim=1)  # [B, c, N]
-        return torch.softmax(features.transpose(1, 2) @ features / temperature, -1)
+        return feature_affinity(self.token_backbone(images), temperature)
 
     @torch.no_grad()
     def cam_and_attention(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
