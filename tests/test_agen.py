@@ -562,6 +562,22 @@ def test_worker_pool_returns_results_in_order_from_other_processes():
         pool.close()
 
 
+def test_the_warm_up_until_onset_holds_the_seeding_loss_back_to_the_onset_step():
+    """Onset at step 3 (as below): steps 1-3 warm up (seed loss 0), step 4 seeds although its maps are blank again
+    (every pixel a background seed: a positive loss)."""
+    method = AGENMethod(AGENParams.model_validate({"model": {"agm_stages": [], "coam_stages": [], "width": 1 / 16,
+                                                             "seg_warmup_until_onset": True, "boundary_weight": 0.0}}))
+    blank, seeded = zero_outputs(stages=()), zero_outputs(stages=())
+    seeded.class_maps["top"] = torch.zeros(2, K, 5, 5)
+    seeded.class_maps["top"][:, 4, 1:4, 1:4] = 1.0
+    losses = [method.training_loss(FixedOutputs(outputs), batch())[1]["seed_top"]
+              for outputs in (blank, blank, seeded, blank)]
+    assert losses[:3] == [0.0, 0.0, 0.0] and losses[3] > 0
+    with pytest.raises(ParamsError, match="seg_warmup_until_onset: each process would see its own onset"):
+        get_method(parse_params({"method": "agen", "dist": {"nproc": 2}, "cls": {"backbone": "vgg16"},
+                                 "methods": {"agen": {"model": {"seg_warmup_until_onset": True}}}}, method_params()))
+
+
 def test_the_seed_onset_is_the_first_step_whose_batch_has_branch_a_seeds_warm_up_included():
     """Steps 1-2: zero class maps, the labelled class gets no seed in either image (unseeded 1.0); from step 3
     the map is positive on a square, so both images are seeded (unseeded 0.0): the onset is step 3, measured

@@ -104,6 +104,9 @@ class AGENModelParams(ModelParams):
     # Training steps with the classification losses alone before the seeding and boundary losses join (0: the
     # paper's, every loss from the first step; docs/methods/agen.md has what 36 did on the CPU budget).
     seg_warmup_steps: NonNegativeInt = 0
+    # Also hold the seeding and boundary losses back until the seed onset (the first step whose batch has branch A's
+    # seeds, learned.seed_onset_step), a warm-up sized by the run itself (a deviation; one process only).
+    seg_warmup_until_onset: bool = False
     crf: BoundaryCrfParams = BoundaryCrfParams()
 
 
@@ -148,6 +151,9 @@ class AGENMethod(Method):
         model = self.params.model
         if len(set(model.agm_stages)) < len(model.agm_stages) or len(set(model.coam_stages)) < len(model.coam_stages):
             raise ParamsError("methods.agen.model.agm_stages / coam_stages: a stage is named twice")
+        if model.seg_warmup_until_onset and params.dist.nproc > 1:
+            raise ParamsError("methods.agen.model.seg_warmup_until_onset: each process would see its own onset; "
+                              "set dist.nproc to 1")
         if not set(model.coam_stages) <= set(model.agm_stages):
             raise ParamsError(f"methods.agen.model.coam_stages {model.coam_stages}: a CoAM needs the AGM of its "
                               f"stage (agm_stages {model.agm_stages})")
@@ -178,12 +184,14 @@ class AGENMethod(Method):
         """Return (L_cls + L_seg + L_bnd weighted, parts): cls_*, seed_* per head ('top' and agmN), boundary,
         crf_ms (the step's CRF wall time) and unseeded_* per head (the share of the images in which a labelled
         class got no seed pixel: under the paper's rule all their seeds are background). During the first
-        seg_warmup_steps calls the seeding and boundary parts are 0 and not computed; the seeds are still drawn
-        (without gradient) for unseeded_* and the seed onset (learned_values)."""
+        seg_warmup_steps calls (and, with seg_warmup_until_onset, up to the seed onset's step) the seeding and
+        boundary parts are 0 and not computed; the seeds are still drawn (without gradient) for unseeded_* and the
+        seed onset (learned_values)."""
         from wsss_core.cams.seed_losses import balanced_seed_loss, boundary_loss  # the CRF's pydensecrf, when training
 
         settings = self.params.model
-        warming_up = self._steps_trained < settings.seg_warmup_steps
+        warming_up = self._steps_trained < settings.seg_warmup_steps or (settings.seg_warmup_until_onset
+                                                                          and self._seed_onset is None)
         self._steps_trained += 1
         images, labels = batch["images"], batch["labels"]
         outputs = model.outputs(images)
