@@ -111,12 +111,18 @@ def test_blending_with_zero_strength_or_with_itself_leaves_the_output(segmenter)
     assert torch.equal(zero, plain) and torch.allclose(itself, plain, atol=1e-5)
 
 
-def test_a_blended_middle_stage_mixes_the_local_features_per_stride_block(segmenter):
-    torch.manual_seed(3)
-    images = torch.randn(1, 3, 64, 80)
+def scaled_copy(segmenter):
+    """A local network that differs from the global one: its backbone's weights times 1.5."""
     local = copy.deepcopy(segmenter)
     for parameter in local.backbone.parameters():
         parameter.data.mul_(1.5)
+    return local
+
+
+def test_a_blended_middle_stage_mixes_the_local_features_per_stride_block(segmenter):
+    torch.manual_seed(3)
+    images = torch.randn(1, 3, 64, 80)
+    local = scaled_copy(segmenter)
     beta = torch.zeros(1, 4, 64, 80)
     beta[0, 1, :24, 40:] = torch.rand(24, 40)  # stage 2 (stride 8): a varying strength in the top right
     modules = segmenter.stage_modules()
@@ -241,9 +247,7 @@ def test_test_time_blending_without_weak_slices_or_with_itself_gives_the_plain_l
 def test_test_time_blending_blends_the_weak_slices_the_prediction_and_t_select(segmenter):
     torch.manual_seed(6)
     image = torch.randn(1, 3, 64, 80)
-    local = copy.deepcopy(segmenter)
-    for parameter in local.backbone.parameters():
-        parameter.data.mul_(1.5)
+    local = scaled_copy(segmenter)
     rws = RwsParams(enabled=True, slice_size=32, slice_stride=16, cam_pixels="all")
     output, blended = blend_at_test_time(segmenter, local, 1.01, image)
     with torch.no_grad():
