@@ -23,7 +23,7 @@ from stages._common import load_params, read_score_files, reports_errors
 from stages.artifacts import OUTPUTS, PARAMS_FILE, STAGE_TIMES
 from wsss_core.errors import DataError
 from wsss_core.io import atomic_path, write_json
-from wsss_core.results import ROWS_BEGIN, group_runs, headline, per_class, read_record, readme_block, \
+from wsss_core.results import ROWS_BEGIN, group_runs, headline, learned, per_class, read_record, readme_block, \
     render_html, render_markdown, replace_block, replace_rows_blocks
 
 RUNS_DIR = Path("results/runs")
@@ -134,7 +134,7 @@ def collect(
               "seed": params.seed, "variant": variant, "control": control, "command": " ".join(command.split()),
               "commit": git_commit(), "created": time.strftime("%Y-%m-%d %H:%M:%S"), "headline": values,
               "per_class": per_class(metrics), "seconds": stage_seconds(since), "cores": len(os.sched_getaffinity(0)),
-              "threads": torch.get_num_threads()}
+              "threads": torch.get_num_threads(), "learned": learned(metrics)}
     path = runs / f"{name}.json"
     write_json(path, record)
     typer.echo(f"wrote {path}")

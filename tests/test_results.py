@@ -13,7 +13,7 @@ from stages.cli import app
 from stages.report import stale_stages
 from wsss_core.errors import DataError
 from wsss_core.results import (BLOCK_BEGIN, BLOCK_END, ROWS_END, Spread, compare, comparisons, extract_block, group_runs,
-                               headline, readme_block, render_markdown)
+                               headline, learned, learned_lines, readme_block, render_markdown, rows_block)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,6 +131,7 @@ def test_collect_stores_the_workspace_run(tmp_path, monkeypatch):
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics/cam.json").write_text(json.dumps({"miou": 0.5, "per_class": {"background": 0.8}}))
     (tmp_path / "metrics/rw.json").write_text(json.dumps({"miou": None, "skipped": "not needed"}))
+    (tmp_path / "metrics/train_cls.json").write_text(json.dumps({"val_map": 0.9, "learned": {"beta_sa1": -0.25}}))
     (tmp_path / "logs").mkdir()
     (tmp_path / "logs/stage_times.jsonl").write_text(
         '{"stage": "train_cls", "seconds": 9.5, "finished": 100}\n{"stage": "eval_cams", "seconds": 2.0, '
@@ -141,6 +142,7 @@ def test_collect_stores_the_workspace_run(tmp_path, monkeypatch):
     stored = json.loads((tmp_path / "results/runs/synthetic-cam-x-seed0.json").read_text())
     assert stored["headline"]["cam"] == 0.5 and stored["headline"]["rw"] is None
     assert stored["seconds"] == {"eval_cams": 3.0} and stored["per_class"] == {"cam": {"background": 0.8}}
+    assert stored["learned"] == {"beta_sa1": -0.25}
     assert stored["cores"] == len(os.sched_getaffinity(0)) and stored["threads"] == torch.get_num_threads()
     assert (stored["method"], stored["data"], stored["seed"], stored["command"]) == ("cam", "synthetic", 0,
                                                                                       "dvc exp run")
@@ -150,6 +152,7 @@ def test_collect_stores_the_workspace_run(tmp_path, monkeypatch):
     assert CliRunner().invoke(app, ["collect", "--command", "x"]).exit_code == 0
     assert json.loads((tmp_path / "results/runs/voc12-mini-cam-seed0.json").read_text())["data"] == "voc12-mini"
     (tmp_path / "metrics/cam.json").unlink()
+    (tmp_path / "metrics/train_cls.json").unlink()
     nothing = CliRunner().invoke(app, ["collect", "--command", "x"])
     assert nothing.exit_code == 2 and "no score file" in nothing.output
 
@@ -227,3 +230,17 @@ def test_a_comparison_takes_only_the_seeds_both_rows_ran():
     assert "cam · rws against cam on synthetic (seeds 1, 2, n=2): seg (val) +2.0 points, largest std 1.4: " \
            "outside the spread" in text
     assert "cam · lone against cam on synthetic: no seed run on both sides" in text
+
+
+def test_learned_scalars_are_kept_numeric_and_averaged_per_row_on_the_pages():
+    metrics = {"train_cls": {"learned": {"beta_sa1": 0.5, "seed_onset_step": 3, "converged": True,
+                                         "nested": {"a": 1.0}, "lost": float("nan")}}}
+    assert learned(metrics) == {"beta_sa1": 0.5, "seed_onset_step": 3}
+    assert learned({}) == {} and learned({"train_cls": {"val_map": 0.9}}) == {}
+    runs = [{**record(seed, 0.5, method="multisa"), "learned": {"beta_sa3": value}}
+            for seed, value in enumerate((-0.4, -0.5, -0.6))]
+    rows = group_runs([*runs, record(0, 0.5)])
+    assert learned_lines(rows) == ["- multisa, synthetic: beta_sa3 -0.500 ± 0.100 (n=3)"]
+    assert "- multisa, synthetic: beta_sa3 -0.500 ± 0.100 (n=3)" in rows_block(rows, "multisa")
+    assert learned_lines([row for row in rows if row.method == "cam"]) == []
+    assert "## Learned scalars of the classifier" in render_markdown(rows)

@@ -2,8 +2,8 @@
 
 A *run record* is a JSON file: {'name', 'method', 'data', 'profile', 'seed', 'variant', 'control', 'command',
 'commit', 'created', 'headline': {column: value}, 'per_class': {stage: {class: iou}}, 'seconds': {stage: s},
-'cores', 'threads'} (the CPU cores the run could use and torch's threads: wall times depend on them).
-Runs that differ only in their seed form one row of the results report. Nothing here knows DVC or reads
+'cores', 'threads', 'learned': {name: value}} (the CPU cores the run could use and torch's threads: wall times
+depend on them; 'learned', optional: the classifier's learned scalars such as attention gates). Runs that differ only in their seed form one row of the results report. Nothing here knows DVC or reads
 params.yaml: the caller hands in metrics dicts and run records.
 """
 from __future__ import annotations
@@ -75,6 +75,16 @@ def per_class(metrics: dict[str, dict]) -> dict[str, dict[str, float]]:
     return result
 
 
+def learned(metrics: dict[str, dict]) -> dict[str, float]:
+    """Return the numeric scalars of train_cls's 'learned' (gates, gains, onsets; booleans and nested values left
+    out), {} when there are none."""
+    values = (metrics.get("train_cls") or {}).get("learned")
+    if not isinstance(values, dict):
+        return {}
+    return {name: value for name, value in values.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)}
+
+
 @dataclass(frozen=True)
 class Spread:
     """n values' mean and sample standard deviation (std None for n = 1; mean None for n = 0)."""
@@ -125,6 +135,11 @@ class Row:
 
     def seconds(self, stage: str) -> Spread:
         return Spread.of(run.get("seconds", {}).get(stage) for run in self.runs)
+
+    def learned(self) -> dict[str, Spread]:
+        """Return {name: spread over the runs} of the learned scalars, names in the order the runs list them."""
+        names = dict.fromkeys(name for run in self.runs for name in run.get("learned", {}))
+        return {name: Spread.of(run.get("learned", {}).get(name) for run in self.runs) for name in names}
 
     @property
     def seeds(self) -> list[int]:
@@ -238,6 +253,13 @@ def per_class_tables(rows: list[Row], stage: str = "seg") -> list[str]:
     return lines
 
 
+def learned_lines(rows: list[Row]) -> list[str]:
+    """One line per row that stored learned scalars: each one's mean ± std over the seeds (3 decimals)."""
+    return [f"- {row_label(row)}, {row.data}: " + "; ".join(f"{name} {spread.text(1.0, 3)}"
+                                                          for name, spread in row.learned().items())
+            for row in rows if row.learned()]
+
+
 def headline_table(rows: list[Row]) -> list[str]:
     """The README's table: the pipeline's stages for every row, mean ± std over seeds (mIoU in %)."""
     return _table(rows, SCORE_TABLE)
@@ -296,6 +318,10 @@ def render_markdown(rows: list[Row]) -> str:
            "refinement that helps raises the AUC and does not lower the best mIoU.", "",
            *(_table(attention_rows, ATTENTION_TABLE) if attention_rows else ["- none recorded"]), "",
            "## Per-class IoU of the segmenter (val, mean over seeds, %)", "", *per_class_tables(rows),
+           "## Learned scalars of the classifier", "",
+           "What `train_cls` learned that the method's mechanism depends on (`metrics/train_cls.json` `learned`):",
+           "attention gates (`beta_sa*`: 0 switches a block off, below 0 subtracts its context), CoAM gains, the",
+           "seed onset step, coupling weights.", "", *(learned_lines(rows) or ["- none recorded"]), "",
            "## Comparisons with a control", "",
            "Each comparison takes the seeds both rows ran (a seed fixes the data order and the upstream stages). A",
            "difference is called inside the spread when it is no larger than the larger of the two standard",
@@ -367,8 +393,8 @@ def select_rows(rows: list[Row], selector: str) -> tuple[list[Row], list[str]]:
 
 def rows_block(rows: list[Row], selector: str) -> list[str]:
     """Return a method page's generated block (markers included): the selected rows' stages, localisation and
-    trivial baselines, the segmenter's per-class IoU, their comparisons with their controls, and the command of
-    each row."""
+    trivial baselines, the segmenter's per-class IoU, the classifier's learned scalars, their comparisons with
+    their controls, and the command of each row."""
     chosen, unmatched = select_rows(rows, selector)
     selected = {id(row) for row in chosen}
     own_comparisons = comparisons(chosen) if chosen else []
@@ -377,6 +403,8 @@ def rows_block(rows: list[Row], selector: str) -> list[str]:
             *_table(chosen, SCORE_TABLE), "", *_table(chosen, LOCALISATION_TABLE), "",
             *(["The segmenter's per-class IoU (val, mean over seeds, %):", "", *per_class_tables(chosen)]
               if per_class_tables(chosen) else []),
+            *(["The classifier's learned scalars (mean ± std over seeds):", "", *learned_lines(chosen), ""]
+              if learned_lines(chosen) else []),
             *(own_comparisons or ["- no comparison with a control stored"]), "",
             *reproduce_lines([row for row in rows if id(row) in selected]),
             *(f"- {token}: no run stored" for token in unmatched), "", ROWS_END]
