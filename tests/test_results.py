@@ -208,6 +208,9 @@ def test_the_attention_statistics_reach_the_headline_and_a_table_of_their_own_ro
     assert "| mct | synthetic | not measured | not measured | not measured | not measured | 0.400 (one run) | " \
            "0.100 (one run) | 0.130 (one run) | 0.250 (one run) |" in section
     assert "| cam |" not in section
+    page = "\n".join(rows_block(group_runs([record(0, 0.5), mct]), "cam,mct"))
+    assert "| mct | synthetic | not measured | not measured | not measured | not measured | 0.400 (one run) | " in page
+    assert "refinement's assumption" not in "\n".join(rows_block(group_runs([record(0, 0.5), mct]), "cam"))
     assert "- none recorded" in render_markdown(group_runs([record(0, 0.5)])).split("## The refinement's")[1]
 
 
