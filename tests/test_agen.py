@@ -11,7 +11,7 @@ from wsss_core.cams.seeds import images_missing_a_class, seed_probabilities, thr
 from wsss_core.config import CrfParams, parse_params
 from wsss_core.errors import ParamsError
 from wsss_core.methods import get_method, method_params
-from wsss_core.methods.agen import AGENMethod, AGENParams, padding_mask
+from wsss_core.methods.agen import SEED_ONSET_STEPS, AGENMethod, AGENParams, padding_mask
 from wsss_core.models.agen import AGENNet, AGENOutputs, ContextAttention, coam_attention, init_new_layers
 from wsss_core.pool import WorkerPool
 from wsss_core.cams import seed_losses
@@ -562,38 +562,41 @@ def test_worker_pool_returns_results_in_order_from_other_processes():
         pool.close()
 
 
-def test_the_warm_up_until_onset_holds_the_seeding_loss_back_to_the_onset_step():
-    """Onset at step 3 (as below): steps 1-3 warm up (seed loss 0), step 4 seeds although its maps are blank again
-    (every pixel a background seed: a positive loss)."""
+def test_the_warm_up_until_onset_holds_the_seeding_loss_back_until_the_onset_is_confirmed():
+    """A seeded step 2 that the next step undoes (a fresh branch A's maps) is no onset; steps 4-8 are seeded, so the
+    onset is step 4, confirmed at step 8: steps 1-8 warm up (seed loss 0), step 9 seeds although its maps are blank
+    again (every pixel a background seed: a positive loss)."""
     method = AGENMethod(AGENParams.model_validate({"model": {"agm_stages": [], "coam_stages": [], "width": 1 / 16,
                                                              "seg_warmup_until_onset": True, "boundary_weight": 0.0}}))
     blank, seeded = zero_outputs(stages=()), zero_outputs(stages=())
     seeded.class_maps["top"] = torch.zeros(2, K, 5, 5)
     seeded.class_maps["top"][:, 4, 1:4, 1:4] = 1.0
-    losses = [method.training_loss(FixedOutputs(outputs), batch())[1]["seed_top"]
-              for outputs in (blank, blank, seeded, blank)]
-    assert losses[:3] == [0.0, 0.0, 0.0] and losses[3] > 0
+    steps = (blank, seeded, blank, *[seeded] * SEED_ONSET_STEPS, blank)
+    losses = [method.training_loss(FixedOutputs(outputs), batch())[1]["seed_top"] for outputs in steps]
+    assert SEED_ONSET_STEPS == 5 and losses[:8] == [0.0] * 8 and losses[8] > 0
+    assert method.learned_values(tiny_net(agm_stages=(), coam_stages=()))["seed_onset_step"] == 4.0
     with pytest.raises(ParamsError, match="seg_warmup_until_onset: each process would see its own onset"):
         get_method(parse_params({"method": "agen", "dist": {"nproc": 2}, "cls": {"backbone": "vgg16"},
                                  "methods": {"agen": {"model": {"seg_warmup_until_onset": True}}}}, method_params()))
 
 
-def test_the_seed_onset_is_the_first_step_whose_batch_has_branch_a_seeds_warm_up_included():
-    """Steps 1-2: zero class maps, the labelled class gets no seed in either image (unseeded 1.0); from step 3
-    the map is positive on a square, so both images are seeded (unseeded 0.0): the onset is step 3, measured
-    while the warm-up (5 steps) still keeps the seeding loss at 0."""
+def test_the_seed_onset_is_the_first_of_five_seeded_steps_in_a_row_warm_up_included():
+    """Steps 1-2: zero class maps, the labelled class gets no seed in either image (unseeded 1.0); step 3 seeded
+    and step 4 blank (no onset: the run of seeded steps breaks); from step 5 the map is positive on a square in
+    every step, so both images are seeded (unseeded 0.0): the onset is step 5, known at step 9, measured while the
+    warm-up (12 steps) still keeps the seeding loss at 0."""
     method = AGENMethod(AGENParams.model_validate({"model": {"agm_stages": [], "coam_stages": [], "width": 1 / 16,
-                                                             "seg_warmup_steps": 5, "boundary_weight": 0.0}}))
+                                                             "seg_warmup_steps": 12, "boundary_weight": 0.0}}))
     blank, seeded = zero_outputs(stages=()), zero_outputs(stages=())
     seeded.class_maps["top"] = torch.zeros(2, K, 5, 5)
     seeded.class_maps["top"][:, 4, 1:4, 1:4] = 1.0
     model = tiny_net(agm_stages=(), coam_stages=())
     shares = []
-    for step, outputs in enumerate((blank, blank, seeded, blank), 1):
+    for step, outputs in enumerate((blank, blank, seeded, blank, *[seeded] * 5, blank), 1):
         _, parts = method.training_loss(FixedOutputs(outputs), batch())
         shares.append(parts["unseeded_top"])
         assert parts["seed_top"] == 0.0  # warming up
-        if step == 2:
+        if step == 8:
             assert "seed_onset_step" not in method.learned_values(model)
-    assert shares == [1.0, 1.0, 0.0, 1.0]
-    assert method.learned_values(model)["seed_onset_step"] == 3.0
+    assert shares == [1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    assert method.learned_values(model)["seed_onset_step"] == 5.0

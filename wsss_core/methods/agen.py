@@ -39,7 +39,10 @@ if TYPE_CHECKING:
     from wsss_core.models.agen import AGENNet
 
 Stage = Literal[AGM_STAGES]
-SEED_ONSET_SHARE = 0.5  # the seed onset: the first step at which at most this share of images lacks a class's seeds
+SEED_ONSET_SHARE = 0.5  # a step has seeds when at most this share of its images lacks a labelled class's seeds
+# The seed onset: the first of SEED_ONSET_STEPS consecutive steps with seeds. One step is not enough: the maps of a
+# fresh branch A are positive at step 1 and die within the next few steps (docs/methods/agen.md).
+SEED_ONSET_STEPS = 5
 
 
 class BoundaryCrfParams(CrfParams):
@@ -104,8 +107,9 @@ class AGENModelParams(ModelParams):
     # Training steps with the classification losses alone before the seeding and boundary losses join (0: the
     # paper's, every loss from the first step; docs/methods/agen.md has what 36 did on the CPU budget).
     seg_warmup_steps: NonNegativeInt = 0
-    # Also hold the seeding and boundary losses back until the seed onset (the first step whose batch has branch A's
-    # seeds, learned.seed_onset_step), a warm-up sized by the run itself (a deviation; one process only).
+    # Also hold the seeding and boundary losses back until the seed onset is confirmed (learned.seed_onset_step: the
+    # first of SEED_ONSET_STEPS consecutive steps whose batches have branch A's seeds), a warm-up sized by the run
+    # itself (a deviation; one process only).
     seg_warmup_until_onset: bool = False
     crf: BoundaryCrfParams = BoundaryCrfParams()
 
@@ -143,7 +147,8 @@ class AGENMethod(Method):
         super().__init__(params)
         self._crf_pool = WorkerPool(self.params.model.crf.workers)
         self._steps_trained = 0  # training_loss calls so far (seg_warmup_steps counts them)
-        self._seed_onset: int | None = None  # the first step whose batch had branch A's seeds (SEED_ONSET_SHARE)
+        self._seed_onset: int | None = None  # the first of SEED_ONSET_STEPS consecutive steps with branch A's seeds
+        self._seeded_streak = 0  # consecutive steps with seeds so far
         weakref.finalize(self, self._crf_pool.close)
 
     def check(self, params: Params) -> None:
@@ -184,7 +189,7 @@ class AGENMethod(Method):
         """Return (L_cls + L_seg + L_bnd weighted, parts): cls_*, seed_* per head ('top' and agmN), boundary,
         crf_ms (the step's CRF wall time) and unseeded_* per head (the share of the images in which a labelled
         class got no seed pixel: under the paper's rule all their seeds are background). During the first
-        seg_warmup_steps calls (and, with seg_warmup_until_onset, up to the seed onset's step) the seeding and
+        seg_warmup_steps calls (and, with seg_warmup_until_onset, until the seed onset is confirmed) the seeding and
         boundary parts are 0 and not computed; the seeds are still drawn (without gradient) for unseeded_* and the
         seed onset (learned_values)."""
         from wsss_core.cams.seed_losses import balanced_seed_loss, boundary_loss  # the CRF's pydensecrf, when training
@@ -213,8 +218,10 @@ class AGENMethod(Method):
             seeds = threshold_seeds(probabilities, mask, self._threshold(key), settings.seed_mode)
             unseeded = images_missing_a_class(seeds, labels)
             unseeded_share[f"unseeded_{name}"] = unseeded.float().mean().item()
-            if key == "top" and self._seed_onset is None and unseeded_share["unseeded_top"] <= SEED_ONSET_SHARE:
-                self._seed_onset = self._steps_trained
+            if key == "top" and self._seed_onset is None:
+                self._seeded_streak = self._seeded_streak + 1 if unseeded_share["unseeded_top"] <= SEED_ONSET_SHARE else 0
+                if self._seeded_streak == SEED_ONSET_STEPS:
+                    self._seed_onset = self._steps_trained - SEED_ONSET_STEPS + 1
             if warming_up:
                 parts[f"seed_{name}"] = torch.zeros((), device=images.device)
                 continue
@@ -238,9 +245,10 @@ class AGENMethod(Method):
         return loss, logged
 
     def learned_values(self, model: AGENNet) -> dict[str, float]:
-        """Return the CoAM gains and, once it happened, the seed onset: the first training step (1-based) at
-        which at most SEED_ONSET_SHARE of the batch's images had a labelled class without a seed of branch A
-        (Z^top). Before it, the seeding loss trains branch B towards background; a warm-up should cover it."""
+        """Return the CoAM gains and, once it happened, the seed onset: the first training step (1-based) of
+        SEED_ONSET_STEPS consecutive steps at each of which at most SEED_ONSET_SHARE of the batch's images had a
+        labelled class without a seed of branch A (Z^top). Before it, the seeding loss trains branch B towards
+        background; a warm-up should cover it."""
         onset = {} if self._seed_onset is None else {"seed_onset_step": float(self._seed_onset)}
         return {**{f"lambda_coam{stage}": gain for stage, gain in model.coam_gains().items()}, **onset}
 
