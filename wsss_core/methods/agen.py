@@ -219,7 +219,8 @@ class AGENMethod(Method):
             unseeded = images_missing_a_class(seeds, labels)
             unseeded_share[f"unseeded_{name}"] = unseeded.float().mean().item()
             if key == "top" and self._seed_onset is None:
-                self._seeded_streak = self._seeded_streak + 1 if unseeded_share["unseeded_top"] <= SEED_ONSET_SHARE else 0
+                seeded = unseeded_share["unseeded_top"] <= SEED_ONSET_SHARE
+                self._seeded_streak = self._seeded_streak + 1 if seeded else 0
                 if self._seeded_streak == SEED_ONSET_STEPS:
                     self._seed_onset = self._steps_trained - SEED_ONSET_STEPS + 1
             if warming_up:
