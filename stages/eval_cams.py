@@ -19,8 +19,9 @@ def eval_cams(params_file: Path = typer.Option(PARAMS_FILE, "--params", help="pa
     report = score_cam_store(CAM_STORE, Dataset.load(MANIFEST), params.cams, params.data)
     write_json(CAM_METRICS, report)
     sweep = report["sweep"]
-    write_json(CAM_SWEEP_PLOT, {"sweep": [{"bg_threshold": t, "miou": m}
-                                          for t, m in zip(sweep.get("thresholds", []), sweep.get("miou", []))]})
+    write_json(CAM_SWEEP_PLOT, {"sweep": [{"bg_threshold": t, "miou": m, "foreground_share": share}
+                                          for t, m, share in zip(sweep.get("thresholds", []), sweep.get("miou", []),
+                                                                 sweep.get("foreground_share", []))]})
     typer.echo(describe_report("CAM", report))
 
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from tests.fixtures import make_dataset
 from tests.tiny import tiny_cam_net
-from wsss_core.cams.evaluate import cam_metrics, threshold_grid
+from wsss_core.cams.evaluate import cam_metrics, sweep_cams, threshold_grid
 from wsss_core.cams.labels import cam_labels
 from wsss_core.cams.infer import iterate_cams, multiscale_maps, normalize_present
 from wsss_core.cams.store import CamStore, CamStoreWriter
@@ -163,6 +163,30 @@ def test_cam_metrics_perfect_cam_and_sweep(tmp_path):
     assert report["sweep"]["best_miou"] == pytest.approx(1.0)
     assert report["sweep"]["best_threshold"] < 0.8
     assert report["per_class"]["background"] == pytest.approx(bg_iou_when_all_background(dataset))
+
+
+def test_sweep_activation_uses_the_strongest_labelled_class_and_no_mask(tmp_path):
+    dataset = make_dataset(tmp_path)
+    ids = dataset.ids("train")
+    peaks = {}
+    path = tmp_path / "cams.h5"
+    with CamStoreWriter(path, {"method": "cam"}) as writer:
+        for image_id in ids:
+            keys = np.array(dataset.labels[image_id])
+            height, width = dataset.read_mask(image_id).shape
+            # the first class is 0.25 everywhere, a second one (when labelled) 0.75 on the left half (exact in float16)
+            cam = np.zeros((len(keys), height, width), np.float32)
+            cam[0] = 0.25
+            if len(keys) > 1:
+                cam[1, :, : width // 2] = 0.75
+            writer.write(image_id, cam, keys)
+            peaks[image_id] = cam.max(0)
+    with CamStore(path) as store:
+        _, _, activation = sweep_cams(store, dataset, ids, [0.1, 0.5, 0.8])
+    everything = np.concatenate([peak.ravel() for peak in peaks.values()])
+    assert activation["mean_peak"] == pytest.approx(everything.astype(np.float64).mean(), rel=1e-12)
+    assert activation["foreground_share"] == pytest.approx([1.0, (everything > 0.5).mean(), 0.0])
+    assert 0.0 < activation["foreground_share"][1] < 1.0  # the hand-made set has a multi-class image
 
 
 def bg_iou_when_all_background(dataset):

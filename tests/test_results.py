@@ -35,11 +35,11 @@ def test_spread_mean_sample_std_and_n():
 
 def test_headline_takes_each_stage_and_never_invents_a_value():
     metrics = {"cam": {"miou": 0.5, "auc": 0.8, "sweep": {"best_miou": 0.6, "best_threshold": 0.35},
-                       "baselines": {"all_background": 0.12, "all_foreground": 0.06}},
+                       "activation": {"mean_peak": 0.31}, "baselines": {"all_background": 0.12, "all_foreground": 0.06}},
                "rw": {"miou": None, "skipped": "pseudo.source is cam"}, "train_cls": {"val_map": 0.9}}
     values = headline(metrics)
     assert (values["cam"], values["cam_best"], values["cam_auc"], values["cls_map_val"]) == (0.5, 0.6, 0.8, 0.9)
-    assert values["cam_best_threshold"] == 0.35
+    assert values["cam_best_threshold"] == 0.35 and values["cam_mean_peak"] == 0.31
     assert (values["train_all_bg"], values["train_all_fg"]) == (0.12, 0.06)
     assert values["rw"] is None and values["seg"] is None and values["refined"] is None
 

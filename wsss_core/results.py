@@ -25,6 +25,7 @@ HEADLINE_SOURCES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("cam_best", "cam", ("sweep", "best_miou")),
     ("cam_best_threshold", "cam", ("sweep", "best_threshold")),
     ("cam_auc", "cam", ("auc",)),
+    ("cam_mean_peak", "cam", ("activation", "mean_peak")),
     ("refined", "cam_refined", ("miou",)),
     ("refined_best", "cam_refined", ("sweep", "best_miou")),
     ("refined_auc", "cam_refined", ("auc",)),
@@ -204,6 +205,7 @@ SCORE_TABLE = (("cls_map_val", "cls mAP (val)"), ("cam", "CAM @0.15"), ("cam_bes
                ("refined", "refined"), ("rw", "RW"), ("crf", "CRF"), ("pseudo", "pseudo"), ("seg", "seg (val)"),
                ("seg_onestep", "one-step (val)"), ("seg_rws_blend", "RWS blended (val)"))
 LOCALISATION_TABLE = (("cam_auc", "CAM AUC"), ("cam_best_threshold", "CAM best at"),
+                      ("cam_mean_peak", "CAM mean peak (no GT)"),
                       ("refined_auc", "refined AUC"), ("refined_corr", "refined r(CAM)"), ("rw_auc", "RW AUC"),
                       ("cls_map_train", "cls mAP (train)"), ("train_all_bg", "all bg (train)"),
                       ("train_all_fg", "all fg (train)"), ("val_all_bg", "all bg (val)"),
@@ -212,8 +214,8 @@ ATTENTION_TABLE = (("cam_best", "CAM best"), ("refined_best", "refined best"), (
                    ("refined_auc", "refined AUC"), ("attention_object", "object queries on objects"),
                    ("attention_background", "background queries on objects"), ("attention_grid", "objects' grid share"),
                    ("class_map_corr", "class maps r"))
-UNSCALED = {"cam_auc", "cam_best_threshold", "refined_auc", "refined_corr", "rw_auc", "cls_map_val", "cls_map_train",
-            "attention_object", "attention_background", "attention_grid", "class_map_corr"}
+UNSCALED = {"cam_auc", "cam_best_threshold", "cam_mean_peak", "refined_auc", "refined_corr", "rw_auc", "cls_map_val",
+            "cls_map_train", "attention_object", "attention_background", "attention_grid", "class_map_corr"}
 TIMED_STAGES = ("prepare", "train_cls", "export_cams", "eval_cams", "refine", "affinity_labels", "train_affinity",
                 "random_walk", "dcrf", "pseudo_masks", "train_seg", "evaluate")
 

@@ -23,19 +23,31 @@ def threshold_grid(start: float, stop: float, step: float) -> list[float]:
 
 
 def sweep_cams(store: CamStore, dataset: Dataset, ids: list[str], thresholds: list[float]
-               ) -> tuple[list[np.ndarray], list[float]]:
+               ) -> tuple[list[np.ndarray], list[float], dict]:
     """Return (one confusion matrix [K+1, K+1] per background threshold, the ROC AUC of every (image, present
-    class): metrics.class_map_aucs) over the given ids."""
+    class): metrics.class_map_aucs, the maps' activation) over the given ids.
+
+    The activation uses no ground truth: {'mean_peak': the mean over pixels of the strongest labelled class's
+    CAM (in [0, 1]), 'foreground_share': per threshold, the share of pixels whose strongest CAM exceeds it (the
+    share the seeds call foreground)}. It says how broad a method's maps are against another's, so the
+    downstream thresholds can be judged without masks."""
     matrices = [ConfusionMatrix(dataset.num_classes + 1) for _ in thresholds]
     aucs: list[float] = []
+    peak_sum, pixels, above = 0.0, 0, np.zeros(len(thresholds), np.int64)
     for image_id in tqdm(ids, desc="evaluate CAMs", unit="img"):
         cam, keys = store.read(image_id)
         best_class, peak = cam_peaks(cam, keys)  # once per image, for every threshold
         target = dataset.read_mask(image_id)
         aucs += class_map_aucs(cam, keys, target)
-        for matrix, threshold in zip(matrices, thresholds):
-            matrix.update(np.where(peak > threshold, best_class, 0), target)
-    return [matrix.matrix for matrix in matrices], aucs
+        peak_sum += float(peak.sum(dtype=np.float64))
+        pixels += peak.size
+        for index, (matrix, threshold) in enumerate(zip(matrices, thresholds)):
+            foreground = peak > threshold
+            above[index] += int(foreground.sum())
+            matrix.update(np.where(foreground, best_class, 0), target)
+    activation = {"mean_peak": peak_sum / pixels if pixels else None,
+                  "foreground_share": [int(count) / pixels if pixels else None for count in above]}
+    return [matrix.matrix for matrix in matrices], aucs, activation
 
 
 def classifier_map(store: CamStore, dataset: Dataset, ids: list[str]) -> float | None:
@@ -59,14 +71,15 @@ def map_correlation(store: CamStore, reference: CamStore, ids: list[str]) -> flo
 
 def cam_metrics(store: CamStore, dataset: Dataset, ids: list[str], *, seed_bg_threshold: float,
                 sweep: list[float], synthetic_spec: SyntheticSpec | None = None) -> dict:
-    """Return {'miou', 'per_class', 'scored_images', 'seed_bg_threshold', 'auc', 'baselines', 'sweep': {...}}
-    with mIoU in [0, 1], over the ids that have a ground-truth mask (miou None and the sweep skipped when none
-    has).
+    """Return {'miou', 'per_class', 'scored_images', 'seed_bg_threshold', 'auc', 'baselines', 'activation',
+    'sweep': {...}} with mIoU in [0, 1], over the ids that have a ground-truth mask (miou None and the sweep
+    skipped when none has).
 
     auc: the mean ROC AUC over (image, present class) of the class map on its class's pixels against
     background pixels, a threshold-free localisation score (0.5: none). baselines: the all-background and
-    all-foreground mIoU of the same images (metrics.dataset_baselines). The sweep's best threshold is tuned
-    on ground truth, as papers' seed numbers usually are. With the synthetic set's spec,
+    all-foreground mIoU of the same images (metrics.dataset_baselines). activation: {'mean_peak'} and the
+    sweep's 'foreground_share' per threshold (sweep_cams; no ground truth used). The sweep's best threshold is
+    tuned on ground truth, as papers' seed numbers usually are. With the synthetic set's spec,
     'synthetic_activation' says how partial the CAMs are (mean CAM on parts, bodies and background: the point
     of the synthetic set).
     """
@@ -78,7 +91,7 @@ def cam_metrics(store: CamStore, dataset: Dataset, ids: list[str], *, seed_bg_th
             report["synthetic_activation"] = part_body_activation(store, synthetic_spec, ids)
         return report
     thresholds = sorted(set(threshold_grid(*sweep)) | {round(seed_bg_threshold, 4)})
-    matrices, aucs = sweep_cams(store, dataset, scored, thresholds)
+    matrices, aucs, activation = sweep_cams(store, dataset, scored, thresholds)
     reports = [iou_report(matrix, dataset.class_names) for matrix in matrices]
     configured = reports[thresholds.index(round(seed_bg_threshold, 4))]
     best = int(np.nanargmax([report["miou"] for report in reports]))
@@ -89,12 +102,14 @@ def cam_metrics(store: CamStore, dataset: Dataset, ids: list[str], *, seed_bg_th
         "seed_bg_threshold": seed_bg_threshold,
         "auc": mean_or_none(aucs),
         "baselines": dataset_baselines(dataset, scored),
+        "activation": {"mean_peak": activation["mean_peak"]},
         "sweep": {
             "note": "best background threshold tuned on ground truth",
             "best_threshold": thresholds[best],
             "best_miou": reports[best]["miou"],
             "thresholds": thresholds,
             "miou": [report["miou"] for report in reports],
+            "foreground_share": activation["foreground_share"],
         },
     }
     if synthetic_spec is not None:
@@ -133,7 +148,8 @@ def describe_report(name: str, report: dict) -> str:
     baselines = report["baselines"]
     text = (f"{name} mIoU {report['miou']:.4f} at threshold {report['seed_bg_threshold']}; "
             f"best {sweep['best_miou']:.4f} at {sweep['best_threshold']} (tuned on GT); AUC {_number(report['auc'])}; "
-            f"all background {baselines['all_background']:.4f}, all foreground {baselines['all_foreground']:.4f}")
+            f"all background {baselines['all_background']:.4f}, all foreground {baselines['all_foreground']:.4f}; "
+            f"mean peak activation {_number(report['activation']['mean_peak'])} (no GT)")
     if report.get("classifier_map") is not None:
         text += f"; classifier mAP {report['classifier_map']:.3f}"
     if report.get("correlation_with_input") is not None:
