@@ -23,8 +23,8 @@ from stages._common import load_params, read_score_files, reports_errors
 from stages.artifacts import OUTPUTS, PARAMS_FILE, STAGE_TIMES
 from wsss_core.errors import DataError
 from wsss_core.io import atomic_path, write_json
-from wsss_core.results import ROWS_BEGIN, group_runs, headline, learned, per_class, read_record, readme_block, \
-    render_html, render_markdown, replace_block, replace_rows_blocks
+from wsss_core.results import ROWS_BEGIN, fill_cached_seconds, group_runs, headline, learned, per_class, read_record, \
+    readme_block, render_html, render_markdown, replace_block, replace_rows_blocks
 
 RUNS_DIR = Path("results/runs")
 RESULTS_MD = Path("docs/results.md")
@@ -115,6 +115,9 @@ def collect(
     name: str = typer.Option("", "--name", help="record name (default <data>-<method>[-<variant>]-seed<seed>)"),
     since: float = typer.Option(0.0, "--since", help="Unix time the run started: stage times finished before "
                                 "it (cached stages) are not stored"),
+    times_from: Path = typer.Option(None, "--times-from", help="the record of the run that computed the stages "
+                                    "this one restored from DVC's run cache: their times are kept (checked: the "
+                                    "same method, data, profile, seed and shared scores)"),
     runs: Path = typer.Option(RUNS_DIR, "--runs", help="folder of run records"),
     params_file: Path = typer.Option(PARAMS_FILE, "--params", help="params.yaml of the run"),
 ) -> None:
@@ -135,6 +138,8 @@ def collect(
               "commit": git_commit(), "created": time.strftime("%Y-%m-%d %H:%M:%S"), "headline": values,
               "per_class": per_class(metrics), "seconds": stage_seconds(since), "cores": len(os.sched_getaffinity(0)),
               "threads": torch.get_num_threads(), "learned": learned(metrics)}
+    if times_from is not None:
+        record["seconds"] = fill_cached_seconds(record["seconds"], record, read_record(times_from), str(times_from))
     path = runs / f"{name}.json"
     write_json(path, record)
     typer.echo(f"wrote {path}")

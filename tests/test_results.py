@@ -12,8 +12,9 @@ from typer.testing import CliRunner
 from stages.cli import app
 from stages.report import stale_stages
 from wsss_core.errors import DataError
-from wsss_core.results import (BLOCK_BEGIN, BLOCK_END, ROWS_END, Spread, compare, comparisons, extract_block, group_runs,
-                               headline, learned, learned_lines, readme_block, render_markdown, rows_block)
+from wsss_core.results import (BLOCK_BEGIN, BLOCK_END, ROWS_END, Spread, compare, comparisons, extract_block,
+                               fill_cached_seconds, group_runs, headline, learned, learned_lines, readme_block,
+                               render_markdown, rows_block)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,7 +36,8 @@ def test_spread_mean_sample_std_and_n():
 
 def test_headline_takes_each_stage_and_never_invents_a_value():
     metrics = {"cam": {"miou": 0.5, "auc": 0.8, "sweep": {"best_miou": 0.6, "best_threshold": 0.35},
-                       "activation": {"mean_peak": 0.31}, "baselines": {"all_background": 0.12, "all_foreground": 0.06}},
+                       "activation": {"mean_peak": 0.31},
+                       "baselines": {"all_background": 0.12, "all_foreground": 0.06}},
                "rw": {"miou": None, "skipped": "pseudo.source is cam"}, "train_cls": {"val_map": 0.9}}
     values = headline(metrics)
     assert (values["cam"], values["cam_best"], values["cam_auc"], values["cls_map_val"]) == (0.5, 0.6, 0.8, 0.9)
@@ -127,6 +129,19 @@ def test_report_names_a_corrupted_record_and_writes_nothing(tmp_path):
     assert empty.exit_code == 2 and "no run records" in empty.output
 
 
+def test_cached_stages_keep_the_times_of_the_run_that_computed_them():
+    earlier = {**record(0, None), "seconds": {"train_cls": 500.0, "export_cams": 900.0, "eval_cams": 20.0}}
+    earlier["headline"] = {"cam": 0.5, "seg": None, "rw": 0.4}
+    later = {**record(0, 0.6), "seconds": {"eval_cams": 18.0, "train_seg": 800.0}}
+    later["headline"] = {"cam": 0.5, "seg": 0.6, "rw": 0.4}
+    assert fill_cached_seconds(later["seconds"], later, earlier, "old.json") == {
+        "train_cls": 500.0, "export_cams": 900.0, "eval_cams": 18.0, "train_seg": 800.0}
+    with pytest.raises(DataError, match="old.json: cam 0.5, this run's is 0.51: not the same computation"):
+        fill_cached_seconds({}, {**later, "headline": {**later["headline"], "cam": 0.51}}, earlier, "old.json")
+    with pytest.raises(DataError, match="old.json: seed 0, this run's is 1"):
+        fill_cached_seconds({}, {**later, "seed": 1}, earlier, "old.json")
+
+
 def test_collect_stores_the_workspace_run(tmp_path, monkeypatch):
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     (tmp_path / "metrics").mkdir()
@@ -144,6 +159,13 @@ def test_collect_stores_the_workspace_run(tmp_path, monkeypatch):
     assert stored["headline"]["cam"] == 0.5 and stored["headline"]["rw"] is None
     assert stored["seconds"] == {"eval_cams": 3.0} and stored["per_class"] == {"cam": {"background": 0.8}}
     assert stored["learned"] == {"beta_sa1": -0.25}
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({**stored, "seconds": {"train_cls": 600.0, "eval_cams": 2.5}}))
+    again = CliRunner().invoke(app, ["collect", "--command", "dvc exp run", "--since", "200", "--variant", "x",
+                                     "--times-from", str(earlier)])
+    assert again.exit_code == 0, again.output
+    assert json.loads((tmp_path / "results/runs/synthetic-cam-x-seed0.json").read_text())["seconds"] == {
+        "train_cls": 600.0, "eval_cams": 3.0}
     assert stored["cores"] == len(os.sched_getaffinity(0)) and stored["threads"] == torch.get_num_threads()
     assert (stored["method"], stored["data"], stored["seed"], stored["command"]) == ("cam", "synthetic", 0,
                                                                                       "dvc exp run")

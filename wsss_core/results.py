@@ -168,6 +168,24 @@ def read_record(path: Path) -> dict:
     return record
 
 
+def fill_cached_seconds(seconds: dict[str, float], record: dict, earlier: dict, where: str) -> dict[str, float]:
+    """Return seconds with the stage times of `earlier`, a record of the run that computed the stages this run
+    restored from DVC's run cache, for the stages seconds lacks (its own times win), in earlier's stage order.
+
+    earlier must be the same computation: the same method, data, profile and seed, and every headline value the
+    two records both have equal (a DataError naming `where` otherwise)."""
+    for key in ("method", "data", "profile", "seed"):
+        if record[key] != earlier.get(key):
+            raise DataError(f"{where}: {key} {earlier.get(key)!r}, this run's is {record[key]!r}")
+    for column, value in record["headline"].items():
+        other = earlier["headline"].get(column)
+        if value is not None and other is not None and value != other:
+            raise DataError(f"{where}: {column} {other}, this run's is {value}: not the same computation")
+    order = [*earlier.get("seconds", {}), *(stage for stage in seconds if stage not in earlier.get("seconds", {}))]
+    merged = {**earlier.get("seconds", {}), **seconds}
+    return {stage: merged[stage] for stage in order}
+
+
 def group_runs(records: list[dict]) -> list[Row]:
     """Return the rows, runs that differ only in seed grouped, in a stable order (data, method, variant)."""
     rows: dict[tuple, Row] = {}
