@@ -181,9 +181,7 @@ def fill_cached_seconds(seconds: dict[str, float], record: dict, earlier: dict, 
         other = earlier["headline"].get(column)
         if value is not None and other is not None and value != other:
             raise DataError(f"{where}: {column} {other}, this run's is {value}: not the same computation")
-    order = [*earlier.get("seconds", {}), *(stage for stage in seconds if stage not in earlier.get("seconds", {}))]
-    merged = {**earlier.get("seconds", {}), **seconds}
-    return {stage: merged[stage] for stage in order}
+    return {**earlier.get("seconds", {}), **seconds}  # earlier's keys keep their place, this run's new ones follow
 
 
 def group_runs(records: list[dict]) -> list[Row]:
