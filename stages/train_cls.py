@@ -38,7 +38,8 @@ def train_cls(params_file: Path = typer.Option(PARAMS_FILE, "--params", help="pa
                 log_epoch(live, epoch, last)
 
             train_classifier(model, partial(method.training_loss, model), partial(method.class_scores, model),
-                             dataset, params.cls, device=device, seed=params.seed, on_epoch_end=on_epoch_end)
+                             dataset, params.cls, device=device, seed=params.seed, on_epoch_end=on_epoch_end,
+                             warm_start=method.warm_start(model, params.cls))
         if not is_main():
             return
     save_checkpoint(CLS_CHECKPOINT, model.cpu(), params.method, method.checkpoint_params(params.cls),

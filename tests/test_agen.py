@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from wsss_core.cams.seeds import images_missing_a_class, seed_probabilities, threshold_seeds
-from wsss_core.config import CrfParams, parse_params
+from wsss_core.config import ClsParams, CrfParams, parse_params
 from wsss_core.errors import ParamsError
 from wsss_core.methods import get_method, method_params
 from wsss_core.methods.agen import SEED_ONSET_STEPS, AGENMethod, AGENParams, padding_mask
@@ -261,6 +261,9 @@ class FixedOutputs:
 
     def outputs(self, images):
         return self.fixed
+
+    def classification_maps(self, images):
+        return self.fixed.class_maps
 
 
 def batch(size=33):
@@ -600,3 +603,46 @@ def test_the_seed_onset_is_the_first_of_five_seeded_steps_in_a_row_warm_up_inclu
             assert "seed_onset_step" not in method.learned_values(model)
     assert shares == [1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
     assert method.learned_values(model)["seed_onset_step"] == 5.0
+
+
+def test_classification_maps_are_the_training_forwards_class_maps_without_branch_b():
+    model = tiny_net()
+    for stage, coam in model.coam.items():
+        coam.gain.data.fill_(0.1 * int(stage))  # a live CoAM chain
+    images = torch.randn(2, 3, 40, 40)
+    alone, joint = model.classification_maps(images), model.outputs(images).class_maps
+    assert list(alone) == list(joint) == ["top", 5, 4, 3]
+    for key in joint:
+        assert torch.equal(alone[key], joint[key])
+    branch_b = {id(p) for module in (model.seg_stages, model.seg_top, model.seg_head, model.agm_seg, model.seg_adapter)
+                for p in module.parameters()}
+    trained = model.classification_parameters()
+    assert not trained & branch_b and trained | branch_b == {id(p) for p in model.parameters()}
+
+
+def test_the_warm_start_trains_the_classification_parameters_alone_on_its_own_lr_and_epochs():
+    cls = ClsParams(backbone="vgg16", lr=0.001, epochs=5, new_layer_lr_mult=10.0, optimizer="sgd")
+    model = tiny_net()
+    assert tiny_method().warm_start(model, cls) is None  # the paper's joint training from the first step
+    phase = tiny_method(warm_start_epochs=3, warm_start_lr=0.02).warm_start(model, cls)
+    assert (phase.recipe.epochs, phase.recipe.lr, phase.recipe.optimizer) == (3, 0.02, "sgd")
+    assert tiny_method(warm_start_epochs=1).warm_start(model, cls).recipe.lr == 0.001  # cls.lr
+    assert {id(p) for group in phase.groups for p in group.params} == model.classification_parameters()
+    rates = {group.name: (group.lr_mult, group.weight_decay) for group in phase.groups}
+    assert rates == {"backbone": (1.0, True), "agm": (10.0, True), "new": (10.0, True), "gain": (10.0, False)}
+
+
+def test_the_warm_start_loss_is_the_classification_part_and_its_steps_precede_the_seg_warm_up():
+    """Two warm-start steps on zero maps give K log 2 per class map and no seed loss; their unseeded_top counts
+    towards the onset, while seg_warmup_steps=1 counts the joint steps after them: joint step 1 still warms up,
+    joint step 2 seeds."""
+    method = tiny_method(warm_start_epochs=1, seg_warmup_steps=1)
+    outputs = FixedOutputs(zero_outputs())
+    for _ in range(2):
+        loss, parts = method.warm_start_loss(outputs, batch())
+        assert sorted(parts) == ["cls_agm3", "cls_agm4", "cls_agm5", "cls_top", "unseeded_top"]
+        assert parts["unseeded_top"] == 1.0 and loss.item() == pytest.approx(4 * K * math.log(2), rel=1e-6)
+    joint = [method.training_loss(outputs, batch())[1] for _ in range(2)]
+    assert joint[0]["seed_top"] == 0.0 and joint[1]["seed_top"] == pytest.approx(math.log(K + 1), rel=1e-6)
+    assert {key: joint[0][key] for key in parts if key.startswith("cls_")} == {
+        key: value for key, value in parts.items() if key.startswith("cls_")}

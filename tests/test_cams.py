@@ -228,6 +228,33 @@ def test_training_is_seeded_and_deterministic_on_cpu(tmp_path):
     assert not torch.equal(first["classifier.weight"], tiny_cam_net(3, seed=0).state_dict()["classifier.weight"])
 
 
+def test_a_warm_start_trains_its_own_groups_first_and_the_epochs_run_on_through_both_phases(tmp_path):
+    from wsss_core.cams.classifier import TrainingPhase, train_classifier
+    from wsss_core.config import ClsParams
+    from wsss_core.models.groups import ParamGroup
+
+    dataset = make_dataset(tmp_path, sizes=((24, 24),) * 3)
+    dataset.splits["val"] = ["a"]
+    recipe = ClsParams(epochs=1, batch_size=2, crop_size=16, resize_long=[16, 24], lr=0.1)
+    model = tiny_cam_net(3)
+    start = {key: value.clone() for key, value in model.state_dict().items()}
+    warm = TrainingPhase("warm start", recipe.model_copy(update={"epochs": 2}),
+                         [ParamGroup("new", list(model.classifier.parameters()))],
+                         partial(METHOD.training_loss, model))
+    snapshots = {}
+
+    def on_epoch_end(epoch, values):
+        snapshots[epoch] = {key: value.clone() for key, value in model.state_dict().items()}
+
+    train_classifier(model, partial(METHOD.training_loss, model), partial(METHOD.class_scores, model), dataset,
+                     recipe, device=torch.device("cpu"), seed=0, on_epoch_end=on_epoch_end, warm_start=warm)
+    assert sorted(snapshots) == [1, 2, 3]
+    backbone = [key for key in start if not key.startswith("classifier.")]
+    assert backbone and all(torch.equal(snapshots[2][key], start[key]) for key in backbone)  # the warm start's
+    assert not torch.equal(snapshots[2]["classifier.weight"], start["classifier.weight"])
+    assert any(not torch.equal(snapshots[3][key], start[key]) for key in backbone)  # the method's own phase
+
+
 def test_random_crop_pads_short_sides_and_keeps_pixels():
     from wsss_core.data.transforms import random_crop
 

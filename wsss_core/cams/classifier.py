@@ -1,6 +1,7 @@
 """Training and validating a method's multi-label classifier (the network's hooks come as callables)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -11,10 +12,22 @@ from wsss_core.config import ClsParams
 from wsss_core.data.dataset import Dataset
 from wsss_core.data.transforms import TrainAugment, normalize
 from wsss_core.metrics import mean_average_precision
+from wsss_core.models.groups import ParamGroup
 from wsss_core.training import EpochSeededSet, fit
 
 TrainingLoss = Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
 ClassScores = Callable[[torch.Tensor], torch.Tensor]  # images [B, 3, H, W] -> logits [B, K]
+
+
+@dataclass
+class TrainingPhase:
+    """A phase trained before the method's own training (a warm start): its name, recipe (epochs, lr, schedule),
+    the parameter groups it trains and its loss."""
+
+    name: str
+    recipe: ClsParams
+    groups: list[ParamGroup]
+    loss: TrainingLoss
 
 
 class ClassificationSet(EpochSeededSet):
@@ -45,10 +58,12 @@ def predict_scores(class_scores: ClassScores, dataset: Dataset, split: str, mean
 
 def train_classifier(model: nn.Module, training_loss: TrainingLoss, class_scores: ClassScores, dataset: Dataset,
                      recipe: ClsParams, *, device: torch.device, seed: int,
-                     on_epoch_end: Callable[[int, dict[str, float]], None] = lambda epoch, values: None) -> None:
+                     on_epoch_end: Callable[[int, dict[str, float]], None] = lambda epoch, values: None,
+                     warm_start: TrainingPhase | None = None) -> None:
     """Train `model` on the train split with the recipe; after each epoch report the loss, its parts and val mAP.
 
-    model exposes mean, std and parameter_groups() (recipe.freeze_bn: see training.fit).
+    model exposes mean, std and parameter_groups() (recipe.freeze_bn: see training.fit). warm_start: a phase
+    trained first, on its own optimizer and schedule cycle; the epochs are numbered through both phases.
     """
     augment = TrainAugment(tuple(recipe.resize_long), recipe.crop_size, model.mean, model.std)
     train_set = ClassificationSet(dataset, "train", augment, seed)
@@ -61,6 +76,11 @@ def train_classifier(model: nn.Module, training_loss: TrainingLoss, class_scores
                                                              device))[0]
         on_epoch_end(epoch, {**means, "val_map": val_map})
 
+    warm_epochs = 0
+    if warm_start is not None:
+        fit(model, train_set, warm_start.loss, recipe=warm_start.recipe, device=device, seed=seed,
+            desc=f"train_cls {warm_start.name}", groups=warm_start.groups, on_epoch_end=validate)
+        warm_epochs = warm_start.recipe.epochs
     fit(model, train_set, training_loss, recipe=recipe, device=device, seed=seed, desc="train_cls",
-        on_epoch_end=validate)
+        on_epoch_end=lambda epoch, means: validate(warm_epochs + epoch, means))
 

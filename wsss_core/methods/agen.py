@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 import weakref
+from functools import partial
 from typing import TYPE_CHECKING, Annotated, Literal
 
 import torch
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from wsss_core.cams.classifier import TrainingPhase
 from wsss_core.cams.seeds import (CAM_NORMALISATIONS, SEED_MODES, images_missing_a_class, seed_probabilities,
                                   threshold_seeds)
 from wsss_core.config import ClsParams, CrfParams, NonNegativeFloat, NonNegativeInt, Params, PositiveFloat, \
@@ -33,6 +35,7 @@ from wsss_core.errors import ParamsError
 from wsss_core.methods.base import Method, MethodParams, ModelParams, register_method
 from wsss_core.models.catalog import AGEN_CLS_BACKBONES, AGEN_SEG_BACKBONES, AGEN_STAGE1_STRIDE, AGM_STAGES, \
     NEW_LAYER_INITS
+from wsss_core.models.groups import ParamGroup
 from wsss_core.pool import WorkerPool
 
 if TYPE_CHECKING:
@@ -111,11 +114,23 @@ class AGENModelParams(ModelParams):
     # first of SEED_ONSET_STEPS consecutive steps whose batches have branch A's seeds), a warm-up sized by the run
     # itself (a deviation; one process only).
     seg_warmup_until_onset: bool = False
+    # Epochs that train the classification losses alone (branch A, the AGMs' classification heads and the CoAM
+    # gains; branch B untouched) before the joint training, on an optimiser and a schedule cycle of their own at
+    # warm_start_lr (None: cls.lr; cls's optimizer, schedule and multipliers). 0: the paper's joint training from
+    # the ImageNet weights. A deviation standing in for branch A initialised from a trained classifier: with Eq. 3
+    # branch B gets class seeds only once branch A's maps fire (docs/methods/agen.md).
+    warm_start_epochs: NonNegativeInt = 0
+    warm_start_lr: PositiveFloat | None = None
     crf: BoundaryCrfParams = BoundaryCrfParams()
 
 
 class AGENParams(MethodParams):
     model: AGENModelParams = AGENModelParams()
+
+
+def _head_name(key: str | int) -> str:
+    """Return the name a class map's parts are logged under: 'top' or 'agmN'."""
+    return key if key == "top" else f"agm{key}"
 
 
 def padding_mask(images: torch.Tensor) -> torch.Tensor:
@@ -149,6 +164,7 @@ class AGENMethod(Method):
         self._steps_trained = 0  # training_loss calls so far (seg_warmup_steps counts them)
         self._seed_onset: int | None = None  # the first of SEED_ONSET_STEPS consecutive steps with branch A's seeds
         self._seeded_streak = 0  # consecutive steps with seeds so far
+        self._warm_start_steps = 0  # warm_start_loss calls so far (seg_warmup_steps counts the joint steps after them)
         weakref.finalize(self, self._crf_pool.close)
 
     def check(self, params: Params) -> None:
@@ -185,6 +201,35 @@ class AGENMethod(Method):
         model = self.params.model
         return model.delta_top if key == "top" else getattr(model, f"delta_agm{key}")
 
+    def _classification_parts(self, class_maps: dict[str | int, torch.Tensor],
+                              labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Return {'cls_top' / 'cls_agmN': the multi-label BCE of GAP(map), summed over classes, batch mean}."""
+        return {f"cls_{_head_name(key)}": F.binary_cross_entropy_with_logits(
+            class_map.mean((2, 3)).float(), labels, reduction="sum") / len(labels)
+            for key, class_map in class_maps.items()}
+
+    def _seeds(self, key: str | int, class_map: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
+               size: tuple[int, int], with_grad: bool) -> tuple[torch.Tensor, float]:
+        """Return (seed labels [B, *size] from one class map, the share of images with a labelled class left
+        unseeded); Z^top's share also advances the seed onset (learned_values)."""
+        settings = self.params.model
+        mask = valid if size == tuple(valid.shape[-2:]) else (
+            F.interpolate(valid[:, None].float(), size, mode="nearest")[:, 0].bool())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and with_grad):
+            probabilities = seed_probabilities(class_map, labels, size, alpha=settings.alpha,
+                                               restrict_to_labels=settings.restrict_to_labels, valid=mask,
+                                               normalisation=settings.cam_normalisation)
+        seeds = threshold_seeds(probabilities, mask, self._threshold(key), settings.seed_mode)
+        unseeded = images_missing_a_class(seeds, labels)
+        share = unseeded.float().mean().item()
+        if key == "top" and self._seed_onset is None:
+            self._seeded_streak = self._seeded_streak + 1 if share <= SEED_ONSET_SHARE else 0
+            if self._seeded_streak == SEED_ONSET_STEPS:
+                self._seed_onset = self._steps_trained - SEED_ONSET_STEPS + 1
+        if settings.unseeded_images == "ignore":
+            seeds = seeds.masked_fill(unseeded[:, None, None], VOID)
+        return seeds, share
+
     def training_loss(self, model: AGENNet, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """Return (L_cls + L_seg + L_bnd weighted, parts): cls_*, seed_* per head ('top' and agmN), boundary,
         crf_ms (the step's CRF wall time) and unseeded_* per head (the share of the images in which a labelled
@@ -195,39 +240,24 @@ class AGENMethod(Method):
         from wsss_core.cams.seed_losses import balanced_seed_loss, boundary_loss  # the CRF's pydensecrf, when training
 
         settings = self.params.model
-        warming_up = self._steps_trained < settings.seg_warmup_steps or (settings.seg_warmup_until_onset
-                                                                          and self._seed_onset is None)
+        joint_steps = self._steps_trained - self._warm_start_steps
+        warming_up = joint_steps < settings.seg_warmup_steps or (settings.seg_warmup_until_onset
+                                                                  and self._seed_onset is None)
         self._steps_trained += 1
         images, labels = batch["images"], batch["labels"]
         outputs = model.outputs(images)
         valid = padding_mask(images)
-        parts: dict[str, torch.Tensor] = {}
-        unseeded_share: dict[str, float] = {}  # per head: the share of images with a labelled class left unseeded
+        parts = self._classification_parts(outputs.class_maps, labels)
+        unseeded_share: dict[str, float] = {}
         for key, class_map in outputs.class_maps.items():
-            name = key if key == "top" else f"agm{key}"
-            parts[f"cls_{name}"] = F.binary_cross_entropy_with_logits(
-                class_map.mean((2, 3)).float(), labels, reduction="sum") / len(images)
+            name = _head_name(key)
             logits = outputs.seg_logits[key]
             size = tuple(images.shape[-2:]) if settings.seed_resolution == "input" else tuple(logits.shape[-2:])
-            mask = valid if size == tuple(images.shape[-2:]) else (
-                F.interpolate(valid[:, None].float(), size, mode="nearest")[:, 0].bool())
-            with torch.set_grad_enabled(torch.is_grad_enabled() and not warming_up):
-                probabilities = seed_probabilities(class_map, labels, size, alpha=settings.alpha,
-                                                   restrict_to_labels=settings.restrict_to_labels, valid=mask,
-                                                   normalisation=settings.cam_normalisation)
-            seeds = threshold_seeds(probabilities, mask, self._threshold(key), settings.seed_mode)
-            unseeded = images_missing_a_class(seeds, labels)
-            unseeded_share[f"unseeded_{name}"] = unseeded.float().mean().item()
-            if key == "top" and self._seed_onset is None:
-                seeded = unseeded_share["unseeded_top"] <= SEED_ONSET_SHARE
-                self._seeded_streak = self._seeded_streak + 1 if seeded else 0
-                if self._seeded_streak == SEED_ONSET_STEPS:
-                    self._seed_onset = self._steps_trained - SEED_ONSET_STEPS + 1
+            seeds, unseeded_share[f"unseeded_{name}"] = self._seeds(key, class_map, labels, valid, size,
+                                                                    not warming_up)
             if warming_up:
                 parts[f"seed_{name}"] = torch.zeros((), device=images.device)
                 continue
-            if settings.unseeded_images == "ignore":
-                seeds = seeds.masked_fill(unseeded[:, None, None], VOID)
             if tuple(logits.shape[-2:]) != size:
                 logits = F.interpolate(logits, size, mode="bilinear", align_corners=False)
             parts[f"seed_{name}"] = balanced_seed_loss(logits, seeds)
@@ -244,6 +274,34 @@ class AGENMethod(Method):
             logged["boundary"] = boundary.item()
             loss = loss + settings.boundary_weight * boundary
         return loss, logged
+
+    def warm_start_loss(self, model: AGENNet, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Return (L_cls weighted, parts): the classification losses alone, from the stem and branch A only
+        (cls_* per class map), and unseeded_top, from Z^top's seeds drawn without gradient (the seed onset
+        counts these steps)."""
+        self._steps_trained += 1
+        self._warm_start_steps += 1
+        images, labels = batch["images"], batch["labels"]
+        class_maps = model.classification_maps(images)
+        parts = self._classification_parts(class_maps, labels)
+        _, unseeded_top = self._seeds("top", class_maps["top"].detach(), labels, padding_mask(images),
+                                      tuple(images.shape[-2:]), False)
+        loss = self.params.model.cls_weight * sum(parts.values())
+        return loss, {**{key: value.item() for key, value in parts.items()}, "unseeded_top": unseeded_top}
+
+    def warm_start(self, model: AGENNet, cls: ClsParams) -> TrainingPhase | None:
+        """Return the classification-only phase of methods.agen.model.warm_start_epochs epochs at warm_start_lr (or
+        cls.lr), training the classification parameters in their groups at cls's multipliers; None when it is 0."""
+        settings = self.params.model
+        if not settings.warm_start_epochs:
+            return None
+        trained = model.classification_parameters()
+        groups = [ParamGroup(group.name, kept, group.lr_mult, group.weight_decay)
+                  for group in model.parameter_groups(cls.new_layer_lr_mult)
+                  if (kept := [p for p in group.params if id(p) in trained])]
+        recipe = cls.model_copy(update={"epochs": settings.warm_start_epochs,
+                                        "lr": settings.warm_start_lr or cls.lr})
+        return TrainingPhase("warm start", recipe, groups, partial(self.warm_start_loss, model))
 
     def learned_values(self, model: AGENNet) -> dict[str, float]:
         """Return the CoAM gains and, once it happened, the seed onset: the first training step (1-based) of

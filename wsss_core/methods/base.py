@@ -9,6 +9,7 @@ The hooks, in pipeline order:
 - `build_classifier(cls, num_classes)`: the network `train_cls` trains. It exposes `mean`, `std`,
   `cam_stride` and `parameter_groups(new_layer_lr_mult) -> list[ParamGroup]`.
 - `training_loss(model, batch) -> (loss, parts)`: batch = {'images', 'labels', 'rgb'}; parts go to dvclive.
+- `warm_start(model, cls)`: an optional phase (`TrainingPhase`: recipe, parameter groups, loss) trained first.
 - `class_scores(model, images)`: logits [B, K] for validation mAP.
 - `learned_values(model)`: learned scalars (gates) for dvclive and `metrics/train_cls.json`.
 - `cam_maps(model, images)`: class maps for the multi-scale + flip export; 'cam' is required.
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wsss_core.cams.classifier import TrainingPhase
 from wsss_core.cams.hooks import CamHooks
 from wsss_core.cams.store import CamStore, RawMap, transform_store
 from wsss_core.checkpoint import load_checkpoint
@@ -102,6 +104,10 @@ class Method:
     def training_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """Return (loss, parts): multi-label soft margin on class_scores, no parts, by default."""
         return F.multilabel_soft_margin_loss(self.class_scores(model, batch["images"]), batch["labels"]), {}
+
+    def warm_start(self, model: nn.Module, cls: ClsParams) -> TrainingPhase | None:
+        """Return a phase train_cls runs before training_loss's (its own recipe, groups and loss), or None."""
+        return None
 
     def class_scores(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """Return class logits [B, K] for normalised images [B, 3, H, W]."""

@@ -289,20 +289,39 @@ class AGENNet(nn.Module):
         """Return branch B's segmentation logits [B, K+1, H/8, W/8] (stem, branch B and its head only)."""
         return self.seg_head(self._branch_features(images, with_cls=False)[2])
 
-    def outputs(self, images: torch.Tensor) -> AGENOutputs:
-        """Return every head's maps for the training losses; CoAM runs top-down, each stage n with the
-        nearest AGM above it (enhanced if its own CoAM ran) or Z^top."""
-        cls_taps, seg_taps, seg_top = self._branch_features(images)
+    def _class_maps(self, cls_taps: dict[int, torch.Tensor]) -> dict[str | int, torch.Tensor]:
+        """Return {'top': Z^top, n: Z_n after CoAM} [B, K, h, w] from branch A's stage features; CoAM runs
+        top-down, each stage n with the nearest AGM above it (enhanced if its own CoAM ran) or Z^top."""
         class_maps = {"top": self.cls_head(cls_taps[5])}
-        seg_logits = {"top": self.seg_head(seg_top)}
         upper = class_maps["top"]
         for number in self.agm_stages:  # 5, 4, 3
             class_map = self.agm_cls(number, cls_taps[number])
             if str(number) in self.coam:
                 class_map = self.coam[str(number)](class_map, upper)
             class_maps[number] = upper = class_map
+        return class_maps
+
+    def classification_maps(self, images: torch.Tensor) -> dict[str | int, torch.Tensor]:
+        """Return the class maps the classification losses read ({'top': Z^top, n: Z_n after CoAM}, [B, K, h, w]),
+        from the stem and branch A only."""
+        features, cls_taps = self.stem(images), {}
+        for number, stage in enumerate(self.cls_stages, self.first_stage):
+            features = cls_taps[number] = stage(features)
+        return self._class_maps(cls_taps)
+
+    def outputs(self, images: torch.Tensor) -> AGENOutputs:
+        """Return every head's maps for the training losses (class maps as classification_maps gives them)."""
+        cls_taps, seg_taps, seg_top = self._branch_features(images)
+        seg_logits = {"top": self.seg_head(seg_top)}
+        for number in self.agm_stages:
             seg_logits[number] = self.agm_seg(number, seg_taps[number])
-        return AGENOutputs(class_maps, seg_logits)
+        return AGENOutputs(self._class_maps(cls_taps), seg_logits)
+
+    def classification_parameters(self) -> set[int]:
+        """Return the ids of the parameters the classification losses train: the shared stem, branch A's stages
+        and head, the AGMs' classification heads and the CoAM gains (branch B and every segmentation head excluded)."""
+        modules = (self.stem, self.cls_stages, self.cls_head, self.agm_cls, self.coam)
+        return {id(parameter) for module in modules for parameter in module.parameters()}
 
     def coam_gains(self) -> dict[int, float]:
         """Return {stage: lambda} of the CoAMs."""
@@ -327,8 +346,6 @@ class AGENNet(nn.Module):
         rates = {"backbone": 1.0, "agm": self.agm_lr_mult, "new": new_layer_lr_mult}
         return groups + [ParamGroup(f"branch_a_{kind}", params, rates[kind] * self.branch_a_lr_mult)
                          for kind, params in branch_a.items()]
-
-
 
 
 def init_new_layers(module: nn.Module, scheme: str) -> None:
