@@ -229,7 +229,8 @@ def test_training_is_seeded_and_deterministic_on_cpu(tmp_path):
 
 
 def test_a_warm_start_trains_its_own_groups_first_and_the_epochs_run_on_through_both_phases(tmp_path):
-    from wsss_core.cams.classifier import TrainingPhase, train_classifier
+    from wsss_core.cams.classifier import train_classifier
+    from wsss_core.models.groups import TrainingPhase
     from wsss_core.config import ClsParams
     from wsss_core.models.groups import ParamGroup
 

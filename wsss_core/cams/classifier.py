@@ -1,7 +1,6 @@
 """Training and validating a method's multi-label classifier (the network's hooks come as callables)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -12,22 +11,11 @@ from wsss_core.config import ClsParams
 from wsss_core.data.dataset import Dataset
 from wsss_core.data.transforms import TrainAugment, normalize
 from wsss_core.metrics import mean_average_precision
-from wsss_core.models.groups import ParamGroup
+from wsss_core.models.groups import TrainingPhase
 from wsss_core.training import EpochSeededSet, fit
 
 TrainingLoss = Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
 ClassScores = Callable[[torch.Tensor], torch.Tensor]  # images [B, 3, H, W] -> logits [B, K]
-
-
-@dataclass
-class TrainingPhase:
-    """A phase trained before the method's own training (a warm start): its name, recipe (epochs, lr, schedule),
-    the parameter groups it trains and its loss."""
-
-    name: str
-    recipe: ClsParams
-    groups: list[ParamGroup]
-    loss: TrainingLoss
 
 
 class ClassificationSet(EpochSeededSet):

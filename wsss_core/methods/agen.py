@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from wsss_core.cams.classifier import TrainingPhase
 from wsss_core.cams.seeds import (CAM_NORMALISATIONS, SEED_MODES, images_missing_a_class, seed_probabilities,
                                   threshold_seeds)
 from wsss_core.config import ClsParams, CrfParams, NonNegativeFloat, NonNegativeInt, Params, PositiveFloat, \
@@ -35,7 +34,6 @@ from wsss_core.errors import ParamsError
 from wsss_core.methods.base import Method, MethodParams, ModelParams, register_method
 from wsss_core.models.catalog import AGEN_CLS_BACKBONES, AGEN_SEG_BACKBONES, AGEN_STAGE1_STRIDE, AGM_STAGES, \
     NEW_LAYER_INITS
-from wsss_core.models.groups import ParamGroup
 from wsss_core.pool import WorkerPool
 
 if TYPE_CHECKING:
@@ -289,9 +287,11 @@ class AGENMethod(Method):
         loss = self.params.model.cls_weight * sum(parts.values())
         return loss, {**{key: value.item() for key, value in parts.items()}, "unseeded_top": unseeded_top}
 
-    def warm_start(self, model: AGENNet, cls: ClsParams) -> TrainingPhase | None:
+    def warm_start(self, model: AGENNet, cls: ClsParams):
         """Return the classification-only phase of methods.agen.model.warm_start_epochs epochs at warm_start_lr (or
         cls.lr), training the classification parameters in their groups at cls's multipliers; None when it is 0."""
+        from wsss_core.models.groups import ParamGroup, TrainingPhase
+
         settings = self.params.model
         if not settings.warm_start_epochs:
             return None

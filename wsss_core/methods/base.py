@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsss_core.cams.classifier import TrainingPhase
 from wsss_core.cams.hooks import CamHooks
 from wsss_core.cams.store import CamStore, RawMap, transform_store
 from wsss_core.checkpoint import load_checkpoint
@@ -105,8 +104,9 @@ class Method:
         """Return (loss, parts): multi-label soft margin on class_scores, no parts, by default."""
         return F.multilabel_soft_margin_loss(self.class_scores(model, batch["images"]), batch["labels"]), {}
 
-    def warm_start(self, model: nn.Module, cls: ClsParams) -> TrainingPhase | None:
-        """Return a phase train_cls runs before training_loss's (its own recipe, groups and loss), or None."""
+    def warm_start(self, model: nn.Module, cls: ClsParams):
+        """Return a phase train_cls runs before training_loss's (a cams.classifier.TrainingPhase: its own recipe,
+        groups and loss), or None."""
         return None
 
     def class_scores(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:

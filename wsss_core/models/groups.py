@@ -3,6 +3,7 @@ family's `parameter_groups()` returns them; wsss_core.training builds the optimi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from torch import nn
 
@@ -31,3 +32,14 @@ def backbone_and_new_groups(backbone: nn.Module, model: nn.Module, new_layer_lr_
     known = {id(p) for p in backbone.parameters()}
     return [ParamGroup("backbone", list(backbone.parameters())),
             ParamGroup("new", [p for p in model.parameters() if id(p) not in known], new_layer_lr_mult)]
+
+
+@dataclass
+class TrainingPhase:
+    """A phase trained before the method's own training (a warm start): its name, recipe (epochs, lr, schedule),
+    the parameter groups it trains and its loss."""
+
+    name: str
+    recipe: object  # a TrainRecipe (wsss_core.config)
+    groups: list[ParamGroup]
+    loss: Callable  # batch -> (loss, {name: float} parts)
