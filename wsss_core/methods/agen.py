@@ -38,6 +38,7 @@ from wsss_core.pool import WorkerPool
 
 if TYPE_CHECKING:
     from wsss_core.models.agen import AGENNet
+    from wsss_core.models.groups import TrainingPhase
 
 Stage = Literal[AGM_STAGES]
 SEED_ONSET_SHARE = 0.5  # a step has seeds when at most this share of its images lacks a labelled class's seeds
@@ -159,7 +160,7 @@ class AGENMethod(Method):
     def __init__(self, params: AGENParams | None = None):
         super().__init__(params)
         self._crf_pool = WorkerPool(self.params.model.crf.workers)
-        self._steps_trained = 0  # training_loss calls so far (seg_warmup_steps counts them)
+        self._steps_trained = 0  # training steps so far, the warm start's included (the seed onset counts them)
         self._seed_onset: int | None = None  # the first of SEED_ONSET_STEPS consecutive steps with branch A's seeds
         self._seeded_streak = 0  # consecutive steps with seeds so far
         self._warm_start_steps = 0  # warm_start_loss calls so far (seg_warmup_steps counts the joint steps after them)
@@ -287,7 +288,7 @@ class AGENMethod(Method):
         loss = self.params.model.cls_weight * sum(parts.values())
         return loss, {**{key: value.item() for key, value in parts.items()}, "unseeded_top": unseeded_top}
 
-    def warm_start(self, model: AGENNet, cls: ClsParams):
+    def warm_start(self, model: AGENNet, cls: ClsParams) -> TrainingPhase | None:
         """Return the classification-only phase of methods.agen.model.warm_start_epochs epochs at warm_start_lr (or
         cls.lr), training the classification parameters in their groups at cls's multipliers; None when it is 0."""
         from wsss_core.models.groups import ParamGroup, TrainingPhase

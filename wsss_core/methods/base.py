@@ -36,6 +36,7 @@ from wsss_core.config import ClsParams, Params, Section
 from wsss_core.data.dataset import Dataset
 from wsss_core.errors import ParamsError
 from wsss_core.models.catalog import CNN_BACKBONES
+from wsss_core.models.groups import TrainingPhase
 
 CLASSIFIER_SHAPE_KEYS = ("backbone", "output_stride")  # cls params that shape every classifier
 
@@ -104,9 +105,8 @@ class Method:
         """Return (loss, parts): multi-label soft margin on class_scores, no parts, by default."""
         return F.multilabel_soft_margin_loss(self.class_scores(model, batch["images"]), batch["labels"]), {}
 
-    def warm_start(self, model: nn.Module, cls: ClsParams):
-        """Return a phase train_cls runs before training_loss's (a cams.classifier.TrainingPhase: its own recipe,
-        groups and loss), or None."""
+    def warm_start(self, model: nn.Module, cls: ClsParams) -> TrainingPhase | None:
+        """Return a phase train_cls runs before training_loss's (its own recipe, parameter groups and loss), or None."""
         return None
 
     def class_scores(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
