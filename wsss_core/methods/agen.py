@@ -34,11 +34,11 @@ from wsss_core.errors import ParamsError
 from wsss_core.methods.base import Method, MethodParams, ModelParams, register_method
 from wsss_core.models.catalog import AGEN_CLS_BACKBONES, AGEN_SEG_BACKBONES, AGEN_STAGE1_STRIDE, AGM_STAGES, \
     NEW_LAYER_INITS
+from wsss_core.models.groups import ParamGroup, TrainingPhase
 from wsss_core.pool import WorkerPool
 
 if TYPE_CHECKING:
     from wsss_core.models.agen import AGENNet
-    from wsss_core.models.groups import TrainingPhase
 
 Stage = Literal[AGM_STAGES]
 SEED_ONSET_SHARE = 0.5  # a step has seeds when at most this share of its images lacks a labelled class's seeds
@@ -283,7 +283,7 @@ class AGENMethod(Method):
         images, labels = batch["images"], batch["labels"]
         class_maps = model.classification_maps(images)
         parts = self._classification_parts(class_maps, labels)
-        _, unseeded_top = self._seeds("top", class_maps["top"].detach(), labels, padding_mask(images),
+        _, unseeded_top = self._seeds("top", class_maps["top"], labels, padding_mask(images),
                                       tuple(images.shape[-2:]), False)
         loss = self.params.model.cls_weight * sum(parts.values())
         return loss, {**{key: value.item() for key, value in parts.items()}, "unseeded_top": unseeded_top}
@@ -291,8 +291,6 @@ class AGENMethod(Method):
     def warm_start(self, model: AGENNet, cls: ClsParams) -> TrainingPhase | None:
         """Return the classification-only phase of methods.agen.model.warm_start_epochs epochs at warm_start_lr (or
         cls.lr), training the classification parameters in their groups at cls's multipliers; None when it is 0."""
-        from wsss_core.models.groups import ParamGroup, TrainingPhase
-
         settings = self.params.model
         if not settings.warm_start_epochs:
             return None
