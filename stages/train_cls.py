@@ -30,6 +30,7 @@ def train_cls(params_file: Path = typer.Option(PARAMS_FILE, "--params", help="pa
     method = get_method(params)
     seed_everything(params.seed)
     model = method.build_classifier(params.cls, dataset.num_classes)
+    warm_start = method.warm_start(model, params.cls)
     last: dict[str, float] = {}
     with process_group(resolve_device(params.device), params.dist.backend) as device:
         with training_curves(CLS_CURVES) as live:
@@ -39,13 +40,14 @@ def train_cls(params_file: Path = typer.Option(PARAMS_FILE, "--params", help="pa
 
             train_classifier(model, partial(method.training_loss, model), partial(method.class_scores, model),
                              dataset, params.cls, device=device, seed=params.seed, on_epoch_end=on_epoch_end,
-                             warm_start=method.warm_start(model, params.cls))
+                             warm_start=warm_start)
         if not is_main():
             return
     save_checkpoint(CLS_CHECKPOINT, model.cpu(), params.method, method.checkpoint_params(params.cls),
                     class_names=dataset.class_names)
     val_map = last.get("val_map", float("nan"))
     write_json(CLS_METRICS, {"method": params.method, "epochs": params.cls.epochs,
+                             "warm_start_epochs": warm_start.recipe.epochs if warm_start else 0,
                              "val_map": val_map if val_map == val_map else None,  # NaN (no val split): null
                              "learned": method.learned_values(model)})
     typer.echo(f"saved {CLS_CHECKPOINT}")

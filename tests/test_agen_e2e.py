@@ -20,7 +20,8 @@ TINY_AGEN = ["method=agen", "cls.backbone=vgg16", "cls.pretrained=''", "seg.pret
 @pytest.fixture(scope="module")
 def agen_repo(tmp_path_factory):
     repo = copy_repo(tmp_path_factory.mktemp("agen"), TINY_PARAMS)
-    dvc(repo, "exp", "run", *[arg for override in TINY_AGEN for arg in ("-S", override)])
+    overrides = [*TINY_AGEN, "methods.agen.model.warm_start_epochs=1"]
+    dvc(repo, "exp", "run", *[arg for override in overrides for arg in ("-S", override)])
     return repo
 
 
@@ -40,8 +41,10 @@ def test_agen_runs_the_dag_with_placeholders_and_scores_both_steps(agen_repo):
         assert group["seg"].shape[0] == group["cam"].shape[0] + 1  # background + the image's classes
     live = read(agen_repo, "dvclive/train_cls/metrics.json")
     assert {"cls_top", "cls_agm3", "seed_top", "seed_agm5", "boundary", "crf_ms", "lambda_coam3"} <= set(live)
-    assert set(read(agen_repo, "metrics/train_cls.json")["learned"]) == {"lambda_coam3", "lambda_coam4",
-                                                                         "lambda_coam5"}
+    trained = read(agen_repo, "metrics/train_cls.json")
+    assert set(trained["learned"]) == {"lambda_coam3", "lambda_coam4", "lambda_coam5"}
+    assert (trained["epochs"], trained["warm_start_epochs"]) == (1, 1)
+    assert live["step"] == 1  # dvclive's steps number the epochs through both phases (0-based)
 
 
 def test_a_second_repro_finds_every_stage_cached(agen_repo):

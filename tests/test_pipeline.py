@@ -59,7 +59,7 @@ def test_repro_through_cam_evaluation(tiny_repo):
     live = json.loads((tiny_repo / "dvclive/train_cls/metrics.json").read_text())
     assert live["step"] == 0 and 0 < live["val_map"] <= 1
     trained = json.loads((tiny_repo / "metrics/train_cls.json").read_text())
-    assert trained == {"method": "cam", "epochs": 1, "val_map": live["val_map"], "learned": {}}
+    assert trained == {"method": "cam", "epochs": 1, "warm_start_epochs": 0, "val_map": live["val_map"], "learned": {}}
     shown = dvc(tiny_repo, "metrics", "show", "--json").stdout
     assert "metrics/cam.json" in shown
 
