@@ -64,6 +64,20 @@ def test_each_data_preset_makes_its_root_the_prepare_stages_dependency(overrides
     assert "${data.source}" in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["prepare"]["deps"]
 
 
+def test_agen_cpu_recipe_deviates_and_the_paper_profile_keeps_the_papers():
+    def composed(*overrides: str):
+        return parse(yaml.safe_load(compose(["method=agen", *overrides], REPO / "conf")))
+
+    for cpu in (composed(), composed("data=voc12-mini")):
+        model = cpu.methods["agen"].model
+        assert (cpu.cls.optimizer, cpu.cls.lr, model.warm_start_epochs, model.new_layer_init, model.seed_mode,
+                model.cam_normalisation, model.delta_top) == ("adamw", 1e-4, 3, "kaiming", "range_top", "relu_max", 0.3)
+    paper = composed("data=voc12-mini", "profile=paper")
+    model = paper.methods["agen"].model
+    assert (paper.cls.optimizer, paper.cls.lr, model.warm_start_epochs, model.new_layer_init, model.seed_mode,
+            model.cam_normalisation) == ("sgd", 0.001, 0, "normal", "value", "relu_max")
+
+
 def test_multisa_recipe_per_profile_and_data_preset():
     def composed(*overrides: str):
         return parse(yaml.safe_load(compose(["method=multisa", *overrides], REPO / "conf")))
