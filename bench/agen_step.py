@@ -2,7 +2,8 @@
 heads): forward through every loss (4 BCE, 4 seeding, the CRF boundary loss), backward and an SGD step, median
 of a few steps after two warm-up steps; the CRF's share of the step (its wall time, reported by the loss as
 crf_ms), the boundary CRFs in this process vs over a process pool, and the fused CoAM vs its explicit N x N
-matrix (the straightforward reference). One run; run it alone on the machine.
+matrix (the straightforward reference), in the whole step and alone at CoAM-3's size (stride 4, forward and
+backward). One run; run it alone on the machine.
 
     python bench/agen_step.py --batch 16 --crop 160      # the synthetic default
     python bench/agen_step.py --batch 16 --crop 256      # voc12-mini
@@ -20,6 +21,7 @@ from step_timing import median_step_seconds
 
 from wsss_core.config import parse_params
 from wsss_core.methods import get_method, method_params
+from wsss_core.models.agen import ContextAttention
 from wsss_core.training import build_optimizer, memory_format, training_precision
 
 CPU_MODEL = {"seg_backbone": "tf_efficientnet_lite0", "cls_head_channels": 256, "agm_cls_channels": 64,
@@ -62,6 +64,26 @@ def step_seconds(model: dict, args: argparse.Namespace) -> tuple[float, float]:
     return seconds, statistics.median(crf_ms[2:])
 
 
+def coam3_seconds(impl: str, args: argparse.Namespace, repeats: int = 3) -> float:
+    """Return the median seconds of CoAM-3 (class maps [batch, classes, crop/4, crop/4], the upper map at crop/8)
+    forward and backward with the given impl."""
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    coam = ContextAttention(impl).to(device)
+    coam.gain.data.fill_(0.5)
+    side = args.crop // 4
+    lower = torch.randn(args.batch, args.classes, side, side, device=device, requires_grad=True)
+    upper = torch.randn(args.batch, args.classes, side // 2, side // 2, device=device)
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        coam(lower, upper).sum().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=16)
@@ -74,6 +96,9 @@ def main() -> None:
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
     print(f"AGEN cpu profile, batch {args.batch} at {args.crop} px, {args.classes} classes, {where}, "
           f"amp {args.amp}")
+    fused, explicit = coam3_seconds("sdpa", args), coam3_seconds("explicit", args)
+    print(f"CoAM-3 alone ({args.crop // 4} x {args.crop // 4} positions), forward and backward: fused {fused:.3f} s, "
+          f"explicit matrix {explicit:.3f} s, {explicit / fused:.2f}x faster fused")
     baseline = None
     for name, model in ROWS.items():
         started = time.perf_counter()

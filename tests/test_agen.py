@@ -75,6 +75,22 @@ def test_fused_coam_equals_the_explicit_matrix_and_a_plain_loop():
     assert torch.allclose(fused(lower, upper), loop, atol=1e-5)
 
 
+def test_fused_coam_runs_the_fused_cpu_kernel_and_gives_the_explicit_gradients():
+    torch.manual_seed(3)
+    lower, upper = torch.randn(2, 5, 12, 10, requires_grad=True), torch.randn(2, 5, 6, 5)
+    gradients = []
+    for impl in ("explicit", "sdpa"):
+        coam = ContextAttention(impl)
+        coam.gain.data.fill_(0.4)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+            coam(lower, upper).square().sum().backward()
+        gradients.append(lower.grad.clone())
+        lower.grad = None
+    ops = {event.key for event in profiler.key_averages()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops and "aten::_softmax" not in ops
+    assert torch.allclose(gradients[1], gradients[0], atol=1e-4)
+
+
 def test_coam_is_equivariant_to_a_permutation_of_positions():
     torch.manual_seed(2)
     coam = ContextAttention()

@@ -173,8 +173,11 @@ class ContextAttention(nn.Module):
         if self.impl == "explicit":
             context = coam_attention(lower, upper) @ values
         else:
+            # Row-major [B, 1, N, K] operands: a strided last dimension sends the CPU to the unfused math path,
+            # which builds the N x N matrix (2.7x slower for CoAM-3 on a 256 px crop, bench/agen_step.py).
+            values = values.contiguous()[:, None]
             keys = F.interpolate(upper, (height, width), mode="bilinear", align_corners=False).flatten(2)
-            context = F.scaled_dot_product_attention(values[:, None], keys.transpose(1, 2)[:, None], values[:, None],
+            context = F.scaled_dot_product_attention(values, keys.transpose(1, 2).contiguous()[:, None], values,
                                                      scale=1.0)[:, 0]
         return lower + self.gain * context.transpose(1, 2).reshape(batch, classes, height, width)
 
