@@ -182,6 +182,16 @@ def test_seed_modes_range_top_and_topk_fraction():
     assert top == [0, 0, 255, 255, 255, 255, 255, 255, 1, 1]  # the top 20 % of each channel
 
 
+def test_background_seed_mode_changes_only_the_background_channels_rule():
+    probabilities = torch.tensor([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.95]).reshape(1, 1, 2, 5)
+    probabilities = torch.cat([1 - probabilities, probabilities], 1)  # background, one class
+    valid = torch.ones(1, 2, 5, dtype=torch.bool)
+    mixed = threshold_seeds(probabilities, valid, 0.25, "range_top", "value")[0].flatten().tolist()
+    assert mixed == [0, 0, 0, 0, 0, 0, 0, 0, 1, 1]  # background where P_0 > 0.25, the class where P_1 >= 0.75
+    same = threshold_seeds(probabilities, valid, 0.25, "range_top", "range_top")
+    assert torch.equal(same, threshold_seeds(probabilities, valid, 0.25, "range_top"))
+
+
 def test_seeds_hold_only_the_image_classes_background_and_void_and_void_the_padding():
     torch.manual_seed(4)
     maps, labels = torch.randn(2, K, 9, 9), torch.zeros(2, K)

@@ -50,14 +50,25 @@ def seed_probabilities(class_maps: torch.Tensor, labels: torch.Tensor, size: tup
 
 
 @torch.no_grad()
-def threshold_seeds(probabilities: torch.Tensor, valid: torch.Tensor, threshold: float, mode: str = "value"
-                    ) -> torch.Tensor:
+def threshold_seeds(probabilities: torch.Tensor, valid: torch.Tensor, threshold: float, mode: str = "value",
+                    background_mode: str | None = None) -> torch.Tensor:
     """Return seeds int64 [B, H, W]: j where channel j alone passes the rule, 255 where none or several do
     and outside `valid` (bool [B, H, W], False on padding).
 
     mode 'value': P_j > threshold (the paper's reading); 'range_top': P_j >= 1 - threshold; 'topk_frac':
     P_j among the top `threshold` fraction of the image's valid pixels of channel j (and above 0).
+    background_mode: the rule of channel 0 (the background) when it is not `mode` (None: `mode`, the spec's G2).
     """
+    passing = _passing(probabilities, valid, threshold, mode)
+    if background_mode not in (None, mode):
+        passing[:, 0] = _passing(probabilities[:, :1], valid, threshold, background_mode)[:, 0]
+    count = passing.sum(1)
+    seeds = passing.to(torch.uint8).argmax(1)
+    return torch.where((count == 1) & valid, seeds, torch.full_like(seeds, VOID)).long()
+
+
+def _passing(probabilities: torch.Tensor, valid: torch.Tensor, threshold: float, mode: str) -> torch.Tensor:
+    """Return bool [B, C, H, W]: where each channel passes the seed rule `mode` (threshold_seeds)."""
     if mode == "value":
         passing = probabilities > threshold
     elif mode == "range_top":
@@ -69,9 +80,7 @@ def threshold_seeds(probabilities: torch.Tensor, valid: torch.Tensor, threshold:
         passing = (probabilities >= cut[..., None, None]) & (probabilities > 0)
     else:
         raise ValueError(f"seed mode {mode!r} is not one of: {', '.join(SEED_MODES)}")
-    count = passing.sum(1)
-    seeds = passing.to(torch.uint8).argmax(1)
-    return torch.where((count == 1) & valid, seeds, torch.full_like(seeds, VOID)).long()
+    return passing
 
 
 def images_missing_a_class(seeds: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
