@@ -174,7 +174,7 @@ class ContextAttention(nn.Module):
             context = coam_attention(lower, upper) @ values
         else:
             # Row-major [B, 1, N, K] operands: a strided last dimension sends the CPU to the unfused math path,
-            # which builds the N x N matrix (2.7x slower for CoAM-3 on a 256 px crop, bench/agen_step.py).
+            # which builds the N x N matrix (2.4x slower for CoAM-3 on a 256 px crop, bench/agen_step.py).
             values = values.contiguous()[:, None]
             keys = F.interpolate(upper, (height, width), mode="bilinear", align_corners=False).flatten(2)
             context = F.scaled_dot_product_attention(values, keys.transpose(1, 2).contiguous()[:, None], values,
